@@ -1,0 +1,87 @@
+"""One pooled channel per model service, with calls that pass request and response bytes through.
+
+The gateway never decodes a backend's response: bytes come back from the backend and go
+to the caller (and the cache) unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from shared.errors import UpstreamError
+
+# UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
+RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # A restarted backend is found again within a second or two, not after minutes of backoff.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def _identity(value: bytes) -> bytes:
+    return value
+
+
+class Backend:
+    """A model service: its channel and one pass-through callable per method."""
+
+    def __init__(self, family: str, service: str, target: str, max_message_bytes: int) -> None:
+        self.family = family
+        self.service = service
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+
+    def method(self, name: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        if name not in self._methods:
+            self._methods[name] = self.channel.unary_unary(
+                f"/{self.service}/{name}", request_serializer=_identity, response_deserializer=_identity
+            )
+        return self._methods[name]
+
+    async def call(self, method: str, request: bytes, timeout: float) -> bytes:
+        try:
+            return await self.method(method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._upstream_error(exc) from None
+
+    def _upstream_error(self, exc: grpc.aio.AioRpcError) -> UpstreamError:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return UpstreamError(code, f"{self.family} service at {self.target} is unavailable: {exc.details()}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return UpstreamError(code, f"deadline exceeded waiting for the {self.family} service")
+        if code == grpc.StatusCode.INTERNAL:
+            return UpstreamError(code, f"{self.family} service failed: {exc.details()}")
+        return UpstreamError(code, exc.details() or code.name)
+
+    async def close(self) -> None:
+        await self.channel.close()

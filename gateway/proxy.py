@@ -1,0 +1,116 @@
+"""Routes each family's rpcs to its model service, caching Predict results.
+
+Requests are parsed once, for routing and the cache key; the bytes the caller sent are
+forwarded unchanged (with the resolved version appended, which protobuf merges), and the
+backend's response bytes go back to the caller and into the cache as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from gateway.backends import Backend
+from gateway.cache import CACHE_RESULTS, ResultCache
+from gateway.cache_key import dense_digest, gnn_digest, nlp_digest, result_key
+from gateway.catalog import ModelCatalog
+from maas.dense.v1 import dense_pb2
+from maas.gnn.v1 import gnn_pb2
+from maas.nlp.v1 import nlp_pb2
+from shared.errors import DeadlineExceededError, InvalidArgumentError
+from shared.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+CACHE_CONTROL = "cache-control"  # request metadata: "no-cache" skips the read, "no-store" both
+CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, bypass, off or error
+
+
+@dataclass(frozen=True)
+class FamilyRoute:
+    family: str
+    service: str
+    predict_request: type
+    digest: Callable[[object], str]
+
+
+ROUTES = [
+    FamilyRoute("dense", "maas.dense.v1.DenseService", dense_pb2.PredictRequest, dense_digest),
+    FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2.PredictRequest, gnn_digest),
+    FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2.PredictRequest, nlp_digest),
+]
+PASS_THROUGH_METHODS = ("ListModels", "GetModel")
+
+
+class GatewayProxy:
+    def __init__(
+        self, backends: dict[str, Backend], cache: ResultCache, catalog: ModelCatalog, settings: GatewaySettings
+    ) -> None:
+        self.backends = backends
+        self.cache = cache
+        self.catalog = catalog
+        self.settings = settings
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        handlers = []
+        for route in ROUTES:
+            methods = {"Predict": grpc.unary_unary_rpc_method_handler(partial(self.predict, route))}
+            for name in PASS_THROUGH_METHODS:
+                methods[name] = grpc.unary_unary_rpc_method_handler(partial(self.forward, route, name))
+            handlers.append(grpc.method_handlers_generic_handler(route.service, methods))
+        return handlers
+
+    def timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """The caller's remaining time less a margin for our own work, or the default deadline."""
+        remaining = context.time_remaining()
+        if remaining is None:
+            return self.settings.default_deadline_s
+        timeout = remaining - self.settings.deadline_margin_s
+        if timeout <= 0:
+            raise DeadlineExceededError("the deadline passed before the gateway could forward the call")
+        return timeout
+
+    async def forward(self, route: FamilyRoute, method: str, raw: bytes, context) -> bytes:
+        return await self.backends[route.family].call(method, raw, self.timeout(context))
+
+    async def predict(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            request = route.predict_request.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgumentError(f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}")
+        backend = self.backends[route.family]
+        timeout = self.timeout(context)
+        control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
+        version = request.model_version or self.catalog.default_version(route.family, request.model_name)
+        if version is None or not self.cache.enabled or control == "no-store":
+            outcome = "off" if not self.cache.enabled or version is None else "bypass"
+            CACHE_RESULTS.labels(route.family, outcome).inc()
+            context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
+            return await backend.call("Predict", raw, timeout)
+
+        key = result_key(route.family, request.model_name, version, route.digest(request))
+        if not self.cache.available():
+            outcome = "error"  # Redis failed moments ago: serve uncached until the retry interval ends
+            CACHE_RESULTS.labels(route.family, outcome).inc()
+        elif control == "no-cache":
+            outcome = "bypass"
+            CACHE_RESULTS.labels(route.family, outcome).inc()
+        else:
+            cached = await self.cache.get(route.family, key)
+            if cached is not None:
+                context.set_trailing_metadata(((CACHE_OUTCOME, "hit"),))
+                return cached
+            outcome = "miss" if self.cache.available() else "error"
+
+        # Appending a message merges it: the backend runs exactly the version the key names.
+        pinned = raw + route.predict_request(model_version=version).SerializeToString()
+        response = await backend.call("Predict", pinned, timeout)
+        if outcome != "error" and not await self.cache.put(route.family, key, response):
+            outcome = "error"
+        context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
+        return response

@@ -1,0 +1,1 @@
+"""The common library of the maas cluster: errors, settings, tensors, the model store and gRPC server plumbing."""

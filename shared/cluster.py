@@ -1,0 +1,193 @@
+"""`python -m shared.cluster`: runs the whole cluster on one machine (what `make run` calls).
+
+The process table below is the one place that says what each process runs and with which
+settings; the tests start the cluster from it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.redis_server import CACHE_CONFIG, RedisServer
+
+
+@dataclass
+class ProcessSpec:
+    name: str
+    module: str
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", self.module]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class ClusterPorts:
+    gateway: int = 50051
+    dense: int = 50061
+    gnn: int = 50062
+    nlp: int = 50063
+    redis: int = 6390
+
+    @classmethod
+    def free(cls) -> ClusterPorts:
+        return cls(*(free_port() for _ in range(5)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_table(ports: ClusterPorts, model_store: Path, redis_url: str | None) -> list[ProcessSpec]:
+    """What runs: the three model services, then the gateway that fronts them."""
+    store = str(model_store)
+    gateway_env = {
+        "MAAS_GATEWAY_PORT": str(ports.gateway),
+        "MAAS_GATEWAY_DENSE_TARGET": f"127.0.0.1:{ports.dense}",
+        "MAAS_GATEWAY_GNN_TARGET": f"127.0.0.1:{ports.gnn}",
+        "MAAS_GATEWAY_NLP_TARGET": f"127.0.0.1:{ports.nlp}",
+    }
+    if redis_url:
+        gateway_env["MAAS_GATEWAY_REDIS_URL"] = redis_url
+    return [
+        ProcessSpec("dense", "services.dense", ports.dense,
+                    {"MAAS_DENSE_PORT": str(ports.dense), "MAAS_DENSE_MODEL_STORE": store}),
+        ProcessSpec("gnn", "services.gnn", ports.gnn,
+                    {"MAAS_GNN_PORT": str(ports.gnn), "MAAS_GNN_MODEL_STORE": store}),
+        ProcessSpec("nlp", "services.nlp", ports.nlp,
+                    {"MAAS_NLP_PORT": str(ports.nlp), "MAAS_NLP_MODEL_STORE": store}),
+        ProcessSpec("gateway", "gateway", ports.gateway, gateway_env),
+    ]
+
+
+def health_status(target: str, timeout_s: float = 1.0) -> int:
+    """The overall health status a server reports, or UNKNOWN when it does not answer."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            return reply.status
+        except grpc.RpcError:
+            return health_pb2.HealthCheckResponse.UNKNOWN
+
+
+class LocalCluster:
+    """Starts Redis (unless REDIS_URL is given) and every process of the table, as child processes."""
+
+    def __init__(self, ports: ClusterPorts, model_store: Path, var_dir: Path, redis_url: str | None = None,
+                 log_dir: Path | None = None) -> None:
+        self.ports = ports
+        self.var_dir = Path(var_dir)
+        self.log_dir = log_dir
+        self.redis = None if redis_url else RedisServer(ports.redis, self.var_dir / "redis-cache", CACHE_CONFIG)
+        self.redis_url = redis_url or self.redis.url
+        self.specs = {spec.name: spec for spec in process_table(ports, Path(model_store), self.redis_url)}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        if self.redis is not None:
+            self.redis.start()
+        for name in self.specs:
+            self.start_process(name)
+        for name in self.specs:
+            self.wait_serving(name, timeout_s)
+
+    def start_process(self, name: str) -> None:
+        spec = self.specs[name]
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.processes[name] = subprocess.Popen(
+            spec.command, env={**os.environ, **spec.env}, stdout=output, stderr=output
+        )
+
+    def wait_serving(self, name: str, timeout_s: float = 180.0) -> None:
+        spec, process = self.specs[name], self.processes[name]
+        deadline = time.monotonic() + timeout_s
+        while health_status(spec.target) != health_pb2.HealthCheckResponse.SERVING:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode} before serving{self._log_hint(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not report SERVING within {timeout_s}s{self._log_hint(name)}")
+            time.sleep(0.2)
+
+    def _log_hint(self, name: str) -> str:
+        return f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(sig)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.stop_process(name)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the maas cluster locally.")
+    parser.add_argument("--model-store", type=Path, default=Path("var/models"))
+    parser.add_argument("--var-dir", type=Path, default=Path("var"))
+    args = parser.parse_args()
+
+    cluster = LocalCluster(ClusterPorts(), args.model_store, args.var_dir, os.environ.get("REDIS_URL"))
+    stop = False
+
+    def request_stop(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        cluster.start()
+        print_endpoints(cluster)
+        from clients.example import run_examples
+
+        run_examples(cluster.specs["gateway"].target)
+        print("\nCluster is up. Ctrl-C stops every process it started.", flush=True)
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping…", flush=True)
+        cluster.stop()
+
+
+def print_endpoints(cluster: LocalCluster) -> None:
+    print("\nmaas is serving:", flush=True)
+    for name, spec in cluster.specs.items():
+        role = "public endpoint" if name == "gateway" else "internal"
+        print(f"  {name:<8} grpc://{spec.target}  ({role})")
+    print(f"  redis    {cluster.redis_url}  (result cache)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""gRPC server plumbing shared by the gateway and the model services.
+
+Every server gets the error interceptor, message-size limits, connection ageing, the
+standard health service and reflection. Health stays NOT_SERVING until the caller says the
+process is ready, and SIGTERM flips it back before draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.error_interceptor import ErrorInterceptor
+from shared.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    age_ms = int(settings.max_connection_age_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_connection_age_ms", age_ms),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_s * 1000)),
+        # Clients ping every 30 s; allow that without answering GOAWAY "too_many_pings".
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class GrpcServer:
+    """A started aio server with its health servicer; `port` is the port really bound."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        register: Callable[[grpc.aio.Server], None],
+        service_names: Sequence[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.settings = settings
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(
+            interceptors=[*interceptors, ErrorInterceptor()], options=server_options(settings)
+        )
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {settings.host}:{settings.port}")
+
+    async def start(self) -> None:
+        await self._set_all(NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s:%d", self.settings.host, self.port)
+
+    async def mark_serving(self) -> None:
+        await self._set_all(SERVING)
+        log.info("serving %s", ", ".join(self.service_names))
+
+    async def _set_all(self, status: int) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Health first says NOT_SERVING, so balancers stop sending; then in-flight calls drain."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        log.info("stopped")
+
+    async def serve_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

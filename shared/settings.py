@@ -1,0 +1,103 @@
+"""Typed settings for every maas process, read from the environment in `main()`.
+
+Each process has its own prefix (`MAAS_DENSE_`, `MAAS_GNN_`, `MAAS_NLP_`, `MAAS_GATEWAY_`).
+Every default is what `make run` uses on one laptop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Enough for a batch of a few thousand 64-float rows; raise it for bigger tensors.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC server in the cluster shares."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 inside containers.")
+    port: int = Field(0, description="gRPC port; 0 picks a free one and logs it.")
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, description="Largest request or response, in bytes."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, description="How long SIGTERM waits for in-flight calls before stopping."
+    )
+    max_connection_age_s: float = Field(
+        300.0, description="Clients reconnect after this, so new replicas get traffic."
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+class ModelServiceSettings(ServerSettings):
+    """Settings of a model service (dense, gnn, nlp)."""
+
+    model_store: Path = Field(Path("var/models"), description="Root of the model store.")
+    inference_threads: int = Field(
+        2, description="Threads that run model compute off the event loop."
+    )
+    device: str = Field(
+        "auto", description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0'."
+    )
+
+
+class DenseSettings(ModelServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MAAS_DENSE_", extra="ignore")
+
+    port: int = 50061
+
+
+class GnnSettings(ModelServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MAAS_GNN_", extra="ignore")
+
+    port: int = 50062
+
+
+class NlpSettings(ModelServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MAAS_NLP_", extra="ignore")
+
+    port: int = 50063
+    max_batch_texts: int = Field(256, description="Most texts one request may carry.")
+    max_sequence_length: int = Field(128, description="Tokens kept per text; the rest is cut.")
+
+
+class GatewaySettings(ServerSettings):
+    model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore")
+
+    port: int = 50051
+    dense_target: str = Field("127.0.0.1:50061", description="gRPC target of the dense service.")
+    gnn_target: str = Field("127.0.0.1:50062", description="gRPC target of the gnn service.")
+    nlp_target: str = Field("127.0.0.1:50063", description="gRPC target of the nlp service.")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MAAS_GATEWAY_REDIS_URL", "REDIS_URL"),
+        description="Cache Redis; unset disables the result cache.",
+    )
+    cache_ttl_s: float = Field(300.0, description="Lifetime of a cached result.")
+    cache_ttl_jitter: float = Field(
+        0.1, description="Fraction of the TTL added at random, so entries don't expire together."
+    )
+    cache_timeout_s: float = Field(
+        0.25, description="Longest a cache read or write may take before the call goes uncached."
+    )
+    cache_retry_after_s: float = Field(
+        1.0, description="After a Redis failure, how long the cache stays bypassed."
+    )
+    default_deadline_s: float = Field(
+        30.0, description="Deadline for backend calls when the caller sets none."
+    )
+    deadline_margin_s: float = Field(
+        0.005, description="Taken off the caller's remaining time for the gateway's own work."
+    )
+    catalog_refresh_s: float = Field(
+        2.0, description="How often default model versions are re-read from the backends."
+    )
+    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
+
+    def backend_targets(self) -> dict[str, str]:
+        return {"dense": self.dense_target, "gnn": self.gnn_target, "nlp": self.nlp_target}
