@@ -12,7 +12,7 @@ from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
 from shared.logs import configure_logging
-from shared.server import GrpcServer
+from shared.server import NOT_SERVING, SERVING, GrpcServer
 from shared.settings import GatewaySettings
 
 
@@ -29,22 +29,32 @@ async def serve(settings: GatewaySettings) -> None:
         settings.cache_timeout_s,
         settings.cache_retry_after_s,
     )
-    catalog = ModelCatalog(backends, settings.catalog_refresh_s)
+    services = {route.family: route.service for route in ROUTES}
+
+    async def report(family: str, reachable: bool) -> None:
+        # Each family's health name follows its backend; the gateway's own ("") stays up.
+        await server.set_health(SERVING if reachable else NOT_SERVING, [services[family]])
+
+    catalog = ModelCatalog(backends, settings.catalog_refresh_s, report)
     proxy = GatewayProxy(backends, cache, catalog, settings)
-    server = GrpcServer(
-        settings, lambda s: s.add_generic_rpc_handlers(proxy.handlers()), [route.service for route in ROUTES]
-    )
+    server = GrpcServer(settings, lambda s: s.add_generic_rpc_handlers(proxy.handlers()), list(services.values()))
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
-    await server.start()
-    refresher = asyncio.create_task(catalog.run())
-    await server.mark_serving()
+    refresher: asyncio.Task | None = None
+
+    async def become_ready() -> bool:
+        # Ready once every backend has answered, so the first routed call finds a live channel.
+        nonlocal refresher
+        refresher = asyncio.create_task(catalog.run())
+        return await catalog.wait_all_reachable()
+
     try:
-        await server.serve_until_signalled()
+        await server.run(become_ready)
     finally:
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
         await cache.close()
         for backend in backends.values():
             await backend.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
@@ -28,8 +29,16 @@ READY = model_pb2.ModelState.MODEL_STATE_READY
 
 
 class ModelCatalog:
-    def __init__(self, backends: dict[str, Backend], refresh_s: float, call_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        backends: dict[str, Backend],
+        refresh_s: float,
+        on_reachability: Callable[[str, bool], Awaitable[None]] | None = None,
+        call_timeout_s: float = 2.0,
+    ) -> None:
         self.backends = backends
+        self.on_reachability = on_reachability
+        self.reachable: dict[str, bool] = {}
         self.refresh_s = refresh_s
         self.call_timeout_s = call_timeout_s
         self._defaults: dict[str, dict[str, int]] = {family: {} for family in backends}
@@ -48,14 +57,29 @@ class ModelCatalog:
         try:
             raw = await backend.call("ListModels", b"", timeout=self.call_timeout_s)
         except MaasError as exc:
-            log.debug("catalog refresh of %s failed: %s", family, exc.message)
+            await self._set_reachable(family, False, exc.message)
             return
+        await self._set_reachable(family, True)
         models = LIST_RESPONSES[family].FromString(raw).models
         self._defaults[family] = {
             model.name: model.default_version
             for model in models
             if any(v.version == model.default_version and v.state == READY for v in model.versions)
         }
+
+    async def _set_reachable(self, family: str, reachable: bool, why: str = "") -> None:
+        if self.reachable.get(family) == reachable:
+            return
+        self.reachable[family] = reachable
+        if reachable:
+            log.info("%s service at %s is reachable", family, self.backends[family].target)
+        else:
+            log.warning("%s service at %s is unreachable: %s", family, self.backends[family].target, why)
+        if self.on_reachability is not None:
+            await self.on_reachability(family, reachable)
+
+    def all_reachable(self) -> bool:
+        return all(self.reachable.get(family) for family in self.backends)
 
     def refresh_soon(self, family: str) -> None:
         """Refreshes in the background, at most once a second per family."""
@@ -66,4 +90,10 @@ class ModelCatalog:
     async def run(self) -> None:
         while True:
             await asyncio.gather(*(self.refresh(family) for family in self.backends))
-            await asyncio.sleep(self.refresh_s)
+            # Until every backend has answered once, look again sooner.
+            await asyncio.sleep(self.refresh_s if self.all_reachable() else min(self.refresh_s, 0.2))
+
+    async def wait_all_reachable(self) -> bool:
+        while not self.all_reachable():
+            await asyncio.sleep(0.1)
+        return True

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,13 +159,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cluster = LocalCluster(ClusterPorts(), args.model_store, args.var_dir, os.environ.get("REDIS_URL"))
-    stop = False
-
-    def request_stop(signum, frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     try:
         cluster.start()
         print_endpoints(cluster)
@@ -172,11 +169,10 @@ def main() -> None:
 
         run_examples(cluster.specs["gateway"].target)
         print("\nCluster is up. Ctrl-C stops every process it started.", flush=True)
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        stop.wait()
     finally:
+        # A second Ctrl-C must not cut the shutdown short and leave orphans behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("\nstopping…", flush=True)
         cluster.stop()
 

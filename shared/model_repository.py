@@ -64,14 +64,14 @@ class ModelRepository:
         self._defaults: dict[str, int] = {}
 
     async def serve(self, server: "GrpcServer") -> None:
-        """Starts the server, loads the models, turns health to SERVING and serves until SIGTERM."""
-        await server.start()
+        """Serves until SIGTERM; health turns SERVING once the models have loaded."""
+        await server.run(self.load_for_serving)
+
+    async def load_for_serving(self) -> bool:
         await self.load_all()
-        if self.ready():
-            await server.mark_serving()
-        else:
+        if not self.ready():
             log.error("no %s model could be loaded from %s; health stays NOT_SERVING", self.family, self.store.root)
-        await server.serve_until_signalled()
+        return self.ready()
 
     async def load_all(self) -> None:
         """Loads every version of every model of this family; a failure is recorded, not raised."""

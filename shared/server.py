@@ -8,9 +8,10 @@ process is ready, and SIGTERM flips it back before draining.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -64,16 +65,13 @@ class GrpcServer:
             raise OSError(f"could not bind {settings.host}:{settings.port}")
 
     async def start(self) -> None:
-        await self._set_all(NOT_SERVING)
+        await self.set_health(NOT_SERVING)
         await self.server.start()
         log.info("listening on %s:%d", self.settings.host, self.port)
 
-    async def mark_serving(self) -> None:
-        await self._set_all(SERVING)
-        log.info("serving %s", ", ".join(self.service_names))
-
-    async def _set_all(self, status: int) -> None:
-        for name in ["", *self.service_names]:
+    async def set_health(self, status: int, services: Sequence[str] | None = None) -> None:
+        """Sets the status of the given services, or of the server and all its services."""
+        for name in ["", *self.service_names] if services is None else services:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
@@ -82,12 +80,26 @@ class GrpcServer:
         await self.server.stop(self.settings.shutdown_grace_s)
         log.info("stopped")
 
-    async def serve_until_signalled(self) -> None:
+    async def run(self, become_ready: Callable[[], Awaitable[bool]]) -> None:
+        """Serves until SIGTERM or SIGINT; health turns SERVING once `become_ready()` returns True.
+
+        Signals are handled from the start, so a process still loading stops cleanly too.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        readiness = asyncio.create_task(self._serve_when_ready(become_ready))
         try:
             await stop.wait()
         finally:
+            readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
             await self.stop()
+
+    async def _serve_when_ready(self, become_ready: Callable[[], Awaitable[bool]]) -> None:
+        if await become_ready():
+            await self.set_health(SERVING)
+            log.info("serving %s", ", ".join(self.service_names))

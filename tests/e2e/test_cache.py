@@ -1,0 +1,95 @@
+"""The gateway's Redis result cache: hits, misses, bypass, and failing open when Redis is down."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
+from shared.tensors import from_numpy, to_numpy
+
+
+def predict_digits(channel, pixels, metadata=()):
+    reply, call = dense_pb2_grpc.DenseServiceStub(channel).Predict.with_call(
+        dense_pb2.PredictRequest(model_name="digits-mlp", inputs={"pixels": from_numpy(pixels)}),
+        timeout=10,
+        metadata=metadata,
+    )
+    return reply, dict(call.trailing_metadata())["maas-cache"]
+
+
+def unique_pixels(seed):
+    return np.random.default_rng(seed).integers(0, 17, size=(4, 64)).astype(np.float32)
+
+
+def test_a_repeated_call_is_served_from_the_cache_and_a_changed_one_is_not(gateway_channel):
+    pixels = unique_pixels(1)
+    first, outcome = predict_digits(gateway_channel, pixels)
+    assert outcome == "miss"
+    second, outcome = predict_digits(gateway_channel, pixels)
+    assert outcome == "hit"
+    assert second == first
+    changed = pixels.copy()
+    changed[0, 0] += 1
+    _, outcome = predict_digits(gateway_channel, changed)
+    assert outcome == "miss"
+
+
+def test_entries_have_a_ttl_and_a_key_naming_model_and_version(cluster, gateway_channel):
+    predict_digits(gateway_channel, unique_pixels(2))
+    client = redis.Redis.from_url(cluster.redis_url)
+    keys = client.keys("maas:v1:result:dense:digits-mlp:1:*")
+    assert keys
+    assert all(0 < client.pttl(key) <= 300_000 * 1.1 for key in keys)
+
+
+def test_a_call_can_bypass_the_cache(gateway_channel):
+    pixels = unique_pixels(3)
+    predict_digits(gateway_channel, pixels)
+    _, outcome = predict_digits(gateway_channel, pixels, metadata=(("cache-control", "no-cache"),))
+    assert outcome == "bypass"
+    _, outcome = predict_digits(gateway_channel, pixels, metadata=(("cache-control", "no-store"),))
+    assert outcome == "bypass"
+
+
+def test_texts_are_cached_too(gateway_channel):
+    stub = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
+    request = nlp_pb2.PredictRequest(model_name="minilm-l6-v2", texts=["cache me", "twice"])
+    first, call = stub.Predict.with_call(request, timeout=10)
+    second, call = stub.Predict.with_call(request, timeout=10)
+    assert dict(call.trailing_metadata())["maas-cache"] == "hit"
+    np.testing.assert_array_equal(to_numpy(first.outputs["embedding"], "e"), to_numpy(second.outputs["embedding"], "e"))
+
+
+def test_errors_are_not_cached(gateway_channel):
+    stub = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(nlp_pb2.PredictRequest(model_name="sentiment", texts=[""]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_with_redis_stopped_calls_still_succeed_and_the_cache_comes_back(cluster, gateway_channel):
+    pixels = unique_pixels(4)
+    expected, _ = predict_digits(gateway_channel, pixels)
+    cluster.redis.stop()
+    try:
+        for _ in range(3):
+            reply, outcome = predict_digits(gateway_channel, pixels)
+            assert outcome == "error"
+            assert reply.outputs["label"] == expected.outputs["label"]
+    finally:
+        cluster.redis.start()
+    # The gateway retries Redis after its back-off interval (1 s by default).
+    deadline = time.monotonic() + 30
+    outcomes = []
+    while time.monotonic() < deadline:
+        _, outcome = predict_digits(gateway_channel, pixels)
+        outcomes.append(outcome)
+        if outcome == "hit":
+            break
+        time.sleep(0.2)
+    assert outcomes[-1] == "hit", outcomes

@@ -1,0 +1,53 @@
+"""The interceptor maps maas errors to their status and hides unexpected ones behind INTERNAL."""
+
+import grpc
+import pytest
+
+from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from shared.error_interceptor import INTERNAL_MESSAGE
+from shared.errors import InvalidArgumentError, NotFoundError
+from shared.server import GrpcServer
+from shared.settings import ServerSettings
+
+
+class FailingServicer(dense_pb2_grpc.DenseServiceServicer):
+    async def Predict(self, request, context):
+        if request.model_name == "bad":
+            raise InvalidArgumentError("inputs['x']: dtype must be FP32, got FP64")
+        if request.model_name == "missing":
+            raise NotFoundError("model 'missing' not found")
+        raise RuntimeError("secret internal detail")
+
+    async def ListModels(self, request, context):
+        return dense_pb2.ListModelsResponse()
+
+
+@pytest.fixture
+async def server():
+    server = GrpcServer(
+        ServerSettings(port=0),
+        lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(FailingServicer(), s),
+        ["maas.dense.v1.DenseService"],
+    )
+    await server.start()
+    yield server
+    await server.server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "details"),
+    [
+        ("bad", grpc.StatusCode.INVALID_ARGUMENT, "inputs['x']: dtype must be FP32, got FP64"),
+        ("missing", grpc.StatusCode.NOT_FOUND, "model 'missing' not found"),
+        ("boom", grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE),
+    ],
+)
+async def test_status_and_message(server, model, code, details):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = dense_pb2_grpc.DenseServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(dense_pb2.PredictRequest(model_name=model), timeout=5)
+        assert err.value.code() == code
+        assert err.value.details() == details
+        # The server keeps serving after every failure.
+        assert await stub.ListModels(dense_pb2.ListModelsRequest(), timeout=5) == dense_pb2.ListModelsResponse()

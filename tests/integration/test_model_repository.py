@@ -1,0 +1,65 @@
+"""The repository loads real default models from a copy of the store and refuses tampered files."""
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from services.dense.runtime import DenseRuntime, onnx_loader
+from shared.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from shared.model_repository import ModelRepository, State
+from shared.model_store import ModelStore
+
+
+@pytest.fixture
+def store_copy(model_store, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(model_store.root / "digits-mlp", root / "digits-mlp")
+    # A second version: same model, so it must load just like v1.
+    shutil.copytree(root / "digits-mlp" / "1", root / "digits-mlp" / "2")
+    manifest = (root / "digits-mlp" / "2" / "manifest.json").read_text()
+    (root / "digits-mlp" / "2" / "manifest.json").write_text(manifest.replace('"version": 1', '"version": 2'))
+    return ModelStore(root)
+
+
+def repository(store):
+    return ModelRepository(store, "dense", onnx_loader("cpu", 1), ThreadPoolExecutor(1))
+
+
+async def test_versions_load_ready_and_run_on_the_cpu(store_copy):
+    repo = repository(store_copy)
+    await repo.load_all()
+    model = repo.describe("digits-mlp")
+    assert model.default_version == 2
+    assert [v.state for v in model.versions] == [State.MODEL_STATE_READY] * 2
+    assert model.versions[0].device == "CPUExecutionProvider"
+    assert model.versions[0].metrics["accuracy"] >= 0.9
+    prediction = await DenseRuntime(repo).predict("digits-mlp", 1, {"pixels": np.zeros((3, 64), np.float32)})
+    assert prediction.outputs["probabilities"].shape == (3, 10)
+    assert prediction.manifest.version == 1
+
+
+async def test_tampered_version_is_refused_and_the_other_keeps_serving(store_copy):
+    with (store_copy.version_dir("digits-mlp", 2) / "model.onnx").open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    repo = repository(store_copy)
+    await repo.load_all()
+    failed = repo.describe("digits-mlp").versions[1]
+    assert failed.state == State.MODEL_STATE_FAILED
+    assert "sha256" in failed.state_reason
+    with pytest.raises(UnavailableError, match="MODEL_STATE_FAILED"):
+        repo.resolve("digits-mlp", 2)
+    assert repo.resolve("digits-mlp", 1).state == State.MODEL_STATE_READY
+
+
+async def test_resolve_errors_name_what_exists(store_copy):
+    repo = repository(store_copy)
+    await repo.load_all()
+    with pytest.raises(NotFoundError, match=r"serves \['digits-mlp'\]"):
+        repo.resolve("nope")
+    with pytest.raises(NotFoundError, match=r"has no version 5; it has \[1, 2\]"):
+        repo.resolve("digits-mlp", 5)
+    with pytest.raises(InvalidArgumentError, match="model_name: required"):
+        repo.resolve("")
