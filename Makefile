@@ -10,11 +10,12 @@ MODEL_STORE ?= var/models
 MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
 
-.PHONY: help venv protos models run test bench clean
+.PHONY: help venv protos models run test lint bench clean
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services and the gateway"
-	@echo "make test   - run unit, integration and end-to-end tests"
+	@echo "make test   - lint, then run unit, integration and end-to-end tests"
+	@echo "make bench  - measure, as ratios against a baseline taken in the same run"
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
 
@@ -48,11 +49,14 @@ $(MODELS_STAMP): $(PROTO_STAMP)
 run: $(MODELS_STAMP)
 	$(PY) -m shared.cluster
 
-test: $(MODELS_STAMP)
+test: lint $(MODELS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+lint: $(DEPS)
+	$(PY) -m ruff check .
+
 bench: $(MODELS_STAMP)
-	$(PY) -m pytest tests/bench -s -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m tests.bench.bench_gateway
 
 clean:
 	rm -rf $(GEN) var build .pytest_cache

@@ -27,24 +27,30 @@ def run_examples(target: str = "127.0.0.1:50051") -> None:
             timeout=10,
         )
         labels = to_numpy(reply.outputs["label"], "label")
-        print(f"dense  digits-mlp v{reply.model_version}: true {digits.target[:3].tolist()} -> "
-              f"predicted {labels.tolist()}  (cache: {dict(call.trailing_metadata()).get('maas-cache')})")
+        print(
+            f"dense  digits-mlp v{reply.model_version}: true {digits.target[:3].tolist()} -> "
+            f"predicted {labels.tolist()}  (cache: {dict(call.trailing_metadata()).get('maas-cache')})"
+        )
 
         # GNN: label nodes of the karate-club graph stored with the model.
         reply = gnn_pb2_grpc.GnnServiceStub(channel).Predict(
             gnn_pb2.PredictRequest(model_name="karate-gcn", stored_graph="karate", node_ids=[0, 16, 33]),
             timeout=10,
         )
-        print(f"gnn    karate-gcn v{reply.model_version}: nodes {list(reply.node_ids)} -> communities "
-              f"{to_numpy(reply.outputs['label'], 'label').tolist()}")
+        print(
+            f"gnn    karate-gcn v{reply.model_version}: nodes {list(reply.node_ids)} -> communities "
+            f"{to_numpy(reply.outputs['label'], 'label').tolist()}"
+        )
 
         # NLP: embeddings, then sentiment.
         nlp = nlp_pb2_grpc.NlpServiceStub(channel)
         texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell today."]
         reply = nlp.Predict(nlp_pb2.PredictRequest(model_name="minilm-l6-v2", texts=texts), timeout=10)
         embedding = to_numpy(reply.outputs["embedding"], "embedding")
-        print(f"nlp    minilm-l6-v2 v{reply.model_version}: {embedding.shape[1]}-d embeddings; cosine "
-              f"paraphrase {embedding[0] @ embedding[1]:.2f}, unrelated {embedding[0] @ embedding[2]:.2f}")
+        print(
+            f"nlp    minilm-l6-v2 v{reply.model_version}: {embedding.shape[1]}-d embeddings; cosine "
+            f"paraphrase {embedding[0] @ embedding[1]:.2f}, unrelated {embedding[0] @ embedding[2]:.2f}"
+        )
         reply = nlp.Predict(
             nlp_pb2.PredictRequest(model_name="sentiment", texts=["I love this!", "This is awful."]), timeout=10
         )

@@ -15,9 +15,7 @@ from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
-CACHE_RESULTS = Counter(
-    "maas_gateway_cache_total", "Result cache look-ups by outcome", ["family", "outcome"]
-)
+CACHE_RESULTS = Counter("maas_gateway_cache_total", "Result cache look-ups by outcome", ["family", "outcome"])
 
 
 class ResultCache:

@@ -11,11 +11,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.backends import Backend
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from gateway.backends import Backend
 from shared.errors import MaasError
 
 log = logging.getLogger(__name__)

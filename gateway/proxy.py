@@ -82,7 +82,9 @@ class GatewayProxy:
         try:
             request = route.predict_request.FromString(raw)
         except DecodeError as exc:
-            raise InvalidArgumentError(f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}")
+            raise InvalidArgumentError(
+                f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
+            ) from None
         backend = self.backends[route.family]
         timeout = self.timeout(context)
         control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")

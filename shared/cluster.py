@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import grpc
@@ -46,10 +46,11 @@ class ClusterPorts:
     gnn: int = 50062
     nlp: int = 50063
     redis: int = 6390
+    gateway_metrics: int = 9464
 
     @classmethod
     def free(cls) -> ClusterPorts:
-        return cls(*(free_port() for _ in range(5)))
+        return cls(*(free_port() for _ in fields(cls)))
 
 
 def free_port() -> int:
@@ -63,6 +64,7 @@ def process_table(ports: ClusterPorts, model_store: Path, redis_url: str | None)
     store = str(model_store)
     gateway_env = {
         "MAAS_GATEWAY_PORT": str(ports.gateway),
+        "MAAS_GATEWAY_METRICS_PORT": str(ports.gateway_metrics),
         "MAAS_GATEWAY_DENSE_TARGET": f"127.0.0.1:{ports.dense}",
         "MAAS_GATEWAY_GNN_TARGET": f"127.0.0.1:{ports.gnn}",
         "MAAS_GATEWAY_NLP_TARGET": f"127.0.0.1:{ports.nlp}",
@@ -70,12 +72,14 @@ def process_table(ports: ClusterPorts, model_store: Path, redis_url: str | None)
     if redis_url:
         gateway_env["MAAS_GATEWAY_REDIS_URL"] = redis_url
     return [
-        ProcessSpec("dense", "services.dense", ports.dense,
-                    {"MAAS_DENSE_PORT": str(ports.dense), "MAAS_DENSE_MODEL_STORE": store}),
-        ProcessSpec("gnn", "services.gnn", ports.gnn,
-                    {"MAAS_GNN_PORT": str(ports.gnn), "MAAS_GNN_MODEL_STORE": store}),
-        ProcessSpec("nlp", "services.nlp", ports.nlp,
-                    {"MAAS_NLP_PORT": str(ports.nlp), "MAAS_NLP_MODEL_STORE": store}),
+        ProcessSpec(
+            "dense",
+            "services.dense",
+            ports.dense,
+            {"MAAS_DENSE_PORT": str(ports.dense), "MAAS_DENSE_MODEL_STORE": store},
+        ),
+        ProcessSpec("gnn", "services.gnn", ports.gnn, {"MAAS_GNN_PORT": str(ports.gnn), "MAAS_GNN_MODEL_STORE": store}),
+        ProcessSpec("nlp", "services.nlp", ports.nlp, {"MAAS_NLP_PORT": str(ports.nlp), "MAAS_NLP_MODEL_STORE": store}),
         ProcessSpec("gateway", "gateway", ports.gateway, gateway_env),
     ]
 
@@ -93,8 +97,14 @@ def health_status(target: str, timeout_s: float = 1.0) -> int:
 class LocalCluster:
     """Starts Redis (unless REDIS_URL is given) and every process of the table, as child processes."""
 
-    def __init__(self, ports: ClusterPorts, model_store: Path, var_dir: Path, redis_url: str | None = None,
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        ports: ClusterPorts,
+        model_store: Path,
+        var_dir: Path,
+        redis_url: str | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
         self.ports = ports
         self.var_dir = Path(var_dir)
         self.log_dir = log_dir
@@ -182,6 +192,7 @@ def print_endpoints(cluster: LocalCluster) -> None:
     for name, spec in cluster.specs.items():
         role = "public endpoint" if name == "gateway" else "internal"
         print(f"  {name:<8} grpc://{spec.target}  ({role})")
+    print(f"  metrics  http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics  (gateway, Prometheus)")
     print(f"  redis    {cluster.redis_url}  (result cache)", flush=True)
 
 

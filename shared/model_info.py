@@ -15,9 +15,7 @@ def to_tensor_spec(signature: TensorSignature) -> tensor_pb2.TensorSpec:
     )
 
 
-def to_model_version(
-    manifest: Manifest, state: int, reason: str = "", device: str = ""
-) -> model_pb2.ModelVersion:
+def to_model_version(manifest: Manifest, state: int, reason: str = "", device: str = "") -> model_pb2.ModelVersion:
     return model_pb2.ModelVersion(
         name=manifest.name,
         version=manifest.version,

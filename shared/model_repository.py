@@ -63,7 +63,7 @@ class ModelRepository:
         self._entries: dict[str, dict[int, ModelEntry]] = {}
         self._defaults: dict[str, int] = {}
 
-    async def serve(self, server: "GrpcServer") -> None:
+    async def serve(self, server: GrpcServer) -> None:
         """Serves until SIGTERM; health turns SERVING once the models have loaded."""
         await server.run(self.load_for_serving)
 
@@ -104,9 +104,7 @@ class ModelRepository:
 
     def ready(self) -> bool:
         return any(
-            entry.state == State.MODEL_STATE_READY
-            for versions in self._entries.values()
-            for entry in versions.values()
+            entry.state == State.MODEL_STATE_READY for versions in self._entries.values() for entry in versions.values()
         )
 
     def resolve(self, name: str, version: int = 0) -> ModelEntry:
@@ -115,9 +113,7 @@ class ModelRepository:
             raise InvalidArgumentError("model_name: required; call ListModels to see the models")
         versions = self._entries.get(name)
         if versions is None:
-            raise NotFoundError(
-                f"model {name!r} not found; this {self.family} service serves {sorted(self._entries)}"
-            )
+            raise NotFoundError(f"model {name!r} not found; this {self.family} service serves {sorted(self._entries)}")
         if version < 0:
             raise InvalidArgumentError(f"model_version: must be 0 (default) or positive, got {version}")
         version = version or self._defaults[name]

@@ -77,9 +77,7 @@ class ModelStore:
         if not model_dir.is_dir():
             return []
         return sorted(
-            int(entry.name)
-            for entry in model_dir.iterdir()
-            if entry.name.isdigit() and (entry / MANIFEST).is_file()
+            int(entry.name) for entry in model_dir.iterdir() if entry.name.isdigit() and (entry / MANIFEST).is_file()
         )
 
     def default_version(self, name: str) -> int:
@@ -143,8 +141,12 @@ class ModelStore:
             while True:
                 version = (self.versions(name) or [0])[-1] + 1
                 record = Manifest(
-                    **{**manifest, "version": version, "files": files,
-                       "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+                    **{
+                        **manifest,
+                        "version": version,
+                        "files": files,
+                        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    }
                 )
                 (staging / MANIFEST).write_text(record.model_dump_json(indent=2))
                 try:

@@ -84,8 +84,9 @@ class OnnxModel:
         from shared.tensors import DTYPE_CODES, NUMPY_DTYPES
 
         feeds = {
-            spec.name: np.zeros([1 if dim < 0 else dim for dim in spec.shape],
-                                dtype=NUMPY_DTYPES[DTYPE_CODES[spec.dtype]])
+            spec.name: np.zeros(
+                [1 if dim < 0 else dim for dim in spec.shape], dtype=NUMPY_DTYPES[DTYPE_CODES[spec.dtype]]
+            )
             for spec in self.signature_inputs
         }
         self.session.run(feeds)

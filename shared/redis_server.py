@@ -41,8 +41,20 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir.resolve()),
-             "--protected-mode", "yes", "--logfile", "redis.log", *self.config],
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--dir",
+                str(self.data_dir.resolve()),
+                "--protected-mode",
+                "yes",
+                "--logfile",
+                "redis.log",
+                *self.config,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

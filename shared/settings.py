@@ -22,15 +22,9 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 inside containers.")
     port: int = Field(0, description="gRPC port; 0 picks a free one and logs it.")
-    max_message_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_BYTES, description="Largest request or response, in bytes."
-    )
-    shutdown_grace_s: float = Field(
-        10.0, description="How long SIGTERM waits for in-flight calls before stopping."
-    )
-    max_connection_age_s: float = Field(
-        300.0, description="Clients reconnect after this, so new replicas get traffic."
-    )
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, description="Largest request or response, in bytes.")
+    shutdown_grace_s: float = Field(10.0, description="How long SIGTERM waits for in-flight calls before stopping.")
+    max_connection_age_s: float = Field(300.0, description="Clients reconnect after this, so new replicas get traffic.")
     log_level: str = Field("INFO", description="Python logging level.")
 
 
@@ -38,12 +32,8 @@ class ModelServiceSettings(ServerSettings):
     """Settings of a model service (dense, gnn, nlp)."""
 
     model_store: Path = Field(Path("var/models"), description="Root of the model store.")
-    inference_threads: int = Field(
-        2, description="Threads that run model compute off the event loop."
-    )
-    device: str = Field(
-        "auto", description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0'."
-    )
+    inference_threads: int = Field(2, description="Threads that run model compute off the event loop.")
+    device: str = Field("auto", description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0'.")
 
 
 class DenseSettings(ModelServiceSettings):
@@ -85,18 +75,12 @@ class GatewaySettings(ServerSettings):
     cache_timeout_s: float = Field(
         0.25, description="Longest a cache read or write may take before the call goes uncached."
     )
-    cache_retry_after_s: float = Field(
-        1.0, description="After a Redis failure, how long the cache stays bypassed."
-    )
-    default_deadline_s: float = Field(
-        30.0, description="Deadline for backend calls when the caller sets none."
-    )
+    cache_retry_after_s: float = Field(1.0, description="After a Redis failure, how long the cache stays bypassed.")
+    default_deadline_s: float = Field(30.0, description="Deadline for backend calls when the caller sets none.")
     deadline_margin_s: float = Field(
         0.005, description="Taken off the caller's remaining time for the gateway's own work."
     )
-    catalog_refresh_s: float = Field(
-        2.0, description="How often default model versions are re-read from the backends."
-    )
+    catalog_refresh_s: float = Field(2.0, description="How often default model versions are re-read from the backends.")
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
 
     def backend_targets(self) -> dict[str, str]:

@@ -16,9 +16,7 @@ def check_inputs(signature: list[TensorSignature], inputs: Mapping[str, np.ndarr
     expected = {spec.name for spec in signature}
     for name in inputs:
         if name not in expected:
-            raise InvalidArgumentError(
-                f"inputs: unknown input {name!r}; the model takes {sorted(expected)}"
-            )
+            raise InvalidArgumentError(f"inputs: unknown input {name!r}; the model takes {sorted(expected)}")
     batch = None
     for spec in signature:
         array = inputs.get(spec.name)
@@ -32,14 +30,10 @@ def check_inputs(signature: list[TensorSignature], inputs: Mapping[str, np.ndarr
         if array.ndim != len(spec.shape) or any(
             want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
         ):
-            raise InvalidArgumentError(
-                f"{field}: shape must be {spec.shape} (-1 is any size), got {list(array.shape)}"
-            )
+            raise InvalidArgumentError(f"{field}: shape must be {spec.shape} (-1 is any size), got {list(array.shape)}")
         if array.shape[0] == 0:
             raise InvalidArgumentError(f"{field}: the batch is empty")
         if batch is not None and array.shape[0] != batch:
-            raise InvalidArgumentError(
-                f"{field}: batch size {array.shape[0]} differs from the other inputs' {batch}"
-            )
+            raise InvalidArgumentError(f"{field}: batch size {array.shape[0]} differs from the other inputs' {batch}")
         batch = array.shape[0]
     return batch or 0

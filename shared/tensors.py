@@ -45,8 +45,7 @@ def to_numpy(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
     dtype = NUMPY_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidArgumentError(
-            f"{field}: unsupported dtype {dtype_name(tensor.dtype)}; "
-            f"expected one of {', '.join(DTYPE_NAMES.values())}"
+            f"{field}: unsupported dtype {dtype_name(tensor.dtype)}; expected one of {', '.join(DTYPE_NAMES.values())}"
         )
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
@@ -54,8 +53,7 @@ def to_numpy(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidArgumentError(
-            f"{field}: shape {list(shape)} of {dtype_name(tensor.dtype)} needs {expected} bytes, "
-            f"got {len(tensor.data)}"
+            f"{field}: shape {list(shape)} of {dtype_name(tensor.dtype)} needs {expected} bytes, got {len(tensor.data)}"
         )
     return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
 
@@ -74,14 +72,10 @@ def decode_inputs(inputs: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarr
     return {name: to_numpy(tensor, f"inputs['{name}']") for name, tensor in inputs.items()}
 
 
-def encode_outputs(
-    outputs: Mapping[str, np.ndarray], wanted: Sequence[str] = ()
-) -> dict[str, tensor_pb2.Tensor]:
+def encode_outputs(outputs: Mapping[str, np.ndarray], wanted: Sequence[str] = ()) -> dict[str, tensor_pb2.Tensor]:
     """Encodes the wanted outputs (all when `wanted` is empty)."""
     unknown = [name for name in wanted if name not in outputs]
     if unknown:
-        raise InvalidArgumentError(
-            f"output_names: unknown output {unknown[0]!r}; the model has {sorted(outputs)}"
-        )
+        raise InvalidArgumentError(f"output_names: unknown output {unknown[0]!r}; the model has {sorted(outputs)}")
     names = wanted or list(outputs)
     return {name: from_numpy(outputs[name]) for name in names}

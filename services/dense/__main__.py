@@ -24,9 +24,7 @@ async def serve(settings: DenseSettings) -> None:
         ModelStore(settings.model_store), "dense", onnx_loader(settings.device, threads=1), executor
     )
     servicer = DenseServicer(DenseRuntime(repository))
-    server = GrpcServer(
-        settings, partial(dense_pb2_grpc.add_DenseServiceServicer_to_server, servicer), [SERVICE_NAME]
-    )
+    server = GrpcServer(settings, partial(dense_pb2_grpc.add_DenseServiceServicer_to_server, servicer), [SERVICE_NAME])
     await repository.serve(server)
 
 

@@ -33,10 +33,15 @@ def karate_split(seed: int = 0):
 def build_karate_gcn(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     data, train, test = karate_split(seed)
-    config = {"architecture": "gcn", "in_channels": data.num_features, "hidden": 16,
-              "num_classes": int(data.y.max()) + 1, "num_layers": 2, "dropout": 0.5}
-    net = GCN(config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"],
-              config["dropout"])
+    config = {
+        "architecture": "gcn",
+        "in_channels": data.num_features,
+        "hidden": 16,
+        "num_classes": int(data.y.max()) + 1,
+        "num_layers": 2,
+        "dropout": 0.5,
+    }
+    net = GCN(config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"])
     opt = make_optimizer("adam", net.parameters(), lr=0.01)
     for _ in range(200):
         net.train()
@@ -71,8 +76,11 @@ def build_karate_gcn(store: ModelStore, seed: int = 0) -> Manifest:
                 "class_names": [f"community-{i}" for i in range(config["num_classes"])],
                 "source": f"builtin:torch_geometric.datasets.KarateClub seed={seed} test_size=0.5",
                 "description": "2-layer GCN; node features are one-hot node ids of the karate graph",
-                "config": {**config, "weights_file": "weights.safetensors",
-                           "graphs": {KARATE_GRAPH: "graph-karate.safetensors"}},
+                "config": {
+                    **config,
+                    "weights_file": "weights.safetensors",
+                    "graphs": {KARATE_GRAPH: "graph-karate.safetensors"},
+                },
             },
             {"weights.safetensors": weights, "graph-karate.safetensors": graph},
         )

@@ -35,8 +35,9 @@ class GcnModel:
         self.torch_device = resolve_torch_device(device)
         self.device = str(self.torch_device)
         self.in_channels = config["in_channels"]
-        self.net = GCN(config["in_channels"], config["hidden"], config["num_classes"],
-                       config["num_layers"], config["dropout"])
+        self.net = GCN(
+            config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"]
+        )
         self.net.load_state_dict(load_file(directory / config["weights_file"]))
         self.net.to(self.torch_device).eval()
         self.graphs = {
@@ -73,8 +74,7 @@ def check_graph(graph: GraphInput, in_channels: int) -> None:
     x, edges, weight = graph.node_features, graph.edge_index, graph.edge_weight
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != in_channels:
         raise InvalidArgumentError(
-            f"graph.node_features: expected FP32 of shape [N, {in_channels}], "
-            f"got {x.dtype} of shape {list(x.shape)}"
+            f"graph.node_features: expected FP32 of shape [N, {in_channels}], got {x.dtype} of shape {list(x.shape)}"
         )
     if x.shape[0] == 0:
         raise InvalidArgumentError("graph.node_features: the graph has no nodes")

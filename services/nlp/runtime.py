@@ -89,9 +89,7 @@ class NlpRuntime:
         if not texts:
             raise InvalidArgumentError("texts: must hold at least one text, got an empty list")
         if len(texts) > self.max_batch_texts:
-            raise InvalidArgumentError(
-                f"texts: at most {self.max_batch_texts} texts per request, got {len(texts)}"
-            )
+            raise InvalidArgumentError(f"texts: at most {self.max_batch_texts} texts per request, got {len(texts)}")
         for i, text in enumerate(texts):
             if not text.strip():
                 raise InvalidArgumentError(f"texts[{i}]: empty text; every text needs at least one word")

@@ -1,11 +1,13 @@
 """The gateway's Redis result cache: hits, misses, bypass, and failing open when Redis is down."""
 
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
@@ -72,15 +74,29 @@ def test_errors_are_not_cached(gateway_channel):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def cache_errors(cluster) -> float:
+    """The gateway's Prometheus counter of cache failures for dense calls."""
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics", timeout=5).read().decode()
+    )
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "maas_gateway_cache_total" and sample.labels == {"family": "dense", "outcome": "error"}:
+                return sample.value
+    return 0.0
+
+
 def test_with_redis_stopped_calls_still_succeed_and_the_cache_comes_back(cluster, gateway_channel):
     pixels = unique_pixels(4)
     expected, _ = predict_digits(gateway_channel, pixels)
+    errors_before = cache_errors(cluster)
     cluster.redis.stop()
     try:
         for _ in range(3):
             reply, outcome = predict_digits(gateway_channel, pixels)
             assert outcome == "error"
             assert reply.outputs["label"] == expected.outputs["label"]
+        assert cache_errors(cluster) >= errors_before + 3
     finally:
         cluster.redis.start()
     # The gateway retries Redis after its back-off interval (1 s by default).

@@ -40,7 +40,9 @@ def test_digits_accuracy_on_the_held_out_split(gateway_channel):
 def test_output_selection(gateway_channel):
     reply = dense_pb2_grpc.DenseServiceStub(gateway_channel).Predict(
         dense_pb2.PredictRequest(
-            model_name="digits-mlp", inputs={"pixels": from_numpy(np.zeros((1, 64), np.float32))}, output_names=["label"]
+            model_name="digits-mlp",
+            inputs={"pixels": from_numpy(np.zeros((1, 64), np.float32))},
+            output_names=["label"],
         ),
         timeout=10,
     )

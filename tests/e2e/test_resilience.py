@@ -32,7 +32,9 @@ def test_a_stopped_backend_gives_unavailable_and_recovers(cluster, gateway_chann
         assert "gnn service" in err.value.details()
         # The other families are unaffected.
         reply = dense_pb2_grpc.DenseServiceStub(gateway_channel).Predict(
-            dense_pb2.PredictRequest(model_name="digits-mlp", inputs={"pixels": from_numpy(np.zeros((1, 64), np.float32))}),
+            dense_pb2.PredictRequest(
+                model_name="digits-mlp", inputs={"pixels": from_numpy(np.zeros((1, 64), np.float32))}
+            ),
             timeout=10,
         )
         assert reply.model_name == "digits-mlp"
