@@ -22,7 +22,7 @@ from gateway.catalog import ModelCatalog
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from shared.errors import DeadlineExceededError, InvalidArgumentError
+from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
 from shared.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,14 @@ ROUTES = [
     FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2.PredictRequest, gnn_digest),
     FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2.PredictRequest, nlp_digest),
 ]
-PASS_THROUGH_METHODS = ("ListModels", "GetModel")
+PASS_THROUGH_METHODS = (
+    "ListModels",
+    "GetModel",
+    "ListModelVersions",
+    "LoadModel",
+    "UnloadModel",
+    "SetDefaultVersion",
+)
 
 
 class GatewayProxy:
@@ -111,7 +118,15 @@ class GatewayProxy:
 
         # Appending a message merges it: the backend runs exactly the version the key names.
         pinned = raw + route.predict_request(model_version=version).SerializeToString()
-        response = await backend.call("Predict", pinned, timeout)
+        try:
+            response = await backend.call("Predict", pinned, timeout)
+        except UpstreamError as exc:
+            if request.model_version or exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                raise
+            # The default moved since the catalog last looked: let the backend choose, uncached.
+            self.catalog.refresh_soon(route.family)
+            context.set_trailing_metadata(((CACHE_OUTCOME, "bypass"),))
+            return await backend.call("Predict", raw, self.timeout(context))
         if outcome != "error" and not await self.cache.put(route.family, key, response):
             outcome = "error"
         context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))

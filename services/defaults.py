@@ -17,13 +17,22 @@ log = logging.getLogger(__name__)
 
 
 def builders() -> dict[str, Callable[[ModelStore], Manifest]]:
-    from services.dense.defaults import DIGITS_MLP, build_digits_mlp
+    from services.dense.defaults import (
+        DIGITS_CNN,
+        DIGITS_MLP,
+        SINE_GRU,
+        build_digits_cnn,
+        build_digits_mlp,
+        build_sine_gru,
+    )
     from services.gnn.defaults import KARATE_GCN, build_karate_gcn
     from services.nlp.defaults import MINILM, SENTIMENT, build_minilm, build_sentiment
 
     # Order matters: the sentiment head is trained on the MiniLM encoder's embeddings.
     return {
         DIGITS_MLP: build_digits_mlp,
+        DIGITS_CNN: build_digits_cnn,
+        SINE_GRU: build_sine_gru,
         KARATE_GCN: build_karate_gcn,
         MINILM: build_minilm,
         SENTIMENT: build_sentiment,

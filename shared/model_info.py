@@ -32,4 +32,5 @@ def to_model_version(manifest: Manifest, state: int, reason: str = "", device: s
         created_at=manifest.created_at,
         source=manifest.source,
         description=manifest.description,
+        size_bytes=manifest.size_bytes,
     )

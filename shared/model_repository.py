@@ -1,20 +1,26 @@
-"""The models a service has loaded, by name and version, with their serving state.
+"""The model versions a service has loaded, their state, their batchers and the default version.
 
 Knows nothing of gRPC: it raises `MaasError`s and returns plain objects and messages.
+
+Hot swap: a version becomes visible to requests only once it is loaded and warmed up, and the
+default moves to it in one step on the event loop; requests already running keep the
+predictor they resolved, so loading, unloading or switching the default fails none of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from maas.common.v1 import model_pb2
-from shared.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from shared.batching import BatchPolicy, DynamicBatcher
+from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from shared.model_info import to_model_version
 from shared.model_store import Manifest, ModelStore
 
@@ -28,11 +34,17 @@ T = TypeVar("T")
 
 
 class Predictor(Protocol):
-    """A loaded model version. `predict` is blocking and runs on the repository's executor."""
+    """A loaded model version. Its methods block; they run on the repository's executor."""
 
     device: str
 
     def warm_up(self) -> None: ...
+
+    def run_batch(self, items: list[Any]) -> Sequence[Any]:
+        """Runs validated items as one batch; returns one result per item, in order."""
+
+    def item_size(self, item: Any) -> int:
+        """What an item counts against max_batch_size: rows, nodes or texts."""
 
 
 Loader = Callable[[Manifest, Path], Predictor]
@@ -52,45 +64,144 @@ class ModelEntry:
     state: int = State.MODEL_STATE_LOADING
     reason: str = ""
     predictor: Any = None
+    batcher: DynamicBatcher | None = None
+
+    def describe(self) -> model_pb2.ModelVersion:
+        device = self.predictor.device if self.predictor is not None else ""
+        return to_model_version(self.manifest, self.state, self.reason, device)
 
 
 class ModelRepository:
-    def __init__(self, store: ModelStore, family: str, loader: Loader, executor: Executor) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        family: str,
+        loader: Loader,
+        executor: Executor,
+        batch_policy: Callable[[Manifest], BatchPolicy] = lambda manifest: BatchPolicy(),
+        poll_s: float = 0.0,
+    ) -> None:
         self.store = store
         self.family = family
         self.loader = loader
         self.executor = executor
+        self.batch_policy = batch_policy
+        self.poll_s = poll_s
         self._entries: dict[str, dict[int, ModelEntry]] = {}
-        self._defaults: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
+        # Versions an operator unloaded: the store poll must not load them back.
+        self._unloaded: set[tuple[str, int]] = set()
+        self._loading: dict[tuple[str, int], asyncio.Task] = {}
+
+    # Serving life cycle
 
     async def serve(self, server: GrpcServer) -> None:
         """Serves until SIGTERM; health turns SERVING once the models have loaded."""
-        await server.run(self.load_for_serving)
+        poller: asyncio.Task | None = None
+
+        async def become_ready() -> bool:
+            nonlocal poller
+            ready = await self.load_for_serving()
+            if self.poll_s > 0:
+                poller = asyncio.create_task(self.poll_store())
+            return ready
+
+        try:
+            await server.run(become_ready)
+        finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            await self.close()
+
+    async def close(self) -> None:
+        """Lets every batcher finish what is queued, then stops their workers."""
+        workers = []
+        for versions in self._entries.values():
+            for entry in versions.values():
+                if entry.batcher is not None:
+                    entry.batcher.close()
+                    workers.append(entry.batcher.worker)
+        await asyncio.gather(*(w for w in workers if w is not None), return_exceptions=True)
 
     async def load_for_serving(self) -> bool:
-        await self.load_all()
+        await self.sync_with_store()
         if not self.ready():
             log.error("no %s model could be loaded from %s; health stays NOT_SERVING", self.family, self.store.root)
         return self.ready()
 
-    async def load_all(self) -> None:
-        """Loads every version of every model of this family; a failure is recorded, not raised."""
+    async def sync_with_store(self) -> None:
+        """Loads versions that appeared in the store and follows its default pins."""
         for name in self.store.model_names(self.family):
             for version in self.store.versions(name):
-                await self.load(name, version)
-            self._defaults[name] = self.store.default_version(name)
+                if version not in self._entries.get(name, {}) and (name, version) not in self._unloaded:
+                    await self.load(name, version)
+            pinned = self.store.pinned_version(name)
+            if pinned is None:
+                self._pins.pop(name, None)
+            else:
+                self._pins[name] = pinned
 
-    async def load(self, name: str, version: int) -> ModelEntry:
-        entry = ModelEntry(self.store.manifest(name, version))
-        self._entries.setdefault(name, {})[version] = entry
+    async def poll_store(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.sync_with_store()
+            except Exception:  # noqa: BLE001 - a bad store entry must not stop the poll
+                log.exception("model store poll failed")
+
+    # Admin operations
+
+    async def load(self, name: str, version: int = 0) -> ModelEntry:
+        """Loads (name, version) unless it is already ready; version 0 is the store's latest."""
+        if not name:
+            raise InvalidArgumentError("model_name: required")
+        if version == 0:
+            versions = self.store.versions(name)
+            if not versions:
+                raise NotFoundError(f"model {name!r} not found in the model store")
+            version = versions[-1]
+        current = self._entries.get(name, {}).get(version)
+        if current is not None and current.state == State.MODEL_STATE_READY:
+            return current
+        key = (name, version)
+        if key not in self._loading:
+            self._loading[key] = asyncio.create_task(self._load(name, version))
         try:
-            directory = self.store.verify(entry.manifest)
-            entry.predictor = await self.run(self._load_and_warm, entry.manifest, directory)
-            entry.state = State.MODEL_STATE_READY
-            log.info("loaded %s v%d on %s", name, version, entry.predictor.device)
+            return await asyncio.shield(self._loading[key])
+        finally:
+            if self._loading.get(key) is not None and self._loading[key].done():
+                self._loading.pop(key, None)
+
+    async def _load(self, name: str, version: int) -> ModelEntry:
+        manifest = self.store.manifest(name, version)
+        if manifest.family != self.family:
+            raise InvalidArgumentError(
+                f"model {name!r} is a {manifest.family} model; this is the {self.family} service"
+            )
+        versions = self._entries.setdefault(name, {})
+        entry = ModelEntry(manifest)
+        previous = versions.get(version)
+        if previous is None:
+            versions[version] = entry  # visible as LOADING; requests still go to ready versions
+        try:
+            directory = self.store.verify(manifest)
+            predictor = await self.run(self._load_and_warm, manifest, directory)
         except Exception as exc:  # noqa: BLE001 - a bad version must not stop the others loading
             entry.state, entry.reason = State.MODEL_STATE_FAILED, str(exc)
             log.error("could not load %s v%d: %s", name, version, exc)
+            if previous is None or previous.state != State.MODEL_STATE_READY:
+                versions[version] = entry
+            return entry
+        entry.predictor = predictor
+        entry.batcher = DynamicBatcher(
+            f"{name}:{version}", predictor.run_batch, predictor.item_size, self.batch_policy(manifest), self.executor
+        )
+        entry.state = State.MODEL_STATE_READY
+        versions[version] = entry
+        self._unloaded.discard((name, version))
+        log.info("loaded %s v%d on %s", name, version, predictor.device)
         return entry
 
     def _load_and_warm(self, manifest: Manifest, directory: Path) -> Predictor:
@@ -98,14 +209,64 @@ class ModelRepository:
         predictor.warm_up()
         return predictor
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs blocking model code on the executor, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def unload(self, name: str, version: int = 0) -> None:
+        """Stops serving a version (0: every version). Requests already queued still run."""
+        versions = self._entries.get(name)
+        if not versions:
+            raise NotFoundError(f"model {name!r} is not loaded")
+        targets = sorted(versions) if version == 0 else [version]
+        if version and version not in versions:
+            raise NotFoundError(f"model {name!r} has no loaded version {version}; loaded: {sorted(versions)}")
+        pinned = self._pins.get(name)
+        if version and version == pinned:
+            raise FailedPreconditionError(
+                f"{name!r} v{version} is the pinned default; set another default (or unpin) before unloading it"
+            )
+        for target in targets:
+            entry = versions.pop(target)
+            self._unloaded.add((name, target))
+            if entry.batcher is not None:
+                entry.batcher.close()
+            log.info("unloaded %s v%d", name, target)
+        if not versions:
+            del self._entries[name]
+
+    async def set_default(self, name: str, version: int) -> model_pb2.Model:
+        """Pins the default version in the store (0 unpins); every replica's poll follows the pin."""
+        versions = self._entries.get(name)
+        if versions is None:
+            raise NotFoundError(f"model {name!r} is not loaded")
+        if version == 0:
+            self.store.unpin_default(name)
+            self._pins.pop(name, None)
+        else:
+            entry = versions.get(version)
+            if entry is None or entry.state != State.MODEL_STATE_READY:
+                state = "not loaded" if entry is None else State.Name(entry.state)
+                raise FailedPreconditionError(
+                    f"{name!r} v{version} is {state}; only a READY version can be the default "
+                    f"(ready: {self._ready_versions(name)})"
+                )
+            self.store.pin_default(name, version)
+            self._pins[name] = version
+        log.info("default of %s is now %s", name, f"v{version} (pinned)" if version else "the latest ready version")
+        return self.describe(name)
+
+    # Resolution
+
+    def _ready_versions(self, name: str) -> list[int]:
+        return sorted(v for v, e in self._entries.get(name, {}).items() if e.state == State.MODEL_STATE_READY)
+
+    def default_version(self, name: str) -> int:
+        """The pinned version, else the latest ready one; 0 when none is ready."""
+        pinned = self._pins.get(name)
+        if pinned is not None and pinned in self._entries.get(name, {}):
+            return pinned
+        ready = self._ready_versions(name)
+        return ready[-1] if ready else 0
 
     def ready(self) -> bool:
-        return any(
-            entry.state == State.MODEL_STATE_READY for versions in self._entries.values() for entry in versions.values()
-        )
+        return any(self._ready_versions(name) for name in self._entries)
 
     def resolve(self, name: str, version: int = 0) -> ModelEntry:
         """The entry serving (name, version); version 0 means the model's default."""
@@ -116,7 +277,10 @@ class ModelRepository:
             raise NotFoundError(f"model {name!r} not found; this {self.family} service serves {sorted(self._entries)}")
         if version < 0:
             raise InvalidArgumentError(f"model_version: must be 0 (default) or positive, got {version}")
-        version = version or self._defaults[name]
+        if version == 0:
+            version = self.default_version(name)
+            if version == 0:
+                raise UnavailableError(f"model {name!r} has no ready version yet")
         entry = versions.get(version)
         if entry is None:
             raise NotFoundError(f"model {name!r} has no version {version}; it has {sorted(versions)}")
@@ -127,6 +291,12 @@ class ModelRepository:
             )
         return entry
 
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs blocking code on the executor, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # Descriptions
+
     def describe(self, name: str) -> model_pb2.Model:
         if not name:
             raise InvalidArgumentError("model_name: required")
@@ -135,17 +305,26 @@ class ModelRepository:
             raise NotFoundError(f"model {name!r} not found; this service serves {sorted(self._entries)}")
         return model_pb2.Model(
             name=name,
-            default_version=self._defaults.get(name, 0),
-            versions=[
-                to_model_version(
-                    entry.manifest,
-                    entry.state,
-                    entry.reason,
-                    entry.predictor.device if entry.predictor is not None else "",
-                )
-                for _, entry in sorted(versions.items())
-            ],
+            default_version=self.default_version(name),
+            versions=[entry.describe() for _, entry in sorted(versions.items())],
         )
 
     def describe_all(self) -> list[model_pb2.Model]:
         return [self.describe(name) for name in sorted(self._entries)]
+
+    def list_versions(self, name: str) -> tuple[int, bool, list[model_pb2.ModelVersion]]:
+        """Every version in the store, loaded or not: (default, pinned?, versions)."""
+        if not name:
+            raise InvalidArgumentError("model_name: required")
+        stored = self.store.versions(name)
+        loaded = self._entries.get(name, {})
+        if not stored and not loaded:
+            raise NotFoundError(f"model {name!r} not found in the model store")
+        described = []
+        for version in sorted(set(stored) | set(loaded)):
+            entry = loaded.get(version)
+            if entry is not None:
+                described.append(entry.describe())
+            else:
+                described.append(to_model_version(self.store.manifest(name, version), State.MODEL_STATE_UNLOADED))
+        return self.default_version(name), name in self._pins, described

@@ -44,6 +44,7 @@ class Manifest(BaseModel):
     created_at: str = ""
     source: str = ""
     description: str = ""
+    size_bytes: int = Field(0, description="total size of the artifact files")
     # Architecture and pre-processing the loader needs, e.g. layer sizes or tokenizer limits.
     config: dict[str, Any] = Field(default_factory=dict)
 
@@ -84,12 +85,18 @@ class ModelStore:
         versions = self.versions(name)
         if not versions:
             raise NotFoundError(f"model {name!r} not found in the model store")
+        pinned = self.pinned_version(name)
+        return pinned if pinned in versions else versions[-1]
+
+    def pinned_version(self, name: str) -> int | None:
         pin = self.root / name / DEFAULT_PIN
-        if pin.is_file():
-            pinned = int(pin.read_text().strip())
-            if pinned in versions:
-                return pinned
-        return versions[-1]
+        try:
+            return int(pin.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def unpin_default(self, name: str) -> None:
+        (self.root / name / DEFAULT_PIN).unlink(missing_ok=True)
 
     def version_dir(self, name: str, version: int) -> Path:
         return self.root / name / str(version)
@@ -134,10 +141,11 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         staging.chmod(0o755)  # mkdtemp makes it private; other processes serve from it
         try:
-            files = {}
+            files, size = {}, 0
             for file_name, source in artifacts.items():
                 shutil.copyfile(source, staging / file_name)
                 files[file_name] = sha256_file(staging / file_name)
+                size += (staging / file_name).stat().st_size
             while True:
                 version = (self.versions(name) or [0])[-1] + 1
                 record = Manifest(
@@ -145,6 +153,7 @@ class ModelStore:
                         **manifest,
                         "version": version,
                         "files": files,
+                        "size_bytes": size,
                         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     }
                 )

@@ -7,6 +7,7 @@ Every default is what `make run` uses on one laptop.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,11 +30,39 @@ class ServerSettings(BaseSettings):
 
 
 class ModelServiceSettings(ServerSettings):
-    """Settings of a model service (dense, gnn, nlp)."""
+    """Settings of a model service (dense, gnn, nlp): store, device, runtimes and batching."""
 
     model_store: Path = Field(Path("var/models"), description="Root of the model store.")
+    store_poll_s: float = Field(
+        2.0, description="How often the store is re-read for new versions and default pins; 0 turns it off."
+    )
     inference_threads: int = Field(2, description="Threads that run model compute off the event loop.")
-    device: str = Field("auto", description="'auto' uses CUDA when present, else CPU; or 'cpu', 'cuda:0'.")
+    device: str = Field("auto", description="'auto' uses the GPU when one works, else the CPU; or 'cpu', 'cuda'.")
+    device_index: int = Field(0, description="Which GPU, when several are visible.")
+    gpu_memory_limit_mb: int = Field(
+        0,
+        description="GPU memory cap for this service: ONNX Runtime's gpu_mem_limit, and torch's "
+        "per-process memory fraction; 0 leaves it uncapped. Lets several services share one GPU.",
+    )
+    onnx_providers: list[str] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime providers in order of preference; add TensorrtExecutionProvider first "
+        "to use TensorRT. Unusable ones are skipped, and the CPU is always the last resort.",
+    )
+    onnx_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level."
+    )
+    onnx_intra_op_threads: int = Field(1, description="Threads inside one ONNX Runtime call; 0 lets ORT choose.")
+    onnx_inter_op_threads: int = Field(1, description="Threads across independent ONNX graph nodes.")
+    torch_threads: int = Field(1, description="Intra-op threads of torch models.")
+    batching: bool = Field(True, description="Dynamic batching of concurrent requests to the same model version.")
+    max_batch_size: int = Field(64, description="Most rows (dense), graphs' nodes (gnn) or texts (nlp) in one batch.")
+    max_queue_delay_us: int = Field(
+        2000, description="Longest a request waits for others to join its batch, in microseconds."
+    )
+    max_queue_size: int = Field(
+        1024, description="Requests waiting per model version; beyond it, calls get RESOURCE_EXHAUSTED."
+    )
 
 
 class DenseSettings(ModelServiceSettings):
@@ -46,6 +75,7 @@ class GnnSettings(ModelServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_GNN_", extra="ignore")
 
     port: int = 50062
+    max_batch_size: int = Field(4096, description="Most nodes, over all merged graphs, in one batch.")
 
 
 class NlpSettings(ModelServiceSettings):

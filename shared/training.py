@@ -23,11 +23,12 @@ def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def fit_classifier(
+def fit(
     model: torch.nn.Module,
     features: np.ndarray,
-    labels: np.ndarray,
+    targets: np.ndarray,
     *,
+    task: str = "classification",
     optimizer: str = "adam",
     lr: float = 1e-3,
     epochs: int = 30,
@@ -35,12 +36,19 @@ def fit_classifier(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Mini-batch cross-entropy training; returns the mean loss of each epoch."""
+    """Seeded mini-batch gradient descent: cross-entropy for classification, MSE for regression.
+
+    Returns the mean training loss of each epoch.
+    """
     generator = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(features, dtype=torch.float32)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    if task == "classification":
+        y, loss_fn = torch.as_tensor(targets, dtype=torch.long), torch.nn.CrossEntropyLoss()
+    elif task == "regression":
+        y, loss_fn = torch.as_tensor(targets, dtype=torch.float32), torch.nn.MSELoss()
+    else:
+        raise ValueError(f"task must be classification or regression, got {task!r}")
     opt = make_optimizer(optimizer, model.parameters(), lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
     losses = []
     model.train()
     for epoch in range(epochs):

@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from services.dense.runtime import DenseRuntime, onnx_loader
 from services.dense.servicer import DenseServicer
 from shared.logs import configure_logging
-from shared.model_repository import ModelRepository
-from shared.model_store import ModelStore
-from shared.server import GrpcServer
+from shared.model_service import build_repository, serve_models
+from shared.onnx_session import OnnxConfig
 from shared.settings import DenseSettings
 
 SERVICE_NAME = dense_pb2.DESCRIPTOR.services_by_name["DenseService"].full_name
 
 
 async def serve(settings: DenseSettings) -> None:
-    executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="dense-infer")
-    repository = ModelRepository(
-        ModelStore(settings.model_store), "dense", onnx_loader(settings.device, threads=1), executor
-    )
+    repository = build_repository(settings, "dense", onnx_loader(OnnxConfig.from_settings(settings)))
     servicer = DenseServicer(DenseRuntime(repository))
-    server = GrpcServer(settings, partial(dense_pb2_grpc.add_DenseServiceServicer_to_server, servicer), [SERVICE_NAME])
-    await repository.serve(server)
+    await serve_models(settings, repository, servicer, dense_pb2_grpc.add_DenseServiceServicer_to_server, SERVICE_NAME)
 
 
 def main() -> None:

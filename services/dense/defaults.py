@@ -1,74 +1,149 @@
-"""Builds the default dense model: an MLP that classifies the scikit-learn digits (8x8 images)."""
+"""Builds the default dense models: an MLP and a CNN on the digits images, and a GRU forecaster."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
-from services.dense.architectures import MLP
+from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from services.dense.datasets import PIXEL_MAX, SINE_WINDOW, digits_split, held_out, sine_windows
 from shared.model_store import Manifest, ModelStore
-from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit_classifier
+from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit, regression_metrics
 
 log = logging.getLogger(__name__)
 
 DIGITS_MLP = "digits-mlp"
-# Digits pixels run 0..16; the exported graph divides by this, so clients send raw pixels.
-PIXEL_MAX = 16.0
+DIGITS_CNN = "digits-cnn"
+SINE_GRU = "sine-gru"
+
+CLASS_OUTPUTS = [
+    {"name": "probabilities", "dtype": "FP32", "shape": [-1, 10]},
+    {"name": "label", "dtype": "INT64", "shape": [-1]},
+]
 
 
-def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The fixed 80/20 stratified split that training and the tests share."""
-    digits = load_digits()
-    x = digits.data.astype(np.float32)
-    y = digits.target.astype(np.int64)
-    return train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+def publish_onnx(
+    store: ModelStore,
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    record: dict[str, Any],
+) -> Manifest:
+    """Exports `module` (one input, batch-first) to ONNX and publishes it as the next version."""
+    input_name = record["inputs"][0]["name"]
+    output_names = [output["name"] for output in record["outputs"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(
+            module,
+            (example,),
+            Path(tmp) / "model.onnx",
+            input_names=[input_name],
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
+        )
+        record = {**record, "family": "dense", "framework": "onnx"}
+        record["config"] = {**record["config"], "onnx_file": "model.onnx"}
+        manifest = store.publish(record, {"model.onnx": onnx_path})
+    log.info("built %s v%d: %s", manifest.name, manifest.version, manifest.metrics)
+    return manifest
 
 
 def build_digits_mlp(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
-    x_train, x_test, y_train, y_test = digits_split(seed)
-    config = {"architecture": "mlp", "in_features": 64, "hidden": [128, 64], "out_features": 10}
-    net = MLP(config["in_features"], config["hidden"], config["out_features"], dropout=0.1)
-    losses = fit_classifier(
-        net, x_train / PIXEL_MAX, y_train, optimizer="adam", lr=2e-3, epochs=40, batch_size=64, seed=seed
-    )
+    x_train, _, y_train, _ = digits_split(seed)
+    arch = {"architecture": "mlp", "in_features": 64, "hidden": [128, 64], "out_features": 10}
+    net = MLP(arch["in_features"], arch["hidden"], arch["out_features"], dropout=0.1)
+    losses = fit(net, x_train / PIXEL_MAX, y_train, optimizer="adam", lr=2e-3, epochs=40, batch_size=64, seed=seed)
     exportable = ExportableClassifier(net, input_scale=1.0 / PIXEL_MAX)
+    return publish_onnx(
+        store,
+        exportable,
+        torch.zeros(1, 64),
+        {
+            "name": DIGITS_MLP,
+            "inputs": [{"name": "pixels", "dtype": "FP32", "shape": [-1, 64]}],
+            "outputs": CLASS_OUTPUTS,
+            "metrics": {**evaluate_classifier(exportable, "sklearn.digits"), "final_train_loss": losses[-1]},
+            "class_names": [str(digit) for digit in range(10)],
+            "source": f"builtin:sklearn.load_digits seed={seed} test_size=0.2",
+            "description": "MLP 64-128-64-10 on 8x8 digit images; send raw pixels (0..16)",
+            "config": {**arch, "dataset": "sklearn.digits", "optimizer": "adam", "epochs": 40},
+        },
+    )
+
+
+def build_digits_cnn(store: ModelStore, seed: int = 0) -> Manifest:
+    torch.manual_seed(seed)
+    x_train, _, y_train, _ = digits_split(seed)
+    arch = {"architecture": "cnn", "channels": 16, "out_features": 10}
+    net = SmallCNN(arch["channels"], arch["out_features"])
+    images = x_train.reshape(-1, 1, 8, 8) / PIXEL_MAX
+    losses = fit(net, images, y_train, optimizer="adam", lr=2e-3, epochs=15, batch_size=64, seed=seed)
+    exportable = ExportableClassifier(net, input_scale=1.0 / PIXEL_MAX)
+    return publish_onnx(
+        store,
+        exportable,
+        torch.zeros(1, 1, 8, 8),
+        {
+            "name": DIGITS_CNN,
+            "inputs": [{"name": "image", "dtype": "FP32", "shape": [-1, 1, 8, 8]}],
+            "outputs": CLASS_OUTPUTS,
+            "metrics": {**evaluate_classifier(exportable, "sklearn.digits.images"), "final_train_loss": losses[-1]},
+            "class_names": [str(digit) for digit in range(10)],
+            "source": f"builtin:sklearn.load_digits seed={seed} test_size=0.2",
+            "description": "CNN (2 conv layers, max-pool) on 1x8x8 digit images; send raw pixels (0..16)",
+            "config": {**arch, "dataset": "sklearn.digits.images", "optimizer": "adam", "epochs": 15},
+        },
+    )
+
+
+def build_sine_gru(store: ModelStore, seed: int = 0) -> Manifest:
+    torch.manual_seed(seed)
+    x_train, x_test, y_train, y_test = sine_windows(seed)
+    arch = {"architecture": "gru", "in_features": 1, "hidden": 32, "out_features": 1}
+    net = GRUForecaster(arch["in_features"], arch["hidden"], arch["out_features"])
+    losses = fit(
+        net, x_train, y_train, task="regression", optimizer="adam", lr=1e-2, epochs=8, batch_size=64, seed=seed
+    )
+    with torch.no_grad():
+        predicted = net(torch.as_tensor(x_test)).numpy()
+    metrics = regression_metrics(y_test, predicted)
+    # What repeating the last value would score: the forecaster should beat it.
+    metrics["baseline_last_value_mse"] = regression_metrics(y_test, x_test[:, -1, :])["mse"]
+    metrics["final_train_loss"] = losses[-1]
+    return publish_onnx(
+        store,
+        net,
+        torch.zeros(1, SINE_WINDOW, 1),
+        {
+            "name": SINE_GRU,
+            "inputs": [{"name": "window", "dtype": "FP32", "shape": [-1, SINE_WINDOW, 1]}],
+            "outputs": [{"name": "forecast", "dtype": "FP32", "shape": [-1, 1]}],
+            "metrics": metrics,
+            "source": f"generated:two sine waves (periods 24, 7) + noise, seed={seed}, last 20% held out",
+            "description": f"GRU forecaster: the next value from the last {SINE_WINDOW} steps",
+            "config": {**arch, "dataset": "generated.sine", "optimizer": "adam", "epochs": 8},
+        },
+    )
+
+
+def evaluate_classifier(exportable: ExportableClassifier, dataset: str) -> dict[str, float]:
+    x_test, y_test = held_out(dataset)
     with torch.no_grad():
         _, predicted = exportable(torch.as_tensor(x_test))
-    metrics = classification_metrics(y_test, predicted.numpy())
-    metrics["final_train_loss"] = losses[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            exportable,
-            (torch.zeros(1, 64),),
-            Path(tmp) / "model.onnx",
-            input_names=["pixels"],
-            output_names=["probabilities", "label"],
-            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
-        )
-        manifest = store.publish(
-            {
-                "name": DIGITS_MLP,
-                "family": "dense",
-                "framework": "onnx",
-                "inputs": [{"name": "pixels", "dtype": "FP32", "shape": [-1, 64]}],
-                "outputs": [
-                    {"name": "probabilities", "dtype": "FP32", "shape": [-1, 10]},
-                    {"name": "label", "dtype": "INT64", "shape": [-1]},
-                ],
-                "metrics": metrics,
-                "class_names": [str(digit) for digit in range(10)],
-                "source": f"builtin:sklearn.load_digits seed={seed} test_size=0.2",
-                "description": "MLP 64-128-64-10 on 8x8 digit images; send raw pixels (0..16)",
-                "config": {**config, "onnx_file": "model.onnx", "optimizer": "adam", "epochs": 40},
-            },
-            {"model.onnx": onnx_path},
-        )
-    log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
-    return manifest
+    return classification_metrics(y_test, predicted.numpy())
+
+
+def evaluate_onnx(path: Path, dataset: str, input_name: str) -> dict[str, float]:
+    """Held-out metrics of an exported model, as served (used for quantized versions)."""
+    from shared.onnx_session import OnnxConfig, OnnxSession
+
+    x_test, y_test = held_out(dataset)
+    outputs = OnnxSession(path, OnnxConfig(device="cpu")).run({input_name: x_test})
+    if "label" in outputs:
+        return classification_metrics(y_test, outputs["label"])
+    return regression_metrics(y_test, np.asarray(next(iter(outputs.values()))))

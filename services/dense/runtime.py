@@ -1,4 +1,4 @@
-"""Dense inference, independent of gRPC: resolve the version, check the inputs, run off the loop."""
+"""Dense inference, independent of gRPC: resolve the version, check the inputs, batch, run off the loop."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import numpy as np
 
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Manifest
-from shared.onnx_session import OnnxModel
+from shared.onnx_session import OnnxConfig, OnnxModel
 from shared.signature import check_inputs
 
 
-def onnx_loader(device: str, threads: int):
+def onnx_loader(config: OnnxConfig):
     def load(manifest: Manifest, directory: Path) -> OnnxModel:
-        return OnnxModel(directory / manifest.config.get("onnx_file", "model.onnx"), manifest.inputs, device, threads)
+        return OnnxModel(directory / manifest.config.get("onnx_file", "model.onnx"), manifest.inputs, config)
 
     return load
 
@@ -23,8 +23,11 @@ class DenseRuntime:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
 
-    async def predict(self, name: str, version: int, inputs: dict[str, np.ndarray]) -> Prediction:
+    async def predict(
+        self, name: str, version: int, inputs: dict[str, np.ndarray], deadline: float | None = None
+    ) -> Prediction:
         entry = self.repository.resolve(name, version)
+        # Validated before batching, so one bad request never fails its neighbours.
         check_inputs(entry.manifest.inputs, inputs)
-        outputs = await self.repository.run(entry.predictor.predict, inputs)
+        outputs = await entry.batcher.submit(inputs, deadline)
         return Prediction(entry.manifest, outputs)

@@ -6,25 +6,25 @@ import grpc
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from services.dense.runtime import DenseRuntime
+from shared.batching import deadline_from
+from shared.model_admin import ModelAdminServicer
 from shared.tensors import decode_inputs, encode_outputs
 
 
-class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
+class DenseServicer(ModelAdminServicer, dense_pb2_grpc.DenseServiceServicer):
     def __init__(self, runtime: DenseRuntime) -> None:
+        super().__init__(dense_pb2, runtime.repository)
         self.runtime = runtime
 
     async def Predict(self, request: dense_pb2.PredictRequest, context: grpc.aio.ServicerContext):
         prediction = await self.runtime.predict(
-            request.model_name, request.model_version, decode_inputs(request.inputs)
+            request.model_name,
+            request.model_version,
+            decode_inputs(request.inputs),
+            deadline_from(context.time_remaining()),
         )
         return dense_pb2.PredictResponse(
             model_name=prediction.manifest.name,
             model_version=prediction.manifest.version,
             outputs=encode_outputs(prediction.outputs, request.output_names),
         )
-
-    async def ListModels(self, request, context):
-        return dense_pb2.ListModelsResponse(models=self.runtime.repository.describe_all())
-
-    async def GetModel(self, request: dense_pb2.GetModelRequest, context):
-        return dense_pb2.GetModelResponse(model=self.runtime.repository.describe(request.model_name))

@@ -13,7 +13,6 @@ from services.gnn.architectures import GCN
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Manifest
-from shared.torch_device import resolve_torch_device
 
 
 @dataclass
@@ -30,10 +29,10 @@ class GraphInput:
 class GcnModel:
     """A GCN version loaded from safetensors weights and its architecture config (no pickle)."""
 
-    def __init__(self, manifest: Manifest, directory: Path, device: str) -> None:
+    def __init__(self, manifest: Manifest, directory: Path, device: torch.device) -> None:
         config = manifest.config
-        self.torch_device = resolve_torch_device(device)
-        self.device = str(self.torch_device)
+        self.torch_device = device
+        self.device = str(device)
         self.in_channels = config["in_channels"]
         self.net = GCN(
             config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"]
@@ -62,8 +61,50 @@ class GcnModel:
                 weight = torch.from_numpy(np.ascontiguousarray(graph.edge_weight)).to(self.torch_device)
             return torch.softmax(self.net(x, edges, weight), dim=-1).cpu().numpy()
 
+    def item_size(self, graph: GraphInput) -> int:
+        return graph.num_nodes
 
-def gcn_loader(device: str):
+    def run_batch(self, graphs: list[GraphInput]) -> list[np.ndarray]:
+        """Runs the graphs as one disjoint union and splits the node rows back per graph.
+
+        Graphs share no edges in the union, so each gets exactly what it would alone; a graph
+        several requests name (a stored one) is run once.
+        """
+        unique = list({id(graph): graph for graph in graphs}.values())
+        if len(unique) == 1:
+            probabilities = self.predict(unique[0])
+            return [probabilities for _ in graphs]
+        union, offsets = disjoint_union(unique)
+        probabilities = self.predict(union)
+        rows = {
+            id(graph): probabilities[start : start + graph.num_nodes]
+            for graph, start in zip(unique, offsets, strict=True)
+        }
+        return [rows[id(graph)] for graph in graphs]
+
+
+def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
+    """One graph holding all of them, node ids shifted by each graph's offset."""
+    offsets = np.cumsum([0] + [graph.num_nodes for graph in graphs[:-1]]).tolist()
+    weighted = any(graph.edge_weight is not None for graph in graphs)
+    union = GraphInput(
+        node_features=np.concatenate([graph.node_features for graph in graphs]),
+        edge_index=np.concatenate(
+            [graph.edge_index + offset for graph, offset in zip(graphs, offsets, strict=True)], axis=1
+        ),
+        edge_weight=np.concatenate(
+            [
+                graph.edge_weight if graph.edge_weight is not None else np.ones(graph.edge_index.shape[1], np.float32)
+                for graph in graphs
+            ]
+        )
+        if weighted
+        else None,
+    )
+    return union, offsets
+
+
+def gcn_loader(device: torch.device):
     def load(manifest: Manifest, directory: Path) -> GcnModel:
         return GcnModel(manifest, directory, device)
 
@@ -109,7 +150,13 @@ class GnnRuntime:
         self.repository = repository
 
     async def predict(
-        self, name: str, version: int, graph: GraphInput | None, stored_graph: str, node_ids: list[int]
+        self,
+        name: str,
+        version: int,
+        graph: GraphInput | None,
+        stored_graph: str,
+        node_ids: list[int],
+        deadline: float | None = None,
     ) -> tuple[Prediction, list[int]]:
         entry = self.repository.resolve(name, version)
         model: GcnModel = entry.predictor
@@ -125,7 +172,7 @@ class GnnRuntime:
         else:
             check_graph(graph, model.in_channels)
         check_node_ids(node_ids, graph.num_nodes)
-        probabilities = await self.repository.run(model.predict, graph)
+        probabilities = await entry.batcher.submit(graph, deadline)
         rows = node_ids or list(range(graph.num_nodes))
         selected = probabilities[rows]
         outputs = {"probabilities": selected, "label": selected.argmax(axis=1).astype(np.int64)}

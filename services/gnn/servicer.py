@@ -6,6 +6,8 @@ import grpc
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from services.gnn.runtime import GnnRuntime, GraphInput
+from shared.batching import deadline_from
+from shared.model_admin import ModelAdminServicer
 from shared.tensors import encode_outputs, to_numpy
 
 
@@ -17,14 +19,20 @@ def to_graph_input(graph: gnn_pb2.Graph) -> GraphInput:
     )
 
 
-class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
+class GnnServicer(ModelAdminServicer, gnn_pb2_grpc.GnnServiceServicer):
     def __init__(self, runtime: GnnRuntime) -> None:
+        super().__init__(gnn_pb2, runtime.repository)
         self.runtime = runtime
 
     async def Predict(self, request: gnn_pb2.PredictRequest, context: grpc.aio.ServicerContext):
         graph = to_graph_input(request.graph) if request.HasField("graph") else None
         prediction, rows = await self.runtime.predict(
-            request.model_name, request.model_version, graph, request.stored_graph, list(request.node_ids)
+            request.model_name,
+            request.model_version,
+            graph,
+            request.stored_graph,
+            list(request.node_ids),
+            deadline_from(context.time_remaining()),
         )
         return gnn_pb2.PredictResponse(
             model_name=prediction.manifest.name,
@@ -32,9 +40,3 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
             node_ids=rows,
             outputs=encode_outputs(prediction.outputs),
         )
-
-    async def ListModels(self, request, context):
-        return gnn_pb2.ListModelsResponse(models=self.runtime.repository.describe_all())
-
-    async def GetModel(self, request: gnn_pb2.GetModelRequest, context):
-        return gnn_pb2.GetModelResponse(model=self.runtime.repository.describe(request.model_name))

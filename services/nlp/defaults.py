@@ -18,7 +18,8 @@ from sklearn.model_selection import train_test_split
 from services.dense.architectures import MLP
 from services.nlp.runtime import TextEncoder
 from shared.model_store import Manifest, ModelStore
-from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit_classifier
+from shared.onnx_session import OnnxConfig
+from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     encoder_version = store.default_version(MINILM)
     encoder_manifest = store.manifest(MINILM, encoder_version)
-    encoder = TextEncoder(encoder_manifest, store.verify(encoder_manifest), "cpu", max_length=128)
+    encoder = TextEncoder(encoder_manifest, store.verify(encoder_manifest), OnnxConfig(device="cpu"), max_length=128)
     texts, label_names = load_labelled_texts(SENTIMENT_DATA)
     class_names = sorted(set(label_names))
     labels = np.array([class_names.index(name) for name in label_names], dtype=np.int64)
@@ -120,7 +121,7 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
         embeddings, labels, test_size=0.25, stratify=labels, random_state=seed
     )
     head = MLP(EMBEDDING_DIM, [], len(class_names))  # logistic regression on the embeddings
-    losses = fit_classifier(head, x_train, y_train, optimizer="adam", lr=1e-2, epochs=60, batch_size=16, seed=seed)
+    losses = fit(head, x_train, y_train, optimizer="adam", lr=1e-2, epochs=60, batch_size=16, seed=seed)
     exportable = ExportableClassifier(head)
     with torch.no_grad():
         _, predicted = exportable(torch.as_tensor(x_test))

@@ -6,10 +6,11 @@ import pytest
 from grpc_health.v1 import health_pb2
 from torch_geometric.datasets import KarateClub
 
+from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
-from services.dense.defaults import digits_split
+from services.dense.datasets import digits_split, sine_windows
 from shared.cluster import health_status
 from shared.onnx_session import cuda_usable
 from shared.tensors import from_numpy, to_numpy
@@ -133,3 +134,61 @@ def test_list_and_get_model_describe_signature_metrics_and_device(gateway_channe
     with pytest.raises(grpc.RpcError) as err:
         stub.GetModel(dense_pb2.GetModelRequest(model_name="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_digits_cnn_and_sine_gru_are_served(gateway_channel):
+    _, x_test, _, y_test = digits_split()
+    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+    reply = stub.Predict(
+        dense_pb2.PredictRequest(model_name="digits-cnn", inputs={"image": from_numpy(x_test.reshape(-1, 1, 8, 8))}),
+        timeout=30,
+        metadata=NO_CACHE,
+    )
+    assert (to_numpy(reply.outputs["label"], "label") == y_test).mean() >= 0.9
+
+    _, windows, _, targets = sine_windows()
+    reply = stub.Predict(
+        dense_pb2.PredictRequest(model_name="sine-gru", inputs={"window": from_numpy(windows)}),
+        timeout=30,
+        metadata=NO_CACHE,
+    )
+    forecast = to_numpy(reply.outputs["forecast"], "forecast")
+    model_mse = float(np.mean((forecast - targets) ** 2))
+    last_value_mse = float(np.mean((windows[:, -1, :] - targets) ** 2))
+    assert model_mse < last_value_mse / 5
+
+
+def test_concurrent_calls_each_get_their_own_answer(gateway_channel):
+    """Calls that the services batch together come back exactly as when sent one by one."""
+    _, x_test, _, _ = digits_split()
+    dense = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+    nlp = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
+    gnn = gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+    dense_requests = [
+        dense_pb2.PredictRequest(model_name="digits-mlp", inputs={"pixels": from_numpy(x_test[i : i + 1 + i % 3])})
+        for i in range(24)
+    ]
+    nlp_requests = [
+        nlp_pb2.PredictRequest(model_name="minilm-l6-v2", texts=[f"sentence {i} " * (1 + i % 5)]) for i in range(24)
+    ]
+    gnn_requests = [
+        gnn_pb2.PredictRequest(model_name="karate-gcn", stored_graph="karate", node_ids=[i]) for i in range(24)
+    ]
+    for stub, requests, output in ((dense, dense_requests, "probabilities"), (nlp, nlp_requests, "embedding"),
+                                   (gnn, gnn_requests, "probabilities")):  # fmt: skip
+        sequential = [stub.Predict(r, timeout=30, metadata=NO_CACHE) for r in requests]
+        futures = [stub.Predict.future(r, timeout=30, metadata=NO_CACHE) for r in requests]
+        for alone, future in zip(sequential, futures, strict=True):
+            np.testing.assert_allclose(
+                to_numpy(future.result().outputs[output], "o"),
+                to_numpy(alone.outputs[output], "o"),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+
+
+def test_admin_rpcs_pass_through_the_gateway(gateway_channel):
+    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+    reply = stub.ListModelVersions(dense_pb2.ListModelVersionsRequest(model_name="digits-cnn"), timeout=10)
+    assert reply.default_version >= 1
+    assert reply.versions[0].state == model_pb2.MODEL_STATE_READY

@@ -10,6 +10,7 @@ from services.dense.runtime import DenseRuntime, onnx_loader
 from shared.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from shared.model_repository import ModelRepository, State
 from shared.model_store import ModelStore
+from shared.onnx_session import OnnxConfig
 
 
 @pytest.fixture
@@ -24,12 +25,12 @@ def store_copy(model_store, tmp_path):
 
 
 def repository(store):
-    return ModelRepository(store, "dense", onnx_loader("cpu", 1), ThreadPoolExecutor(1))
+    return ModelRepository(store, "dense", onnx_loader(OnnxConfig(device="cpu")), ThreadPoolExecutor(1))
 
 
 async def test_versions_load_ready_and_run_on_the_cpu(store_copy):
     repo = repository(store_copy)
-    await repo.load_all()
+    await repo.sync_with_store()
     model = repo.describe("digits-mlp")
     assert model.default_version == 2
     assert [v.state for v in model.versions] == [State.MODEL_STATE_READY] * 2
@@ -45,7 +46,7 @@ async def test_tampered_version_is_refused_and_the_other_keeps_serving(store_cop
         handle.seek(100)
         handle.write(b"\x00\x01\x02")
     repo = repository(store_copy)
-    await repo.load_all()
+    await repo.sync_with_store()
     failed = repo.describe("digits-mlp").versions[1]
     assert failed.state == State.MODEL_STATE_FAILED
     assert "sha256" in failed.state_reason
@@ -56,7 +57,7 @@ async def test_tampered_version_is_refused_and_the_other_keeps_serving(store_cop
 
 async def test_resolve_errors_name_what_exists(store_copy):
     repo = repository(store_copy)
-    await repo.load_all()
+    await repo.sync_with_store()
     with pytest.raises(NotFoundError, match=r"serves \['digits-mlp'\]"):
         repo.resolve("nope")
     with pytest.raises(NotFoundError, match=r"has no version 5; it has \[1, 2\]"):
