@@ -56,6 +56,7 @@ lint: $(DEPS)
 	$(PY) -m ruff check .
 
 bench: $(MODELS_STAMP)
+	$(PY) -m tests.bench.bench_batching
 	$(PY) -m tests.bench.bench_gateway
 
 clean:

@@ -241,6 +241,10 @@ class ModelRepository:
             self._pins.pop(name, None)
         else:
             entry = versions.get(version)
+            if entry is None and version not in self.store.versions(name):
+                raise NotFoundError(
+                    f"model {name!r} has no version {version}; the store has {self.store.versions(name)}"
+                )
             if entry is None or entry.state != State.MODEL_STATE_READY:
                 state = "not loaded" if entry is None else State.Name(entry.state)
                 raise FailedPreconditionError(

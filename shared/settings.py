@@ -58,7 +58,9 @@ class ModelServiceSettings(ServerSettings):
     batching: bool = Field(True, description="Dynamic batching of concurrent requests to the same model version.")
     max_batch_size: int = Field(64, description="Most rows (dense), graphs' nodes (gnn) or texts (nlp) in one batch.")
     max_queue_delay_us: int = Field(
-        2000, description="Longest a request waits for others to join its batch, in microseconds."
+        0,
+        description="Longest a request waits for others to join its batch, in microseconds. With 0 (as in "
+        "Triton) a batch takes whatever queued while the model was busy: no added latency when idle.",
     )
     max_queue_size: int = Field(
         1024, description="Requests waiting per model version; beyond it, calls get RESOURCE_EXHAUSTED."

@@ -187,8 +187,19 @@ def test_concurrent_calls_each_get_their_own_answer(gateway_channel):
             )
 
 
-def test_admin_rpcs_pass_through_the_gateway(gateway_channel):
-    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
-    reply = stub.ListModelVersions(dense_pb2.ListModelVersionsRequest(model_name="digits-cnn"), timeout=10)
+@pytest.mark.parametrize(
+    ("stub", "pb2", "model"),
+    [
+        (dense_pb2_grpc.DenseServiceStub, dense_pb2, "digits-cnn"),
+        (gnn_pb2_grpc.GnnServiceStub, gnn_pb2, "karate-gcn"),
+        (nlp_pb2_grpc.NlpServiceStub, nlp_pb2, "sentiment"),
+    ],
+)
+def test_admin_rpcs_pass_through_the_gateway(gateway_channel, stub, pb2, model):
+    reply = stub(gateway_channel).ListModelVersions(pb2.ListModelVersionsRequest(model_name=model), timeout=10)
     assert reply.default_version >= 1
     assert reply.versions[0].state == model_pb2.MODEL_STATE_READY
+    with pytest.raises(grpc.RpcError) as err:
+        stub(gateway_channel).SetDefaultVersion(pb2.SetDefaultVersionRequest(model_name=model, model_version=99))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no version 99" in err.value.details()
