@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import grpc
 from prometheus_client import start_http_server
 
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
+from gateway.training import TrainingServicer
+from maas.training.v1 import training_pb2, training_pb2_grpc
+from shared.datasets import DatasetStore
+from shared.jobs import JobStore
 from shared.logs import configure_logging
 from shared.server import NOT_SERVING, SERVING, GrpcServer
 from shared.settings import GatewaySettings
+
+TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -37,7 +44,16 @@ async def serve(settings: GatewaySettings) -> None:
 
     catalog = ModelCatalog(backends, settings.catalog_refresh_s, report)
     proxy = GatewayProxy(backends, cache, catalog, settings)
-    server = GrpcServer(settings, lambda s: s.add_generic_rpc_handlers(proxy.handlers()), list(services.values()))
+    jobs = JobStore.from_url(settings.queue_redis_url) if settings.queue_redis_url else None
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(proxy.handlers())
+        if jobs is not None:
+            servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes)
+            training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+
+    names = list(services.values()) + ([TRAINING_SERVICE] if jobs is not None else [])
+    server = GrpcServer(settings, register, names)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     refresher: asyncio.Task | None = None
@@ -56,6 +72,8 @@ async def serve(settings: GatewaySettings) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
         await cache.close()
+        if jobs is not None:
+            await jobs.close()
         for backend in backends.values():
             await backend.close()
 

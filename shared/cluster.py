@@ -20,14 +20,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.redis_server import CACHE_CONFIG, RedisServer
+from shared.redis_server import CACHE_CONFIG, QUEUE_CONFIG, RedisServer
+
+FAMILIES = ("dense", "gnn", "nlp")
 
 
 @dataclass
 class ProcessSpec:
     name: str
     module: str
-    port: int
+    port: int  # its gRPC (and health) port; 0 for a process that serves none, like a trainer
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -47,6 +49,7 @@ class ClusterPorts:
     nlp: int = 50063
     redis: int = 6390
     gateway_metrics: int = 9464
+    redis_queue: int = 6391
 
     @classmethod
     def free(cls) -> ClusterPorts:
@@ -59,29 +62,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def process_table(ports: ClusterPorts, model_store: Path, redis_url: str | None) -> list[ProcessSpec]:
-    """What runs: the three model services, then the gateway that fronts them."""
-    store = str(model_store)
+def process_table(
+    ports: ClusterPorts, model_store: Path, redis_url: str | None, queue_redis_url: str, var_dir: Path
+) -> list[ProcessSpec]:
+    """What runs: the three model services, their trainers, and the gateway that fronts them."""
+    store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
     gateway_env = {
         "MAAS_GATEWAY_PORT": str(ports.gateway),
         "MAAS_GATEWAY_METRICS_PORT": str(ports.gateway_metrics),
         "MAAS_GATEWAY_DENSE_TARGET": f"127.0.0.1:{ports.dense}",
         "MAAS_GATEWAY_GNN_TARGET": f"127.0.0.1:{ports.gnn}",
         "MAAS_GATEWAY_NLP_TARGET": f"127.0.0.1:{ports.nlp}",
+        "MAAS_GATEWAY_QUEUE_REDIS_URL": queue_redis_url,
+        "MAAS_GATEWAY_DATASET_DIR": datasets,
     }
     if redis_url:
         gateway_env["MAAS_GATEWAY_REDIS_URL"] = redis_url
-    return [
-        ProcessSpec(
-            "dense",
-            "services.dense",
-            ports.dense,
-            {"MAAS_DENSE_PORT": str(ports.dense), "MAAS_DENSE_MODEL_STORE": store},
-        ),
-        ProcessSpec("gnn", "services.gnn", ports.gnn, {"MAAS_GNN_PORT": str(ports.gnn), "MAAS_GNN_MODEL_STORE": store}),
-        ProcessSpec("nlp", "services.nlp", ports.nlp, {"MAAS_NLP_PORT": str(ports.nlp), "MAAS_NLP_MODEL_STORE": store}),
-        ProcessSpec("gateway", "gateway", ports.gateway, gateway_env),
-    ]
+    specs = []
+    for family in FAMILIES:
+        prefix = f"MAAS_{family.upper()}"
+        port = getattr(ports, family)
+        specs.append(ProcessSpec(family, f"services.{family}", port,
+                                 {f"{prefix}_PORT": str(port), f"{prefix}_MODEL_STORE": store}))  # fmt: skip
+    for family in FAMILIES:
+        prefix = f"MAAS_{family.upper()}_TRAINER"
+        env = {
+            f"{prefix}_QUEUE_REDIS_URL": queue_redis_url,
+            f"{prefix}_MODEL_STORE": store,
+            f"{prefix}_DATASET_DIR": datasets,
+            f"{prefix}_CHECKPOINT_DIR": checkpoints,
+        }
+        specs.append(ProcessSpec(f"{family}-trainer", f"services.{family}.trainer", 0, env))
+    specs.append(ProcessSpec("gateway", "gateway", ports.gateway, gateway_env))
+    return specs
 
 
 def health_status(target: str, timeout_s: float = 1.0) -> int:
@@ -104,18 +117,30 @@ class LocalCluster:
         var_dir: Path,
         redis_url: str | None = None,
         log_dir: Path | None = None,
+        queue_redis_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.ports = ports
         self.var_dir = Path(var_dir)
         self.log_dir = log_dir
         self.redis = None if redis_url else RedisServer(ports.redis, self.var_dir / "redis-cache", CACHE_CONFIG)
         self.redis_url = redis_url or self.redis.url
-        self.specs = {spec.name: spec for spec in process_table(ports, Path(model_store), self.redis_url)}
+        self.queue_redis = (
+            None if queue_redis_url else RedisServer(ports.redis_queue, self.var_dir / "redis-queue", QUEUE_CONFIG)
+        )
+        self.queue_redis_url = queue_redis_url or self.queue_redis.url
+        self.extra_env = extra_env or {}
+        self.specs = {
+            spec.name: spec
+            for spec in process_table(ports, Path(model_store), self.redis_url, self.queue_redis_url, self.var_dir)
+        }
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, timeout_s: float = 180.0) -> None:
         if self.redis is not None:
             self.redis.start()
+        if self.queue_redis is not None:
+            self.queue_redis.start()
         for name in self.specs:
             self.start_process(name)
         for name in self.specs:
@@ -128,11 +153,15 @@ class LocalCluster:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         self.processes[name] = subprocess.Popen(
-            spec.command, env={**os.environ, **spec.env}, stdout=output, stderr=output
+            spec.command, env={**os.environ, **spec.env, **self.extra_env}, stdout=output, stderr=output
         )
 
     def wait_serving(self, name: str, timeout_s: float = 180.0) -> None:
         spec, process = self.specs[name], self.processes[name]
+        if not spec.port:  # no health endpoint: it is up while it runs
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}{self._log_hint(name)}")
+            return
         deadline = time.monotonic() + timeout_s
         while health_status(spec.target) != health_pb2.HealthCheckResponse.SERVING:
             if process.poll() is not None:
@@ -160,6 +189,8 @@ class LocalCluster:
             self.stop_process(name)
         if self.redis is not None:
             self.redis.stop()
+        if self.queue_redis is not None:
+            self.queue_redis.stop()
 
 
 def main() -> None:
@@ -168,7 +199,13 @@ def main() -> None:
     parser.add_argument("--var-dir", type=Path, default=Path("var"))
     args = parser.parse_args()
 
-    cluster = LocalCluster(ClusterPorts(), args.model_store, args.var_dir, os.environ.get("REDIS_URL"))
+    cluster = LocalCluster(
+        ClusterPorts(),
+        args.model_store,
+        args.var_dir,
+        os.environ.get("REDIS_URL"),
+        queue_redis_url=os.environ.get("QUEUE_REDIS_URL"),
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -190,10 +227,14 @@ def main() -> None:
 def print_endpoints(cluster: LocalCluster) -> None:
     print("\nmaas is serving:", flush=True)
     for name, spec in cluster.specs.items():
+        if not spec.port:
+            print(f"  {name:<13} python -m {spec.module}  (trains queued {name.split('-')[0]} jobs)")
+            continue
         role = "public endpoint" if name == "gateway" else "internal"
-        print(f"  {name:<8} grpc://{spec.target}  ({role})")
-    print(f"  metrics  http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics  (gateway, Prometheus)")
-    print(f"  redis    {cluster.redis_url}  (result cache)", flush=True)
+        print(f"  {name:<13} grpc://{spec.target}  ({role})")
+    print(f"  metrics       http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics  (gateway, Prometheus)")
+    print(f"  redis         {cluster.redis_url}  (result cache: LRU)")
+    print(f"  redis         {cluster.queue_redis_url}  (job queue: AOF, noeviction)", flush=True)
 
 
 if __name__ == "__main__":

@@ -262,11 +262,15 @@ class ModelRepository:
         return sorted(v for v, e in self._entries.get(name, {}).items() if e.state == State.MODEL_STATE_READY)
 
     def default_version(self, name: str) -> int:
-        """The pinned version, else the latest ready one; 0 when none is ready."""
+        """The pinned version, else the latest ready one that may be promoted; 0 when there is none.
+
+        A version a training job's gate rejected is served by number but never by default.
+        """
         pinned = self._pins.get(name)
         if pinned is not None and pinned in self._entries.get(name, {}):
             return pinned
-        ready = self._ready_versions(name)
+        entries = self._entries.get(name, {})
+        ready = [v for v in self._ready_versions(name) if entries[v].manifest.promotable]
         return ready[-1] if ready else 0
 
     def ready(self) -> bool:
@@ -284,7 +288,9 @@ class ModelRepository:
         if version == 0:
             version = self.default_version(name)
             if version == 0:
-                raise UnavailableError(f"model {name!r} has no ready version yet")
+                raise UnavailableError(
+                    f"model {name!r} has no default: no ready version that passed its gate; name a model_version"
+                )
         entry = versions.get(version)
         if entry is None:
             raise NotFoundError(f"model {name!r} has no version {version}; it has {sorted(versions)}")

@@ -45,6 +45,9 @@ class Manifest(BaseModel):
     source: str = ""
     description: str = ""
     size_bytes: int = Field(0, description="total size of the artifact files")
+    promotable: bool = Field(
+        True, description="false when a training job's gate rejected it: never the default unless pinned"
+    )
     # Architecture and pre-processing the loader needs, e.g. layer sizes or tokenizer limits.
     config: dict[str, Any] = Field(default_factory=dict)
 
@@ -86,7 +89,12 @@ class ModelStore:
         if not versions:
             raise NotFoundError(f"model {name!r} not found in the model store")
         pinned = self.pinned_version(name)
-        return pinned if pinned in versions else versions[-1]
+        if pinned in versions:
+            return pinned
+        promotable = [v for v in versions if self.manifest(name, v).promotable]
+        if not promotable:
+            raise NotFoundError(f"model {name!r} has no version that passed its gate; name a version")
+        return promotable[-1]
 
     def pinned_version(self, name: str) -> int | None:
         pin = self.root / name / DEFAULT_PIN

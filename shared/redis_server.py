@@ -14,7 +14,8 @@ import redis
 
 # The cache may drop anything; the job queue must never lose an entry (see deploy notes).
 CACHE_CONFIG = ["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru", "--save", "", "--appendonly", "no"]
-QUEUE_CONFIG = ["--maxmemory-policy", "noeviction", "--appendonly", "yes", "--appendfsync", "everysec"]
+# Every write is fsynced before Redis answers: an accepted job survives even a power cut.
+QUEUE_CONFIG = ["--maxmemory-policy", "noeviction", "--appendonly", "yes", "--appendfsync", "always"]
 
 
 def redis_server_binary() -> str:

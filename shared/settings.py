@@ -114,6 +114,51 @@ class GatewaySettings(ServerSettings):
     )
     catalog_refresh_s: float = Field(2.0, description="How often default model versions are re-read from the backends.")
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
+    queue_redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MAAS_GATEWAY_QUEUE_REDIS_URL", "QUEUE_REDIS_URL"),
+        description="The job queue's Redis (AOF, noeviction); unset turns the training API off.",
+    )
+    dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are stored.")
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest data set UploadDataset accepts.")
 
     def backend_targets(self) -> dict[str, str]:
         return {"dense": self.dense_target, "gnn": self.gnn_target, "nlp": self.nlp_target}
+
+
+class TrainerSettings(BaseSettings):
+    """Settings of a trainer process; each family's trainer has its own prefix (MAAS_DENSE_TRAINER_, ...)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    queue_redis_url: str = Field("redis://127.0.0.1:6391/0", description="The job queue's Redis.")
+    model_store: Path = Field(Path("var/models"), description="Where trained versions are written.")
+    dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are read from.")
+    checkpoint_dir: Path = Field(Path("var/checkpoints"), description="Per-epoch checkpoints, by job id.")
+    device: str = Field("auto", description="Training device: 'auto', 'cpu' or 'cuda'.")
+    device_index: int = Field(0, description="Which GPU, when several are visible.")
+    gpu_memory_limit_mb: int = Field(0, description="GPU memory cap for this trainer; 0 leaves it uncapped.")
+    torch_threads: int = Field(1, description="Intra-op threads for training.")
+    claim_idle_ms: int = Field(
+        30_000, description="A job whose trainer went silent this long is taken over by another trainer."
+    )
+    max_attempts: int = Field(3, description="Deliveries before a job is moved to the dead-letter stream.")
+    block_ms: int = Field(1000, description="How long one read of the queue waits for a job.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+
+def trainer_settings(family: str) -> TrainerSettings:
+    """The trainer settings of one family, read from MAAS_<FAMILY>_TRAINER_* variables."""
+
+    prefix = f"MAAS_{family.upper()}_TRAINER_"
+
+    class FamilyTrainerSettings(TrainerSettings):
+        model_config = SettingsConfigDict(env_prefix=prefix, extra="ignore")
+
+        queue_redis_url: str = Field(
+            "redis://127.0.0.1:6391/0",
+            validation_alias=AliasChoices(f"{prefix}QUEUE_REDIS_URL", "QUEUE_REDIS_URL"),
+            description="The job queue's Redis (AOF, noeviction).",
+        )
+
+    return FamilyTrainerSettings()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +25,42 @@ def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+def train_minibatch_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+) -> float:
+    """One shuffled pass over the data; the order depends only on (seed, epoch), so a resumed
+    job replays exactly the epochs it would have run. Returns the mean loss."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(x), generator=generator)
+    model.train()
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        idx = order[start : start + batch_size].to(x.device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+    model.eval()
+    return total / len(x)
+
+
+def loss_and_targets(task: str, targets: np.ndarray) -> tuple[Callable, torch.Tensor]:
+    if task == "classification":
+        return torch.nn.CrossEntropyLoss(), torch.as_tensor(targets, dtype=torch.long)
+    if task == "regression":
+        y = torch.as_tensor(targets, dtype=torch.float32)
+        return torch.nn.MSELoss(), y.reshape(len(y), -1)
+    raise ValueError(f"task must be classification or regression, got {task!r}")
+
+
 def fit(
     model: torch.nn.Module,
     features: np.ndarray,
@@ -34,38 +72,54 @@ def fit(
     epochs: int = 30,
     batch_size: int = 64,
     seed: int = 0,
-    on_epoch: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Seeded mini-batch gradient descent: cross-entropy for classification, MSE for regression.
-
-    Returns the mean training loss of each epoch.
-    """
-    generator = torch.Generator().manual_seed(seed)
+    """Seeded mini-batch gradient descent; returns the mean training loss of each epoch."""
     x = torch.as_tensor(features, dtype=torch.float32)
-    if task == "classification":
-        y, loss_fn = torch.as_tensor(targets, dtype=torch.long), torch.nn.CrossEntropyLoss()
-    elif task == "regression":
-        y, loss_fn = torch.as_tensor(targets, dtype=torch.float32), torch.nn.MSELoss()
-    else:
-        raise ValueError(f"task must be classification or regression, got {task!r}")
+    loss_fn, y = loss_and_targets(task, targets)
     opt = make_optimizer(optimizer, model.parameters(), lr)
-    losses = []
-    model.train()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(x))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    model.eval()
+    return [train_minibatch_epoch(model, opt, loss_fn, x, y, batch_size, seed, epoch) for epoch in range(epochs)]
+
+
+def run_epochs(
+    context: Any,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    train_epoch: Callable[[int], float],
+    validate: Callable[[], dict[str, float]],
+) -> list[float]:
+    """The epoch loop of a training job: resumes from the job's checkpoint, checks for
+    cancellation before each epoch, checkpoints after each, and reports loss, validation
+    metrics and ETA."""
+    path = context.checkpoint_path
+    start, losses = 0, []
+    if path.exists():
+        state = torch.load(path, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = int(state["epoch"]), [float(v) for v in state["losses"]]
+        context.message(f"resumed from the checkpoint after epoch {start}")
+    context.started = time.monotonic()  # the ETA counts epochs only, not data loading
+    for epoch in range(start, epochs):
+        context.raise_if_cancelled()
+        losses.append(train_epoch(epoch))
+        metrics = validate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "losses": losses},
+            tmp,
+        )
+        tmp.replace(path)
+        context.report_epoch(epoch + 1, epochs, losses[-1], metrics, start)
     return losses
+
+
+def task_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> dict[str, float]:
+    """Held-out metrics from a model's raw outputs: logits for classification, values for regression."""
+    if task == "classification":
+        return classification_metrics(y_true, outputs.argmax(axis=-1))
+    return regression_metrics(np.asarray(y_true).reshape(len(y_true), -1), outputs)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -78,6 +132,18 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
 def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     mse = float(mean_squared_error(y_true, y_pred))
     return {"mse": mse, "rmse": mse**0.5}
+
+
+class Standardize(torch.nn.Module):
+    """(x - mean) / std with the training set's statistics, baked into the exported graph."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class ExportableClassifier(torch.nn.Module):

@@ -22,18 +22,20 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two 3x3 convolutions and a max-pool for 1x8x8 images; returns logits."""
+    """Two 3x3 convolutions and a 2x2 max-pool, then a linear layer; returns logits."""
 
-    def __init__(self, channels: int = 16, out_features: int = 10) -> None:
+    def __init__(
+        self, channels: int = 16, out_features: int = 10, in_channels: int = 1, height: int = 8, width: int = 8
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1),
+            nn.Conv2d(in_channels, channels, 3, padding=1),
             nn.ReLU(),
             nn.Conv2d(channels, 2 * channels, 3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Linear(2 * channels * 4 * 4, out_features)
+        self.classifier = nn.Linear(2 * channels * (height // 2) * (width // 2), out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x).flatten(1))

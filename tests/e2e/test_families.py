@@ -18,9 +18,13 @@ from shared.tensors import from_numpy, to_numpy
 NO_CACHE = (("cache-control", "no-store"),)
 
 
-def test_all_four_servers_report_serving(cluster):
-    for spec in cluster.specs.values():
+def test_all_four_servers_report_serving_and_the_trainers_run(cluster):
+    servers = [spec for spec in cluster.specs.values() if spec.port]
+    assert {spec.name for spec in servers} == {"gateway", "dense", "gnn", "nlp"}
+    for spec in servers:
         assert health_status(spec.target) == health_pb2.HealthCheckResponse.SERVING, spec.name
+    for name in ("dense-trainer", "gnn-trainer", "nlp-trainer"):
+        assert cluster.processes[name].poll() is None, name
 
 
 def test_digits_accuracy_on_the_held_out_split(gateway_channel):

@@ -1,0 +1,154 @@
+"""gRPC face of the training API on the gateway: translates messages; jobs live in Redis, data sets on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+
+import grpc
+from google.protobuf.json_format import MessageToDict, ParseDict
+
+from maas.training.v1 import training_pb2, training_pb2_grpc
+from shared.datasets import DatasetStore
+from shared.errors import InvalidArgumentError, ResourceExhaustedError
+from shared.job_spec import normalize
+from shared.jobs import TERMINAL, JobStore
+
+FAMILIES = {
+    training_pb2.FAMILY_DENSE: "dense",
+    training_pb2.FAMILY_GNN: "gnn",
+    training_pb2.FAMILY_NLP: "nlp",
+}
+FAMILY_CODES = {name: code for code, name in FAMILIES.items()}
+
+
+def family_name(code: int, field: str) -> str:
+    if code not in FAMILIES:
+        raise InvalidArgumentError(f"{field}: must be FAMILY_DENSE, FAMILY_GNN or FAMILY_NLP")
+    return FAMILIES[code]
+
+
+def to_dataset(meta: dict) -> training_pb2.Dataset:
+    return training_pb2.Dataset(
+        dataset_id=meta["dataset_id"],
+        name=meta["name"],
+        family=FAMILY_CODES[meta["family"]],
+        format=training_pb2.DatasetFormat.Value(f"DATASET_FORMAT_{meta['format'].upper()}"),
+        sha256=meta["sha256"],
+        size_bytes=meta["size_bytes"],
+        num_examples=meta["num_examples"],
+        feature_shape=meta["feature_shape"],
+        task=meta["task"],
+        class_names=meta["class_names"],
+        created_at=meta["created_at"],
+    )
+
+
+def to_spec(spec: dict) -> training_pb2.SubmitJobRequest:
+    wire = {key: value for key, value in spec.items() if key != "task"}
+    wire["family"] = FAMILY_CODES[spec["family"]]
+    wire["optimizer"] = f"OPTIMIZER_{spec['optimizer'].upper()}"
+    return ParseDict(wire, training_pb2.SubmitJobRequest(), ignore_unknown_fields=True)
+
+
+def to_job(record: dict) -> training_pb2.Job:
+    return training_pb2.Job(
+        job_id=record["job_id"],
+        state=training_pb2.JobState.Value(f"JOB_STATE_{record['state']}"),
+        spec=to_spec(record["spec"]),
+        epoch=record["epoch"],
+        train_loss=record["train_loss"],
+        metrics=record["metrics"],
+        model_version=record["model_version"],
+        promoted=record["promoted"],
+        gate_result=record.get("gate_result", ""),
+        error=record.get("error", ""),
+        attempts=record["attempts"],
+        created_at=record.get("created_at", ""),
+        updated_at=record.get("updated_at", ""),
+    )
+
+
+def to_event(event: dict) -> training_pb2.JobEvent:
+    return training_pb2.JobEvent(
+        job_id=event["job_id"],
+        state=training_pb2.JobState.Value(f"JOB_STATE_{event['state']}") if event.get("state") else 0,
+        epoch=event["epoch"],
+        epochs=event["epochs"],
+        train_loss=event["train_loss"],
+        validation_metrics=event["validation_metrics"],
+        eta_seconds=event["eta_seconds"],
+        message=event.get("message", ""),
+        time=event.get("time", ""),
+    )
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, jobs: JobStore, datasets: DatasetStore, max_dataset_bytes: int) -> None:
+        self.jobs = jobs
+        self.datasets = datasets
+        self.max_dataset_bytes = max_dataset_bytes
+
+    async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "info":
+            raise InvalidArgumentError("the first message must carry info (name, family, format); chunks follow")
+        family = family_name(first.info.family, "info.family")
+        if first.info.format == training_pb2.DATASET_FORMAT_UNSPECIFIED:
+            raise InvalidArgumentError("info.format: required (NPZ, CSV, JSON or JSONL)")
+        fmt = training_pb2.DatasetFormat.Name(first.info.format).removeprefix("DATASET_FORMAT_").lower()
+        self.datasets.root.mkdir(parents=True, exist_ok=True)
+        handle, path = tempfile.mkstemp(prefix=".upload-", dir=self.datasets.root)
+        try:
+            size = 0
+            with os.fdopen(handle, "wb") as out:
+                async for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise InvalidArgumentError("only the first message may carry info; send chunks after it")
+                    size += len(message.chunk)
+                    if size > self.max_dataset_bytes:
+                        raise ResourceExhaustedError(
+                            f"data set larger than the limit of {self.max_dataset_bytes} bytes (max_dataset_bytes)"
+                        )
+                    out.write(message.chunk)
+            if size == 0:
+                raise InvalidArgumentError("the upload carried no data: send the file in chunk messages")
+            meta = await asyncio.to_thread(self.datasets.save, first.info.name, family, fmt, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return training_pb2.UploadDatasetResponse(dataset=to_dataset(meta))
+
+    async def SubmitJob(self, request: training_pb2.SubmitJobRequest, context):
+        family = family_name(request.family, "family")
+        dataset = None
+        if request.WhichOneof("data") == "dataset_id":
+            dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id)
+        spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
+        job_id, created = await self.jobs.submit(family, spec, request.idempotency_key)
+        return training_pb2.SubmitJobResponse(job=to_job(await self.jobs.get(job_id)), created=created)
+
+    async def GetJob(self, request, context):
+        return training_pb2.GetJobResponse(job=to_job(await self.jobs.get(request.job_id)))
+
+    async def ListJobs(self, request, context):
+        family = FAMILIES.get(request.family, "")
+        records = await self.jobs.list(family, request.limit or 100)
+        return training_pb2.ListJobsResponse(jobs=[to_job(record) for record in records])
+
+    async def CancelJob(self, request, context):
+        return training_pb2.CancelJobResponse(job=to_job(await self.jobs.request_cancel(request.job_id)))
+
+    async def WatchJob(self, request, context):
+        await self.jobs.get(request.job_id)  # NOT_FOUND for an unknown job
+        events = await self.jobs.history(request.job_id)  # the history first, for late watchers
+        last = "0-0"
+        while True:
+            for entry_id, event in events:
+                last = entry_id
+                yield training_pb2.WatchJobResponse(event=to_event(event))
+                if event.get("state") in TERMINAL:
+                    return
+            events = await self.jobs.history(request.job_id, last, block_ms=1000)

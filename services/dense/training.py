@@ -1,0 +1,129 @@
+"""Training jobs for dense models: MLP, CNN or GRU on tabular, image or sequence data, exported to ONNX."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from shared.job_splits import TEST_SHARE, split_indices, validate_or_cross_validate
+from shared.training import (
+    ExportableClassifier,
+    Standardize,
+    export_onnx,
+    loss_and_targets,
+    make_optimizer,
+    run_epochs,
+    task_metrics,
+    train_minibatch_epoch,
+)
+from shared.training_worker import JobContext, JobResult
+
+
+def build_network(spec: dict, shape: list[int], outputs: int, mean: np.ndarray, std: np.ndarray) -> nn.Module:
+    hidden = spec["hidden_sizes"]
+    if spec["architecture"] == "mlp":
+        core = nn.Sequential(nn.Flatten(), MLP(math.prod(shape), hidden, outputs))
+    elif spec["architecture"] == "cnn":
+        channels, height, width = shape
+        core = SmallCNN(hidden[0], outputs, channels, height, width)
+    else:
+        core = GRUForecaster(shape[-1], hidden[0], outputs)
+    return nn.Sequential(Standardize(mean, std), core)
+
+
+class Regressor(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def run_job(context: JobContext) -> JobResult:
+    spec = context.spec
+    data = context.dataset()
+    torch.manual_seed(spec["seed"])
+    classification = data.task == "classification"
+    labels = data.y if classification else None
+    outputs = len(data.class_names) if classification else 1
+    shape = list(data.x.shape[1:])
+    device = context.device
+    x_all = torch.as_tensor(data.x).to(device)
+    loss_fn, y_all = loss_and_targets(data.task, data.y)
+    y_all = y_all.to(device)
+
+    rest, test = split_indices(len(data.x), labels, TEST_SHARE, spec["seed"])
+    mean, std = data.x[rest].mean(axis=0), data.x[rest].std(axis=0) + 1e-6
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        net = build_network(spec, shape, outputs, mean, std).to(device)
+        return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
+
+    def evaluate(net: nn.Module, idx: np.ndarray) -> dict[str, float]:
+        with torch.no_grad():
+            return task_metrics(data.task, data.y[idx], net(x_all[idx]).cpu().numpy())
+
+    def epoch_fn(net, opt, idx):
+        return lambda epoch: train_minibatch_epoch(
+            net, opt, loss_fn, x_all[idx], y_all[idx], spec["batch_size"], spec["seed"], epoch
+        )
+
+    metrics, train, val = validate_or_cross_validate(context, len(data.x), labels, rest, fresh, epoch_fn, evaluate)
+    net, opt = fresh()
+    losses = run_epochs(
+        context,
+        net,
+        opt,
+        spec["epochs"],
+        epoch_fn(net, opt, train),
+        lambda: evaluate(net, val) if val is not None else {},
+    )
+    metrics.update(evaluate(net, test))
+    metrics["final_train_loss"] = losses[-1]
+
+    net = net.cpu()
+    exportable = ExportableClassifier(net) if classification else Regressor(net)
+    output_specs = (
+        [
+            {"name": "probabilities", "dtype": "FP32", "shape": [-1, outputs]},
+            {"name": "label", "dtype": "INT64", "shape": [-1]},
+        ]
+        if classification
+        else [{"name": "prediction", "dtype": "FP32", "shape": [-1, 1]}]
+    )
+    names = [o["name"] for o in output_specs]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(
+            exportable,
+            (torch.zeros(1, *shape),),
+            Path(tmp) / "model.onnx",
+            input_names=["x"],
+            output_names=names,
+            dynamic_axes={name: {0: "batch"} for name in ["x", *names]},
+        )
+        record = {
+            "family": "dense",
+            "framework": "onnx",
+            "inputs": [{"name": "x", "dtype": "FP32", "shape": [-1, *shape]}],
+            "outputs": output_specs,
+            "metrics": metrics,
+            "class_names": data.class_names,
+            "description": f"{spec['architecture']} {spec['hidden_sizes']} trained on {context.dataset_name()}",
+            "config": {
+                "architecture": spec["architecture"],
+                "hidden_sizes": spec["hidden_sizes"],
+                "onnx_file": "model.onnx",
+                "task": data.task,
+                "job": context.job_id,
+                "spec": spec,
+            },  # fmt: skip
+        }
+        context.message("evaluated; writing the version", state="EVALUATING")
+        return context.publish(record, {"model.onnx": onnx_path}, data.task)

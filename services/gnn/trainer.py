@@ -1,0 +1,20 @@
+"""`python -m services.gnn.trainer`: runs queued gnn training jobs, separate from the inference service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.gnn.training import run_job
+from shared.logs import configure_logging
+from shared.settings import trainer_settings
+from shared.training_worker import serve_trainer
+
+
+def main() -> None:
+    settings = trainer_settings("gnn")
+    configure_logging("gnn-trainer", settings.log_level)
+    asyncio.run(serve_trainer("gnn", run_job, settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Training jobs for text classifiers: a head on the default MiniLM encoder's embeddings, exported to ONNX."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from services.dense.architectures import MLP
+from services.nlp.defaults import EMBEDDING_DIM, MINILM, TEXT_INPUT
+from services.nlp.runtime import TextEncoder
+from shared.job_splits import TEST_SHARE, split_indices, validate_or_cross_validate
+from shared.onnx_session import OnnxConfig
+from shared.training import (
+    ExportableClassifier,
+    export_onnx,
+    loss_and_targets,
+    make_optimizer,
+    run_epochs,
+    task_metrics,
+    train_minibatch_epoch,
+)
+from shared.training_worker import JobContext, JobResult
+
+
+def run_job(context: JobContext) -> JobResult:
+    spec = context.spec
+    data = context.dataset()
+    torch.manual_seed(spec["seed"])
+    encoder_version = context.store.default_version(MINILM)
+    encoder_manifest = context.store.manifest(MINILM, encoder_version)
+    encoder = TextEncoder(encoder_manifest, context.store.verify(encoder_manifest), OnnxConfig(device="cpu"), 128)
+    context.message(f"embedding {len(data.texts)} texts with {MINILM} v{encoder_version}")
+    device = context.device
+    x_all = torch.as_tensor(encoder.embed(data.texts)).to(device)
+    loss_fn, y_all = loss_and_targets("classification", data.labels)
+    y_all = y_all.to(device)
+    classes = len(data.class_names)
+    rest, test = split_indices(len(data.texts), data.labels, TEST_SHARE, spec["seed"])
+    hidden = spec["hidden_sizes"] if spec["architecture"] == "mlp" else []
+
+    def fresh():
+        net = MLP(EMBEDDING_DIM, hidden, classes, dropout=0.1 if hidden else 0.0).to(device)
+        return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
+
+    def epoch_fn(net, opt, idx):
+        return lambda epoch: train_minibatch_epoch(
+            net, opt, loss_fn, x_all[idx], y_all[idx], spec["batch_size"], spec["seed"], epoch
+        )
+
+    def evaluate(net, idx) -> dict[str, float]:
+        with torch.no_grad():
+            return task_metrics("classification", data.labels[idx], net(x_all[idx]).cpu().numpy())
+
+    metrics, train, val = validate_or_cross_validate(
+        context, len(data.texts), data.labels, rest, fresh, epoch_fn, evaluate
+    )
+    net, opt = fresh()
+    losses = run_epochs(
+        context,
+        net,
+        opt,
+        spec["epochs"],
+        epoch_fn(net, opt, train),
+        lambda: evaluate(net, val) if val is not None else {},
+    )
+    metrics.update(evaluate(net, test))
+    metrics["final_train_loss"] = losses[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(
+            ExportableClassifier(net.cpu()),
+            (torch.zeros(1, EMBEDDING_DIM),),
+            Path(tmp) / "head.onnx",
+            input_names=["embedding"],
+            output_names=["probabilities", "label"],
+            dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
+        )
+        record = {
+            "family": "nlp",
+            "framework": "onnx",
+            "inputs": [TEXT_INPUT],
+            "outputs": [
+                {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
+                {"name": "label", "dtype": "INT64", "shape": [-1]},
+            ],
+            "metrics": metrics,
+            "class_names": data.class_names,
+            "description": f"{spec['architecture']} head on {MINILM} v{encoder_version}, "
+            f"trained on {context.dataset_name()}",
+            "config": {
+                "kind": "classifier",
+                "onnx_file": "head.onnx",
+                "encoder": {"name": MINILM, "version": encoder_version},
+                "job": context.job_id,
+                "spec": spec,
+            },  # fmt: skip
+        }
+        context.message("evaluated; writing the version", state="EVALUATING")
+        return context.publish(record, {"head.onnx": onnx_path}, "classification")

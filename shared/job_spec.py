@@ -1,0 +1,112 @@
+"""Validation of SubmitJob requests and the defaults a job spec gets before it is queued.
+
+A spec is a plain dict (the request in protobuf JSON form, snake_case), so the trainers
+need no generated code to read it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from shared.datasets import BUILTIN
+from shared.errors import InvalidArgumentError
+
+ARCHITECTURES = {
+    "dense": {"mlp": [128, 64], "cnn": [16], "gru": [32]},
+    "gnn": {"gcn": [16]},
+    "nlp": {"linear": [], "mlp": [128]},
+}
+METRICS = {"classification": {"accuracy", "f1_macro"}, "regression": {"mse", "rmse"}}
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
+
+
+def normalize(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None) -> dict[str, Any]:
+    """Checks a job spec against its family and data set; returns it with every default filled in.
+
+    `dataset` is the uploaded data set's metadata, or None for a built-in one.
+    """
+    spec = dict(spec)
+    spec["family"] = family
+    architecture = spec.get("architecture", "")
+    if architecture not in ARCHITECTURES[family]:
+        raise InvalidArgumentError(
+            f"architecture: {architecture!r} is not a {family} architecture; "
+            f"choose from {sorted(ARCHITECTURES[family])}"
+        )
+    hidden = spec.get("hidden_sizes") or ARCHITECTURES[family][architecture]
+    if any(size < 1 or size > 16384 for size in hidden):
+        raise InvalidArgumentError(f"hidden_sizes: each size must be 1..16384, got {hidden}")
+    spec["hidden_sizes"] = list(hidden)
+    optimizer = (spec.get("optimizer") or "OPTIMIZER_ADAM").removeprefix("OPTIMIZER_").lower()
+    if optimizer not in ("sgd", "adam"):
+        raise InvalidArgumentError(f"optimizer: must be SGD or ADAM, got {spec.get('optimizer')!r}")
+    spec["optimizer"] = optimizer
+    lr = spec.get("learning_rate", DEFAULTS["learning_rate"])
+    if not 0 < lr <= 10:
+        raise InvalidArgumentError(f"learning_rate: must be > 0 and <= 10, got {lr}")
+    spec["learning_rate"] = lr
+    epochs = spec.get("epochs") or DEFAULTS["epochs"]
+    if not 1 <= epochs <= 10_000:
+        raise InvalidArgumentError(f"epochs: must be 1..10000, got {epochs}")
+    spec["epochs"] = epochs
+    batch = spec.get("batch_size") or DEFAULTS["batch_size"]
+    if not 1 <= batch <= 65_536:
+        raise InvalidArgumentError(f"batch_size: must be 1..65536, got {batch}")
+    spec["batch_size"] = batch
+    folds = spec.get("k_folds", 0)
+    if folds and not 2 <= folds <= 20:
+        raise InvalidArgumentError(f"k_folds: must be 0 (off) or 2..20, got {folds}")
+    split = spec.get("validation_split", 0.0)
+    if not 0 <= split < 0.9:
+        raise InvalidArgumentError(f"validation_split: must be in [0, 0.9), got {split}")
+    if folds and split:
+        raise InvalidArgumentError("validation_split and k_folds: choose one way to validate, not both")
+    spec["validation_split"] = 0.0 if folds else (split or DEFAULTS["validation_split"])
+    spec["k_folds"] = folds
+    if not MODEL_NAME.match(spec.get("output_model", "")):
+        raise InvalidArgumentError(
+            f"output_model: {spec.get('output_model', '')!r} must be 1-63 lower-case letters, digits, '.', '_' or '-'"
+        )
+    spec["seed"] = int(spec.get("seed", 0))
+    task, shape = _data_task_and_shape(spec, family, dataset)
+    _check_fit(architecture, task, shape, family)
+    spec["task"] = task
+    gate = spec.get("gate") or {}
+    metric = gate.get("metric")
+    if metric and metric not in METRICS[task]:
+        raise InvalidArgumentError(
+            f"gate.metric: {metric!r} is not a {task} metric; choose from {sorted(METRICS[task])}"
+        )
+    if gate.get("min_value") is not None and gate.get("max_value") is not None:
+        raise InvalidArgumentError("gate: set min_value or max_value, not both")
+    return spec
+
+
+def _data_task_and_shape(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None):
+    if dataset is not None:
+        if dataset["family"] != family:
+            raise InvalidArgumentError(
+                f"dataset_id: {dataset['dataset_id']} is a {dataset['family']} data set, not {family}"
+            )
+        return dataset["task"], dataset["feature_shape"]
+    name = spec.get("builtin_dataset", "")
+    if not name:
+        raise InvalidArgumentError("data: set dataset_id (from UploadDataset) or builtin_dataset")
+    if name not in BUILTIN[family]:
+        raise InvalidArgumentError(
+            f"builtin_dataset: {name!r} is not a built-in {family} data set; choose from {list(BUILTIN[family])}"
+        )
+    task = "regression" if name in ("diabetes", "sine") else "classification"
+    shape = {"digits-images": [1, 8, 8], "sine": [24, 1]}.get(name, [0])
+    return task, shape
+
+
+def _check_fit(architecture: str, task: str, shape: list[int], family: str) -> None:
+    if family == "dense" and architecture == "cnn" and len(shape) != 3:
+        raise InvalidArgumentError(f"architecture: cnn needs image-shaped examples [C, H, W], the data has {shape}")
+    if family == "dense" and architecture == "gru" and len(shape) != 2:
+        raise InvalidArgumentError(f"architecture: gru needs sequences [T, F], the data has {shape}")
+    if family != "dense" and task != "classification":
+        raise InvalidArgumentError(f"{family} jobs train classifiers; the data set is a {task} set")
