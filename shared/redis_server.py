@@ -6,6 +6,7 @@ Used by `make run` and the tests when REDIS_URL does not point at an external Re
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -73,9 +74,9 @@ class RedisServer:
                     raise TimeoutError(f"redis-server on port {self.port} did not answer in {timeout_s}s") from None
                 time.sleep(0.05)
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:

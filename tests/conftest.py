@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,16 @@ def model_store() -> ModelStore:
 def cluster(model_store, tmp_path_factory):
     """Redis, the three model services and the gateway, as real processes on free ports."""
     var = tmp_path_factory.mktemp("cluster")
-    cluster = LocalCluster(ClusterPorts.free(), model_store.root, var, log_dir=var / "logs")
+    # A copy: training jobs and admin calls in the tests write versions and pins.
+    store = var / "models"
+    shutil.copytree(model_store.root, store, ignore=shutil.ignore_patterns(".staging-*"))
+    # Trainers take over a silent trainer's job after 2 s (30 s by default), so the tests run quickly.
+    fast_takeover = {
+        f"MAAS_{family.upper()}_TRAINER_{key}": value
+        for family in ("dense", "gnn", "nlp")
+        for key, value in (("CLAIM_IDLE_MS", "2000"), ("MAX_ATTEMPTS", "3"), ("BLOCK_MS", "200"))
+    }
+    cluster = LocalCluster(ClusterPorts.free(), store, var, log_dir=var / "logs", extra_env=fast_takeover)
     try:
         cluster.start()
     except Exception:

@@ -1,0 +1,355 @@
+"""Training as a service, end to end through the gateway, with real trainers and a real queue Redis."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import time
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.datasets import load_wine
+from torch_geometric.datasets import KarateClub
+
+from maas.common.v1 import model_pb2
+from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
+from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
+from maas.training.v1 import training_pb2 as t
+from maas.training.v1 import training_pb2_grpc
+from services.nlp.defaults import SENTIMENT_DATA
+from shared.jobs import dead_letter_key
+from shared.model_store import ModelStore
+from shared.tensors import from_numpy, to_numpy
+
+NO_CACHE = (("cache-control", "no-store"),)
+BAD_GRAPH = json.dumps({"node_features": [[1.0]] * 4, "edge_index": [[0, 1], [1, 9]], "labels": [0, 1, 0, 1]}).encode()
+
+
+@pytest.fixture(scope="module")
+def training(gateway_channel):
+    return training_pb2_grpc.TrainingServiceStub(gateway_channel)
+
+
+def upload(training, name, family, fmt, data: bytes, chunk=4096):
+    def messages():
+        yield t.UploadDatasetRequest(info=t.DatasetInfo(name=name, family=family, format=fmt))
+        for start in range(0, len(data), chunk):
+            yield t.UploadDatasetRequest(chunk=data[start : start + chunk])
+
+    return training.UploadDataset(messages(), timeout=60).dataset
+
+
+def npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def watch(training, job_id, timeout=240):
+    return [reply.event for reply in training.WatchJob(t.WatchJobRequest(job_id=job_id), timeout=timeout)]
+
+
+def wait_for(predicate, timeout=60, interval=0.2, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def served_version(call):
+    """(reply, cache outcome) once the model is served; None while it is not loaded yet."""
+    try:
+        reply, rpc = call()
+        return reply, dict(rpc.trailing_metadata()).get("maas-cache")
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+            return None
+        raise
+
+
+def wine_dataset(training):
+    wine = load_wine()
+    return upload(training, "wine", t.FAMILY_DENSE, t.DATASET_FORMAT_NPZ, npz(x=wine.data, labels=wine.target))
+
+
+def test_dense_job_end_to_end_then_a_new_version_is_served_uncached(training, gateway_channel):
+    dataset = wine_dataset(training)
+    assert dataset.task == "classification" and dataset.num_examples == 178 and list(dataset.feature_shape) == [13]
+    assert len(dataset.sha256) == 64
+    job = training.SubmitJob(
+        t.SubmitJobRequest(
+            family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[32], learning_rate=0.01, epochs=15,
+            dataset_id=dataset.dataset_id, output_model="e2e-wine",
+            gate=t.PromotionGate(metric="accuracy", min_value=0.8),
+        ),
+        timeout=10,
+    ).job  # fmt: skip
+    assert job.state == t.JOB_STATE_QUEUED
+    events = watch(training, job.job_id)
+    states = [e.state for e in events]
+    assert states[0] == t.JOB_STATE_QUEUED and states[-1] == t.JOB_STATE_SUCCEEDED
+    assert t.JOB_STATE_RUNNING in states and t.JOB_STATE_EVALUATING in states
+    epochs = [e for e in events if e.epoch]
+    assert [e.epoch for e in epochs] == list(range(1, 16))
+    assert all(e.train_loss > 0 and "accuracy" in e.validation_metrics for e in epochs)
+    assert epochs[-1].eta_seconds == 0 and epochs[0].eta_seconds > 0
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.promoted and done.model_version == 1 and done.metrics["accuracy"] >= 0.8
+    assert "gate passed" in done.gate_result
+
+    wine = load_wine()
+    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+    request = dense_pb2.PredictRequest(model_name="e2e-wine", inputs={"x": from_numpy(wine.data.astype(np.float32))})
+    reply, _ = wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10)), what="v1 served")
+    assert reply.model_version == 1
+    assert (to_numpy(reply.outputs["label"], "label") == wine.target).mean() >= 0.8
+    # Once the gateway's catalog knows the new model, repeated calls are cache hits.
+    wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10))[1] == "hit", what="hit")
+
+    # A second job promotes v2: the same request is then answered by v2, never by v1's cached result.
+    job2 = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[32], learning_rate=0.01,
+                           epochs=10, seed=7, dataset_id=dataset.dataset_id, output_model="e2e-wine"),
+        timeout=10,
+    ).job  # fmt: skip
+    assert watch(training, job2.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+
+    def v2():
+        served = served_version(lambda: stub.Predict.with_call(request, timeout=10))
+        return served if served is not None and served[0].model_version == 2 else None
+
+    reply, outcome = wait_for(v2, what="v2 served")
+    assert outcome != "hit"
+
+
+def test_gnn_job_end_to_end(training, gateway_channel):
+    data = KarateClub()[0]
+    rng = np.random.default_rng(0)
+    mask = np.zeros(34, dtype=bool)
+    mask[rng.permutation(34)[:22]] = True
+    mask[[0, 33, 8, 24]] = True  # one node of each community
+    graph = {
+        "node_features": data.x.tolist(),
+        "edge_index": data.edge_index.tolist(),
+        "labels": data.y.tolist(),
+        "train_mask": mask.tolist(),
+    }
+    dataset = upload(training, "club", t.FAMILY_GNN, t.DATASET_FORMAT_JSON, json.dumps(graph).encode())
+    assert list(dataset.feature_shape) == [34] and dataset.num_examples == 34
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", learning_rate=0.01, epochs=100,
+                           dataset_id=dataset.dataset_id, output_model="e2e-club"),
+        timeout=10,
+    ).job  # fmt: skip
+    assert watch(training, job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.promoted and done.metrics["accuracy"] >= 0.6
+    stub = gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+    request = gnn_pb2.PredictRequest(model_name="e2e-club", stored_graph="club")
+    reply, _ = wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10)), what="gnn served")
+    assert reply.model_version == done.model_version
+    assert (to_numpy(reply.outputs["label"], "label") == data.y.numpy()).mean() >= 0.7
+
+
+def test_nlp_job_end_to_end(training, gateway_channel):
+    dataset = upload(training, "reviews", t.FAMILY_NLP, t.DATASET_FORMAT_JSONL, SENTIMENT_DATA.read_bytes())
+    assert list(dataset.class_names) == ["negative", "positive"]
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", learning_rate=0.01, epochs=40, batch_size=16,
+                           k_folds=3, dataset_id=dataset.dataset_id, output_model="e2e-reviews"),
+        timeout=10,
+    ).job  # fmt: skip
+    events = watch(training, job.job_id)
+    assert events[-1].state == t.JOB_STATE_SUCCEEDED
+    assert sum("fold" in e.message for e in events) == 3
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert "cv_accuracy_mean" in done.metrics and done.metrics["accuracy"] >= 0.8
+    stub = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
+    request = nlp_pb2.PredictRequest(model_name="e2e-reviews", texts=["I love this!", "This is awful."])
+    reply, _ = wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10)), what="nlp served")
+    assert list(reply.labels) == ["positive", "negative"]
+
+
+def test_a_duplicate_submit_with_the_same_key_is_the_same_job(training):
+    request = t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=2, builtin_dataset="iris",
+                                 output_model="e2e-iris", idempotency_key="iris-once")  # fmt: skip
+    first = training.SubmitJob(request, timeout=10)
+    second = training.SubmitJob(request, timeout=10)
+    assert first.created and not second.created
+    assert first.job.job_id == second.job.job_id
+    jobs = training.ListJobs(t.ListJobsRequest(family=t.FAMILY_DENSE), timeout=10).jobs
+    assert sum(job.spec.idempotency_key == "iris-once" for job in jobs) == 1
+    assert watch(training, first.job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "fragment"),
+    [
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", learning_rate=-0.1, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "learning_rate"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", learning_rate=0, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "learning_rate: must be > 0"),
+        (t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="transformer", builtin_dataset="sentiment",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "architecture: 'transformer'"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="cnn", builtin_dataset="iris", output_model="x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "cnn needs image-shaped"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=-3, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "epochs"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", builtin_dataset="iris", output_model="Bad Name"),
+         grpc.StatusCode.INVALID_ARGUMENT, "output_model"),
+        (t.SubmitJobRequest(architecture="mlp", builtin_dataset="iris", output_model="x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "family"),
+        (t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", dataset_id="ds-doesnotexist", output_model="x"),
+         grpc.StatusCode.NOT_FOUND, "ds-doesnotexist"),
+    ],
+)  # fmt: skip
+def test_bad_jobs_are_refused_with_the_field_named(training, request_, code, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        training.SubmitJob(request_, timeout=10)
+    assert err.value.code() == code
+    assert fragment in err.value.details()
+
+
+@pytest.mark.parametrize(
+    ("family", "fmt", "data", "fragment"),
+    [
+        (t.FAMILY_NLP, t.DATASET_FORMAT_JSONL, b'{"text": "ok", "label": "a"}\n{"text": "fine", "label": "b"}\n'
+         b'{"text": 3}\n', "jsonl line 3"),
+        (t.FAMILY_NLP, t.DATASET_FORMAT_JSONL, b'{"text": "ok", "label": "a"}\nnot json\n', "jsonl line 2"),
+        (t.FAMILY_DENSE, t.DATASET_FORMAT_CSV, b"a,b,label\n1,2,0\n3,x,1\n", "csv line 3: 'x' is not a number"),
+        (t.FAMILY_DENSE, t.DATASET_FORMAT_NPZ, b"not an npz", "npz"),
+        (t.FAMILY_GNN, t.DATASET_FORMAT_JSON, BAD_GRAPH, "'edge_index' names node 9"),
+        (t.FAMILY_DENSE, t.DATASET_FORMAT_JSONL, b'{"text": "a", "label": "b"}\n', "info.format"),
+    ],
+)  # fmt: skip
+def test_bad_datasets_are_refused_with_the_line_or_field(training, family, fmt, data, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        upload(training, "bad", family, fmt, data)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+
+
+def test_a_job_that_fails_its_gate_leaves_the_default_unchanged(training, gateway_channel):
+    request = t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=3, builtin_dataset="digits",
+                                 output_model="e2e-gated")  # fmt: skip
+    first = training.SubmitJob(request, timeout=10).job
+    assert watch(training, first.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    request.gate.CopyFrom(t.PromotionGate(metric="accuracy", min_value=0.9999))
+    request.epochs = 1
+    gated = training.SubmitJob(request, timeout=10).job
+    assert watch(training, gated.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    done = training.GetJob(t.GetJobRequest(job_id=gated.job_id), timeout=10).job
+    assert not done.promoted and done.model_version == 2 and "gate failed" in done.gate_result
+    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+
+    def both_loaded():
+        try:
+            reply = stub.ListModelVersions(dense_pb2.ListModelVersionsRequest(model_name="e2e-gated"), timeout=10)
+        except grpc.RpcError:
+            return None
+        ready = [v for v in reply.versions if v.state == model_pb2.MODEL_STATE_READY]
+        return reply if len(ready) == 2 else None
+
+    listed = wait_for(both_loaded, what="both versions loaded")
+    assert listed.default_version == 1
+    pixels = from_numpy(np.zeros((1, 64), np.float32))
+    reply = stub.Predict(dense_pb2.PredictRequest(model_name="e2e-gated", inputs={"x": pixels}), timeout=10)
+    assert reply.model_version == 1
+    # The gated version is still there to inspect, by number.
+    reply = stub.Predict(dense_pb2.PredictRequest(model_name="e2e-gated", model_version=2, inputs={"x": pixels}))
+    assert reply.model_version == 2
+
+
+def test_cancellation_takes_effect_within_one_epoch(training, cluster):
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[512, 512], batch_size=16,
+                           epochs=500, builtin_dataset="digits", output_model="e2e-cancelled"),
+        timeout=10,
+    ).job  # fmt: skip
+    stream = training.WatchJob(t.WatchJobRequest(job_id=job.job_id), timeout=240)
+    seen = []
+    for reply in stream:
+        seen.append(reply.event)
+        if reply.event.epoch >= 2:
+            break
+    cancelled_at = seen[-1].epoch
+    training.CancelJob(t.CancelJobRequest(job_id=job.job_id), timeout=10)
+    events = watch(training, job.job_id)
+    assert events[-1].state == t.JOB_STATE_CANCELLED
+    assert max(e.epoch for e in events) <= cancelled_at + 2  # the epoch running, and at most one already queued
+    assert ModelStore(cluster.specs["dense"].env["MAAS_DENSE_MODEL_STORE"]).versions("e2e-cancelled") == []
+    with pytest.raises(grpc.RpcError) as err:
+        training.CancelJob(t.CancelJobRequest(job_id=job.job_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_trainer_killed_mid_job_is_taken_over_and_the_job_completes_once(training, cluster):
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[512, 512], batch_size=16,
+                           epochs=12, builtin_dataset="digits", output_model="e2e-killed"),
+        timeout=10,
+    ).job  # fmt: skip
+    for reply in training.WatchJob(t.WatchJobRequest(job_id=job.job_id), timeout=240):
+        if reply.event.epoch >= 3:
+            break
+    cluster.stop_process("dense-trainer", signal.SIGKILL)
+    cluster.start_process("dense-trainer")
+    events = watch(training, job.job_id)
+    assert events[-1].state == t.JOB_STATE_SUCCEEDED
+    resumed = [e for e in events if "resumed from the checkpoint" in e.message]
+    assert len(resumed) == 1
+    epochs_after_resume = [e.epoch for e in events[events.index(resumed[0]) :] if e.epoch]
+    assert epochs_after_resume[0] > 1 and epochs_after_resume[-1] == 12
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.attempts == 2
+    store = ModelStore(cluster.specs["dense"].env["MAAS_DENSE_MODEL_STORE"])
+    written = [v for v in store.versions("e2e-killed") if store.manifest("e2e-killed", v).source == f"job:{job.job_id}"]
+    assert written == [done.model_version]
+
+
+def test_jobs_queued_while_redis_restarts_are_not_lost(training, cluster):
+    cluster.stop_process("gnn-trainer")  # so the jobs stay queued
+    try:
+        jobs = [
+            training.SubmitJob(
+                t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", epochs=5, builtin_dataset="karate",
+                                   output_model="e2e-durable", seed=seed),
+                timeout=10,
+            ).job.job_id
+            for seed in range(3)
+        ]  # fmt: skip
+        cluster.queue_redis.stop(signal.SIGKILL)  # a crash: only the append-only file survives
+        with pytest.raises(grpc.RpcError) as err:
+            training.GetJob(t.GetJobRequest(job_id=jobs[0]), timeout=10)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+        cluster.queue_redis.start()
+    finally:
+        cluster.start_process("gnn-trainer")
+    for job_id in jobs:
+        assert watch(training, job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+
+
+def test_a_job_failing_every_attempt_moves_to_the_dead_letter_stream(training, cluster):
+    wine = load_wine()
+    dataset = upload(training, "doomed", t.FAMILY_DENSE, t.DATASET_FORMAT_NPZ, npz(x=wine.data, labels=wine.target))
+    (cluster.var_dir / "datasets" / dataset.dataset_id / "data.npz").write_bytes(b"tampered after upload")
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=2, dataset_id=dataset.dataset_id,
+                           output_model="e2e-doomed"),
+        timeout=10,
+    ).job  # fmt: skip
+    events = watch(training, job.job_id)
+    assert events[-1].state == t.JOB_STATE_FAILED
+    assert sum(e.message.startswith("attempt") and "failed" in e.message for e in events) == 3
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert "gave up after 3 failed attempts" in done.error and "sha256" in done.error
+    import redis
+
+    dead = redis.Redis.from_url(cluster.queue_redis_url).xrange(dead_letter_key("dense"))
+    assert any(fields[b"job_id"].decode() == job.job_id for _, fields in dead)
