@@ -353,3 +353,23 @@ def test_a_job_failing_every_attempt_moves_to_the_dead_letter_stream(training, c
 
     dead = redis.Redis.from_url(cluster.queue_redis_url).xrange(dead_letter_key("dense"))
     assert any(fields[b"job_id"].decode() == job.job_id for _, fields in dead)
+
+
+def test_a_gateway_restart_loses_no_job_and_a_late_watcher_gets_the_history(training, cluster):
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", epochs=3, builtin_dataset="sentiment",
+                           output_model="e2e-restart"),
+        timeout=10,
+    ).job  # fmt: skip
+    cluster.stop_process("gateway")
+    cluster.start_process("gateway")
+    cluster.wait_serving("gateway")
+    with grpc.insecure_channel(cluster.specs["gateway"].target) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        wait_for(
+            lambda: stub.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job.state == t.JOB_STATE_SUCCEEDED,
+            what="the job to finish",
+        )
+        history = watch(stub, job.job_id)  # connects after the job ended
+    assert history[0].state == t.JOB_STATE_QUEUED and history[-1].state == t.JOB_STATE_SUCCEEDED
+    assert [e.epoch for e in history if e.epoch] == [1, 2, 3]

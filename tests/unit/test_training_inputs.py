@@ -1,0 +1,124 @@
+"""Data set parsing, job spec validation and promotion gates: pure logic, no servers."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from shared.datasets import parse, parse_dense_csv, parse_gnn_json, parse_nlp_jsonl
+from shared.errors import InvalidArgumentError
+from shared.job_spec import normalize
+from shared.model_store import Manifest
+from shared.training_worker import evaluate_gate
+
+
+def npz(**arrays):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_csv_with_labels_is_classification_and_with_targets_is_regression():
+    data = parse_dense_csv(b"a,b,label\n1,2,0\n3,4,1\n5,6,1\n")
+    assert data.task == "classification" and data.x.shape == (3, 2) and data.class_names == ["0", "1"]
+    data = parse_dense_csv(b"a,target\n1,0.5\n2,1.5\n")
+    assert data.task == "regression" and data.y.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"a,b\n1,2\n", "last column must be named 'label' or 'target'"),
+        (b"a,label\n1,0\n2\n", "csv line 3: 1 columns, the header has 2"),
+        (b"a,label\n1,0.5\n", "whole numbers"),
+        (b"a,label\nnan,1\n", "csv line 2: NaN"),
+        (b"a,label\n", "no data rows"),
+    ],
+)
+def test_bad_csv_names_the_line(body, fragment):
+    with pytest.raises(InvalidArgumentError, match=fragment):
+        parse_dense_csv(body)
+
+
+def test_npz_needs_x_and_labels_or_targets_of_matching_length():
+    assert parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.arange(5) % 2)).task == "classification"
+    assert parse("dense", "npz", npz(x=np.zeros((5, 3)), targets=np.ones(5))).task == "regression"
+    with pytest.raises(InvalidArgumentError, match="'x' has 5 examples but 'labels' has 4"):
+        parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.arange(4)))
+    with pytest.raises(InvalidArgumentError, match="'labels' must be integer"):
+        parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.ones(5) * 0.5))
+    with pytest.raises(InvalidArgumentError, match="at least 4 examples"):
+        parse("dense", "npz", npz(x=np.zeros((2, 3)), labels=np.arange(2)))
+
+
+def test_pickled_npz_is_refused():
+    buffer = io.BytesIO()
+    np.savez(buffer, x=np.array([object()], dtype=object), labels=np.arange(1))
+    with pytest.raises(InvalidArgumentError, match="pickled"):
+        parse("dense", "npz", buffer.getvalue())
+
+
+def test_graph_json_is_checked_field_by_field():
+    graph = {"node_features": [[0.0], [1.0], [2.0], [3.0]], "edge_index": [[0, 1], [1, 2]], "labels": [0, 1, 0, 1]}
+    parsed = parse_gnn_json(json.dumps(graph).encode())
+    assert parsed.node_features.shape == (4, 1) and parsed.train_mask is None
+    with pytest.raises(InvalidArgumentError, match="missing field 'labels'"):
+        parse_gnn_json(json.dumps({k: v for k, v in graph.items() if k != "labels"}).encode())
+    with pytest.raises(InvalidArgumentError, match="'train_mask' must be 4 booleans"):
+        parse_gnn_json(json.dumps({**graph, "train_mask": [True] * 4}).encode())
+
+
+def test_jsonl_labels_become_sorted_class_names():
+    parsed = parse_nlp_jsonl(b'{"text": "good", "label": "pos"}\n\n{"text": "bad", "label": "neg"}\n')
+    assert parsed.class_names == ["neg", "pos"] and parsed.labels.tolist() == [1, 0]
+    with pytest.raises(InvalidArgumentError, match="two distinct labels"):
+        parse_nlp_jsonl(b'{"text": "good", "label": "pos"}\n')
+
+
+def test_spec_defaults_are_filled_in():
+    spec = normalize({"architecture": "mlp", "builtin_dataset": "iris", "output_model": "m"}, "dense", None)
+    assert spec["optimizer"] == "adam" and spec["learning_rate"] == 1e-3 and spec["epochs"] == 20
+    assert spec["hidden_sizes"] == [128, 64] and spec["validation_split"] == 0.1 and spec["task"] == "classification"
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"batch_size": 100_000}, "batch_size"),
+        ({"k_folds": 1}, "k_folds"),
+        ({"k_folds": 3, "validation_split": 0.2}, "choose one way"),
+        ({"validation_split": 0.95}, "validation_split"),
+        ({"hidden_sizes": [0]}, "hidden_sizes"),
+        ({"gate": {"metric": "mse"}}, "not a classification metric"),
+        ({"builtin_dataset": "mnist"}, "not a built-in dense data set"),
+        ({"architecture": "gru"}, "gru needs sequences"),
+    ],
+)
+def test_bad_specs_name_the_field(changes, fragment):
+    spec = {"architecture": "mlp", "builtin_dataset": "iris", "output_model": "m", **changes}
+    with pytest.raises(InvalidArgumentError, match=fragment):
+        normalize(spec, "dense", None)
+
+
+def manifest(metrics):
+    return Manifest(name="m", version=3, family="dense", framework="onnx", files={}, inputs=[], outputs=[],
+                    metrics=metrics)  # fmt: skip
+
+
+def test_gates():
+    metrics = {"accuracy": 0.91, "f1_macro": 0.9}
+    assert evaluate_gate({}, metrics, "classification", None) == (True, "no gate: promoted")
+    assert evaluate_gate({"min_value": 0.9}, metrics, "classification", None)[0]
+    passed, why = evaluate_gate({"min_value": 0.95}, metrics, "classification", None)
+    assert not passed and "not accuracy 0.9100 >= 0.95" in why
+    assert evaluate_gate({"better_than_default": True}, metrics, "classification", manifest({"accuracy": 0.8}))[0]
+    assert not evaluate_gate({"better_than_default": True}, metrics, "classification", manifest({"accuracy": 0.95}))[0]
+    # Lower is better for errors.
+    assert evaluate_gate({"better_than_default": True}, {"mse": 0.1}, "regression", manifest({"mse": 0.2}))[0]
+    assert not evaluate_gate({"max_value": 0.05}, {"mse": 0.1}, "regression", None)[0]
+    assert evaluate_gate({"better_than_default": True}, metrics, "classification", None) == (
+        True,
+        "gate passed: no current default to beat",
+    )
