@@ -10,7 +10,7 @@ MODEL_STORE ?= var/models
 MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
 
-.PHONY: help venv protos models run test lint bench clean
+.PHONY: help venv protos models run test lint bench images manifests clean
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services and the gateway"
@@ -18,6 +18,8 @@ help:
 	@echo "make bench  - measure, as ratios against a baseline taken in the same run"
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
+	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
+	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
 
 venv: $(DEPS)
 
@@ -58,6 +60,27 @@ lint: $(DEPS)
 bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching
 	$(PY) -m tests.bench.bench_gateway
+
+IMAGE_TAG ?= 0.1.0
+VARIANT   ?= gpu
+images:
+	@if ! docker info >/dev/null 2>&1; then \
+		echo "make images: no Docker engine is running here, so no image was built."; \
+		echo "The Dockerfiles are checked statically instead (hadolint, in make test)."; \
+		exit 0; \
+	fi; \
+	set -e; \
+	cpu_args=""; suffix="-$(VARIANT)"; \
+	if [ "$(VARIANT)" = cpu ]; then \
+		cpu_args="--build-arg BASE_IMAGE=python:3.11.14-slim-bookworm --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"; \
+	fi; \
+	for svc in dense gnn nlp trainer; do \
+		docker build -f deploy/docker/$$svc.Dockerfile $$cpu_args -t maas-$$svc:$(IMAGE_TAG)$$suffix .; \
+	done; \
+	docker build -f deploy/docker/gateway.Dockerfile -t maas-gateway:$(IMAGE_TAG) .
+
+manifests:
+	kubectl kustomize deploy/k8s/overlays/$(VARIANT)
 
 clean:
 	rm -rf $(GEN) var build .pytest_cache

@@ -15,6 +15,8 @@ from shared.errors import UpstreamError
 # UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
+        # With a dns:/// target naming a headless Service, calls spread over every replica.
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
                 "name": [{}],
