@@ -66,3 +66,23 @@ def validate_or_cross_validate(context, n: int, labels: np.ndarray | None, rest:
         fold_metrics.append(evaluate(net, val))
         context.message(f"fold {i}/{spec['k_folds']}: {fold_metrics[-1]}")
     return cv_summary(fold_metrics), rest, None
+
+
+def fit_and_evaluate(context, n: int, labels: np.ndarray | None, rest, test, fresh, epoch_fn, evaluate):
+    """The shape of every training job: validate (or cross-validate), fit the final model with
+    checkpoints, then measure it on the held-out test set. Returns (model, metrics)."""
+    from shared.training import run_epochs
+
+    metrics, train, val = validate_or_cross_validate(context, n, labels, rest, fresh, epoch_fn, evaluate)
+    net, opt = fresh()
+    losses = run_epochs(
+        context,
+        net,
+        opt,
+        context.spec["epochs"],
+        epoch_fn(net, opt, train),
+        lambda: evaluate(net, val) if val is not None else {},
+    )
+    metrics.update(evaluate(net, test))
+    metrics["final_train_loss"] = losses[-1]
+    return net, metrics

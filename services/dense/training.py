@@ -11,14 +11,13 @@ import torch
 from torch import nn
 
 from services.dense.architectures import MLP, GRUForecaster, SmallCNN
-from shared.job_splits import TEST_SHARE, split_indices, validate_or_cross_validate
+from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.training import (
     ExportableClassifier,
     Standardize,
     export_onnx,
     loss_and_targets,
     make_optimizer,
-    run_epochs,
     task_metrics,
     train_minibatch_epoch,
 )
@@ -75,18 +74,7 @@ def run_job(context: JobContext) -> JobResult:
             net, opt, loss_fn, x_all[idx], y_all[idx], spec["batch_size"], spec["seed"], epoch
         )
 
-    metrics, train, val = validate_or_cross_validate(context, len(data.x), labels, rest, fresh, epoch_fn, evaluate)
-    net, opt = fresh()
-    losses = run_epochs(
-        context,
-        net,
-        opt,
-        spec["epochs"],
-        epoch_fn(net, opt, train),
-        lambda: evaluate(net, val) if val is not None else {},
-    )
-    metrics.update(evaluate(net, test))
-    metrics["final_train_loss"] = losses[-1]
+    net, metrics = fit_and_evaluate(context, len(data.x), labels, rest, test, fresh, epoch_fn, evaluate)
 
     net = net.cpu()
     exportable = ExportableClassifier(net) if classification else Regressor(net)

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from services.gnn.architectures import GCN
-from shared.job_splits import TEST_SHARE, split_indices, validate_or_cross_validate
-from shared.training import make_optimizer, run_epochs, task_metrics
+from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
+from shared.training import make_optimizer, task_metrics
 from shared.training_worker import JobContext, JobResult
 
 
@@ -54,18 +54,7 @@ def run_job(context: JobContext) -> JobResult:
         with torch.no_grad():
             return task_metrics("classification", graph.labels[idx], net(x, edges)[torch.as_tensor(idx)].cpu().numpy())
 
-    metrics, train, val = validate_or_cross_validate(context, n, graph.labels, rest, fresh, epoch_fn, evaluate)
-    net, opt = fresh()
-    losses = run_epochs(
-        context,
-        net,
-        opt,
-        spec["epochs"],
-        epoch_fn(net, opt, train),
-        lambda: evaluate(net, val) if val is not None else {},
-    )
-    metrics.update(evaluate(net, test))
-    metrics["final_train_loss"] = losses[-1]
+    net, metrics = fit_and_evaluate(context, n, graph.labels, rest, test, fresh, epoch_fn, evaluate)
 
     graph_name = re.sub(r"[^a-z0-9_-]", "-", context.dataset_name().lower()) or "train"
     graph_file = f"graph-{graph_name}.safetensors"

@@ -10,14 +10,13 @@ import torch
 from services.dense.architectures import MLP
 from services.nlp.defaults import EMBEDDING_DIM, MINILM, TEXT_INPUT
 from services.nlp.runtime import TextEncoder
-from shared.job_splits import TEST_SHARE, split_indices, validate_or_cross_validate
+from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.onnx_session import OnnxConfig
 from shared.training import (
     ExportableClassifier,
     export_onnx,
     loss_and_targets,
     make_optimizer,
-    run_epochs,
     task_metrics,
     train_minibatch_epoch,
 )
@@ -53,20 +52,7 @@ def run_job(context: JobContext) -> JobResult:
         with torch.no_grad():
             return task_metrics("classification", data.labels[idx], net(x_all[idx]).cpu().numpy())
 
-    metrics, train, val = validate_or_cross_validate(
-        context, len(data.texts), data.labels, rest, fresh, epoch_fn, evaluate
-    )
-    net, opt = fresh()
-    losses = run_epochs(
-        context,
-        net,
-        opt,
-        spec["epochs"],
-        epoch_fn(net, opt, train),
-        lambda: evaluate(net, val) if val is not None else {},
-    )
-    metrics.update(evaluate(net, test))
-    metrics["final_train_loss"] = losses[-1]
+    net, metrics = fit_and_evaluate(context, len(data.texts), data.labels, rest, test, fresh, epoch_fn, evaluate)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx(
             ExportableClassifier(net.cpu()),
