@@ -8,6 +8,7 @@ import contextlib
 import grpc
 from prometheus_client import start_http_server
 
+from gateway.auth import ApiKeys, AuthInterceptor, server_credentials
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
@@ -53,7 +54,11 @@ async def serve(settings: GatewaySettings) -> None:
             training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
     names = list(services.values()) + ([TRAINING_SERVICE] if jobs is not None else [])
-    server = GrpcServer(settings, register, names)
+    interceptors = [AuthInterceptor(ApiKeys.from_file(settings.api_keys_file))] if settings.api_keys_file else []
+    credentials = None
+    if settings.tls_cert_file and settings.tls_key_file:
+        credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+    server = GrpcServer(settings, register, names, interceptors, credentials, settings.health_port)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
     refresher: asyncio.Task | None = None

@@ -10,6 +10,7 @@ import tempfile
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 
+from gateway.auth import current_tenant
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
 from shared.errors import InvalidArgumentError, ResourceExhaustedError
@@ -115,7 +116,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     out.write(message.chunk)
             if size == 0:
                 raise InvalidArgumentError("the upload carried no data: send the file in chunk messages")
-            meta = await asyncio.to_thread(self.datasets.save, first.info.name, family, fmt, path)
+            meta = await asyncio.to_thread(self.datasets.save, first.info.name, family, fmt, path, current_tenant())
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -125,24 +126,25 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         family = family_name(request.family, "family")
         dataset = None
         if request.WhichOneof("data") == "dataset_id":
-            dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id)
+            dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id, current_tenant())
         spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
-        job_id, created = await self.jobs.submit(family, spec, request.idempotency_key)
+        job_id, created = await self.jobs.submit(family, spec, request.idempotency_key, current_tenant())
         return training_pb2.SubmitJobResponse(job=to_job(await self.jobs.get(job_id)), created=created)
 
     async def GetJob(self, request, context):
-        return training_pb2.GetJobResponse(job=to_job(await self.jobs.get(request.job_id)))
+        return training_pb2.GetJobResponse(job=to_job(await self.jobs.get(request.job_id, current_tenant())))
 
     async def ListJobs(self, request, context):
         family = FAMILIES.get(request.family, "")
-        records = await self.jobs.list(family, request.limit or 100)
+        records = await self.jobs.list(family, request.limit or 100, current_tenant())
         return training_pb2.ListJobsResponse(jobs=[to_job(record) for record in records])
 
     async def CancelJob(self, request, context):
-        return training_pb2.CancelJobResponse(job=to_job(await self.jobs.request_cancel(request.job_id)))
+        record = await self.jobs.request_cancel(request.job_id, current_tenant())
+        return training_pb2.CancelJobResponse(job=to_job(record))
 
     async def WatchJob(self, request, context):
-        await self.jobs.get(request.job_id)  # NOT_FOUND for an unknown job
+        await self.jobs.get(request.job_id, current_tenant())  # NOT_FOUND for an unknown job
         events = await self.jobs.history(request.job_id)  # the history first, for late watchers
         last = "0-0"
         while True:

@@ -270,7 +270,7 @@ class DatasetStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
 
-    def save(self, name: str, family: str, fmt: str, source: Path) -> dict[str, Any]:
+    def save(self, name: str, family: str, fmt: str, source: Path, tenant: str = "") -> dict[str, Any]:
         """Validates an uploaded file and stores it; returns its metadata, with the new dataset_id."""
         source = Path(source)
         data = source.read_bytes()
@@ -283,6 +283,7 @@ class DatasetStore:
             "size_bytes": len(data),
             **describe(parse(family, fmt, data)),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tenant": tenant,
         }
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
@@ -295,13 +296,15 @@ class DatasetStore:
             shutil.rmtree(staging, ignore_errors=True)
         return meta
 
-    def meta(self, dataset_id: str) -> dict[str, Any]:
+    def meta(self, dataset_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """A data set's metadata; with a tenant, another tenant's data set is NOT_FOUND."""
         if not dataset_id.startswith("ds-") or "/" in dataset_id:
             raise InvalidArgumentError(f"dataset_id: {dataset_id!r} is not a dataset id (ds-...)")
         path = self.root / dataset_id / "meta.json"
-        if not path.is_file():
+        meta = json.loads(path.read_text()) if path.is_file() else None
+        if meta is None or (tenant is not None and meta.get("tenant", "") != tenant):
             raise NotFoundError(f"dataset {dataset_id!r} not found")
-        return json.loads(path.read_text())
+        return meta
 
     def load(self, dataset_id: str) -> TabularData | GraphData | TextData:
         meta = self.meta(dataset_id)

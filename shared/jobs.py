@@ -100,14 +100,16 @@ class JobStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def submit(self, family: str, spec: dict[str, Any], idempotency_key: str = "") -> tuple[str, bool]:
-        """Records and queues a job; returns (job_id, created). A known key returns its first job."""
+    async def submit(
+        self, family: str, spec: dict[str, Any], idempotency_key: str = "", tenant: str = ""
+    ) -> tuple[str, bool]:
+        """Records and queues a job; returns (job_id, created). A key the tenant used before returns that job."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
-        key = f"maas:jobs:idempotency:{idempotency_key or job_id}"
+        key = f"maas:jobs:idempotency:{tenant}:{idempotency_key or job_id}"
         stamp = now_iso()
         record = {
             "job_id": job_id, "family": family, "spec": spec, "state": "QUEUED", "epochs": spec.get("epochs", 0),
-            "attempts": 0, "created_at": stamp, "updated_at": stamp,
+            "attempts": 0, "created_at": stamp, "updated_at": stamp, "tenant": tenant,
         }  # fmt: skip
         event = {"job_id": job_id, "state": "QUEUED", "message": "accepted and queued", "time": stamp}
         try:
@@ -119,18 +121,21 @@ class JobStore:
             raise UnavailableError(f"the job queue is unavailable, nothing was queued: {exc}") from None
         return found.decode() if isinstance(found, bytes) else found, bool(created)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        """The job's record; with a tenant, another tenant's job is NOT_FOUND, as if it did not exist."""
         raw = await self.redis.hgetall(job_key(job_id))
-        if not raw:
+        if not raw or (tenant is not None and raw.get(b"tenant", b"").decode() != tenant):
             raise NotFoundError(f"job {job_id!r} not found")
         return decode_record(raw)
 
-    async def list(self, family: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        ids = await self.redis.zrevrange(INDEX, 0, -1 if family else limit - 1)
+    async def list(self, family: str = "", limit: int = 100, tenant: str | None = None) -> list[dict[str, Any]]:
+        ids = await self.redis.zrevrange(INDEX, 0, -1 if family or tenant is not None else limit - 1)
         records = []
         for job_id in ids:
             raw = await self.redis.hgetall(job_key(job_id.decode()))
-            if raw and (not family or raw.get(b"family", b"").decode() == family):
+            if not raw or (tenant is not None and raw.get(b"tenant", b"").decode() != tenant):
+                continue
+            if not family or raw.get(b"family", b"").decode() == family:
                 records.append(decode_record(raw))
                 if len(records) >= limit:
                     break
@@ -153,8 +158,8 @@ class JobStore:
                 )
             await pipe.execute()
 
-    async def request_cancel(self, job_id: str) -> dict[str, Any]:
-        record = await self.get(job_id)
+    async def request_cancel(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+        record = await self.get(job_id, tenant)
         if record["state"] in TERMINAL:
             raise FailedPreconditionError(f"job {job_id} already finished: {record['state']}")
         if record["state"] == "QUEUED":

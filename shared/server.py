@@ -48,8 +48,11 @@ class GrpcServer:
         register: Callable[[grpc.aio.Server], None],
         service_names: Sequence[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
+        health_port: int = 0,
     ) -> None:
         self.settings = settings
+        self.tls = credentials is not None
         self.service_names = list(service_names)
         self.server = grpc.aio.server(
             interceptors=[*interceptors, ErrorInterceptor()], options=server_options(settings)
@@ -60,14 +63,28 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
-            raise OSError(f"could not bind {settings.host}:{settings.port}")
+            raise OSError(f"could not bind {address}")
+        # Probes cannot speak TLS or send keys: health alone on its own plaintext port.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if health_port:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{health_port}")
 
     async def start(self) -> None:
         await self.set_health(NOT_SERVING)
         await self.server.start()
-        log.info("listening on %s:%d", self.settings.host, self.port)
+        if self.health_server is not None:
+            await self.health_server.start()
+            log.info("health on plaintext port %d", self.health_port)
+        log.info("listening on %s:%d%s", self.settings.host, self.port, " (TLS)" if self.tls else "")
 
     async def set_health(self, status: int, services: Sequence[str] | None = None) -> None:
         """Sets the status of the given services, or of the server and all its services."""
@@ -78,6 +95,8 @@ class GrpcServer:
         """Health first says NOT_SERVING, so balancers stop sending; then in-flight calls drain."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         log.info("stopped")
 
     async def run(self, become_ready: Callable[[], Awaitable[bool]]) -> None:

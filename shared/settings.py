@@ -120,6 +120,17 @@ class GatewaySettings(ServerSettings):
         description="The job queue's Redis (AOF, noeviction); unset turns the training API off.",
     )
     dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are stored.")
+    tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with the key, turns TLS on.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
+    )
+    health_port: int = Field(
+        0, description="Plaintext port serving only grpc.health.v1, for probes when TLS is on; 0: none."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="JSON file of sha256-hashed API keys and their tenants; when set, every call needs a key."
+    )
     max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest data set UploadDataset accepts.")
 
     def backend_targets(self) -> dict[str, str]:

@@ -16,7 +16,7 @@ from shared.cluster import ClusterPorts, process_table
 from shared.settings import DenseSettings, GatewaySettings, GnnSettings, NlpSettings, trainer_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "production")
 GPU_WORKLOADS = {"maas-dense", "maas-gnn", "maas-nlp", "maas-dense-trainer", "maas-gnn-trainer", "maas-nlp-trainer"}
 WORKLOADS = GPU_WORKLOADS | {"maas-gateway", "maas-redis-cache", "maas-redis-queue", "maas-models-init"}
 SETTINGS = {"dense": DenseSettings, "gnn": GnnSettings, "nlp": NlpSettings, "gateway": GatewaySettings}
@@ -89,19 +89,35 @@ def test_the_gpu_memory_cap_is_set_through_configuration(gpu):
         assert data[f"MAAS_{family.upper()}_DEVICE"] == "cuda"
 
 
-def test_probes_point_at_the_port_the_server_listens_on(rendered):
+def test_probes_point_at_the_port_serving_health(rendered):
+    """The server's port, or, with TLS on, the plaintext health port it opens for probes."""
     _, objects = rendered
     for name, spec in pod_specs(objects):
         for container in spec["containers"]:
             if "readinessProbe" not in container or "grpc" not in container["readinessProbe"]:
                 continue
             env = container_env(objects, container)
-            listens = int(next(value for key, value in env.items() if key.endswith("_PORT") and "METRICS" not in key))
-            declared = {p["containerPort"] for p in container["ports"] if p["name"] == "grpc"}
+            prefix = f"MAAS_{container['name'].upper()}_"
+            health = int(env.get(f"{prefix}HEALTH_PORT", 0)) or int(env[f"{prefix}PORT"])
+            declared = {p["containerPort"] for p in container["ports"] if p["name"] in ("grpc", "health")}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if probe in container:
-                    assert container[probe]["grpc"]["port"] == listens, (name, probe)
-            assert declared == {listens}, name
+                    assert container[probe]["grpc"]["port"] == health, (name, probe)
+            assert health in declared and int(env[f"{prefix}PORT"]) in declared, name
+
+
+def test_the_production_overlay_mounts_tls_and_keys_from_secrets():
+    objects = render("production")
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "maas-gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"maas-gateway-tls", "maas-api-keys"}
+    env = container_env(objects, pod["containers"][0])
+    for key in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "API_KEYS_FILE"):
+        path = env[f"MAAS_GATEWAY_{key}"]
+        assert any(path.startswith(m["mountPath"]) for m in pod["containers"][0]["volumeMounts"]), key
+    # Nothing secret is committed: no Secret object is rendered, the operator creates them.
+    assert not [o for o in objects if o["kind"] == "Secret"]
 
 
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem(rendered):
