@@ -39,7 +39,7 @@ $(PROTO_STAMP): $(PROTOS) $(DEPS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos \
 		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
-	find $(GEN)/maas -type d -exec touch {}/__init__.py \;
+	find $(GEN) -mindepth 1 -type d -exec touch {}/__init__.py \;
 	touch $@
 
 models: $(MODELS_STAMP)

@@ -16,7 +16,7 @@ from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from shared.errors import MaasError
+from shared.errors import MaasError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ModelCatalog:
         self.refresh_s = refresh_s
         self.call_timeout_s = call_timeout_s
         self._defaults: dict[str, dict[str, int]] = {family: {} for family in backends}
+        self.models: dict[str, dict[str, model_pb2.Model]] = {family: {} for family in backends}
         self._last_refresh: dict[str, float] = {family: 0.0 for family in backends}
         self._refreshing: dict[str, asyncio.Task] = {}
 
@@ -61,6 +62,7 @@ class ModelCatalog:
             return
         await self._set_reachable(family, True)
         models = LIST_RESPONSES[family].FromString(raw).models
+        self.models[family] = {model.name: model for model in models}
         self._defaults[family] = {
             model.name: model.default_version
             for model in models
@@ -86,6 +88,17 @@ class ModelCatalog:
         task = self._refreshing.get(family)
         if (task is None or task.done()) and time.monotonic() - self._last_refresh[family] > 1.0:
             self._refreshing[family] = asyncio.get_running_loop().create_task(self.refresh(family))
+
+    async def find(self, name: str) -> tuple[str, model_pb2.Model]:
+        """(family, model) for a model name; looks again at every backend before saying NOT_FOUND."""
+        for attempt in range(2):
+            for family, models in self.models.items():
+                if name in models:
+                    return family, models[name]
+            if attempt == 0:
+                await asyncio.gather(*(self.refresh(family) for family in self.backends))
+        known = sorted(n for models in self.models.values() for n in models)
+        raise NotFoundError(f"model {name!r} not found; the cluster serves {known}")
 
     async def run(self) -> None:
         while True:

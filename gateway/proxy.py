@@ -8,9 +8,11 @@ backend's response bytes go back to the caller and into the cache as they are.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from types import ModuleType
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -19,6 +21,7 @@ from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import dense_digest, gnn_digest, nlp_digest, result_key
 from gateway.catalog import ModelCatalog
+from gateway.model_stats import ModelStats
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
@@ -35,14 +38,22 @@ CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, bypass, off or err
 class FamilyRoute:
     family: str
     service: str
-    predict_request: type
+    family_pb2: ModuleType
     digest: Callable[[object], str]
+
+    @property
+    def predict_request(self) -> type:
+        return self.family_pb2.PredictRequest
+
+    @property
+    def predict_response(self) -> type:
+        return self.family_pb2.PredictResponse
 
 
 ROUTES = [
-    FamilyRoute("dense", "maas.dense.v1.DenseService", dense_pb2.PredictRequest, dense_digest),
-    FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2.PredictRequest, gnn_digest),
-    FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2.PredictRequest, nlp_digest),
+    FamilyRoute("dense", "maas.dense.v1.DenseService", dense_pb2, dense_digest),
+    FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2, gnn_digest),
+    FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2, nlp_digest),
 ]
 PASS_THROUGH_METHODS = (
     "ListModels",
@@ -62,6 +73,7 @@ class GatewayProxy:
         self.cache = cache
         self.catalog = catalog
         self.settings = settings
+        self.stats = ModelStats()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         handlers = []
@@ -92,6 +104,22 @@ class GatewayProxy:
             raise InvalidArgumentError(
                 f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
             ) from None
+        return await self.predict_message(route, request, raw, context)
+
+    async def predict_message(self, route: FamilyRoute, request, raw: bytes, context) -> bytes:
+        """Predict for a parsed request whose serialized form is `raw`; returns the response bytes."""
+        started = time.perf_counter_ns()
+        try:
+            response, outcome = await self._predict(route, request, raw, context)
+        except Exception:
+            self.stats.failed(request.model_name, time.perf_counter_ns() - started)
+            raise
+        self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
+        context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
+        return response
+
+    async def _predict(self, route: FamilyRoute, request, raw: bytes, context) -> tuple[bytes, str]:
+        """The backend's response bytes, and what the cache did: hit, miss, bypass, off or error."""
         backend = self.backends[route.family]
         timeout = self.timeout(context)
         control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
@@ -99,8 +127,7 @@ class GatewayProxy:
         if version is None or not self.cache.enabled or control == "no-store":
             outcome = "off" if not self.cache.enabled or version is None else "bypass"
             CACHE_RESULTS.labels(route.family, outcome).inc()
-            context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
-            return await backend.call("Predict", raw, timeout)
+            return await backend.call("Predict", raw, timeout), outcome
 
         key = result_key(route.family, request.model_name, version, route.digest(request))
         if not self.cache.available():
@@ -112,8 +139,7 @@ class GatewayProxy:
         else:
             cached = await self.cache.get(route.family, key)
             if cached is not None:
-                context.set_trailing_metadata(((CACHE_OUTCOME, "hit"),))
-                return cached
+                return cached, "hit"
             outcome = "miss" if self.cache.available() else "error"
 
         # Appending a message merges it: the backend runs exactly the version the key names.
@@ -125,9 +151,7 @@ class GatewayProxy:
                 raise
             # The default moved since the catalog last looked: let the backend choose, uncached.
             self.catalog.refresh_soon(route.family)
-            context.set_trailing_metadata(((CACHE_OUTCOME, "bypass"),))
-            return await backend.call("Predict", raw, self.timeout(context))
+            return await backend.call("Predict", raw, self.timeout(context)), "bypass"
         if outcome != "error" and not await self.cache.put(route.family, key, response):
             outcome = "error"
-        context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
-        return response
+        return response, outcome

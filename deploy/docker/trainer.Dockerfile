@@ -22,8 +22,8 @@ RUN uv pip install --no-cache --index-strategy unsafe-best-match --extra-index-u
 COPY protos/ protos/
 RUN mkdir -p gen && /opt/venv/bin/python -m grpc_tools.protoc -I protos --python_out=gen --pyi_out=gen \
     --grpc_python_out=gen protos/maas/common/v1/*.proto protos/maas/dense/v1/*.proto \
-    protos/maas/gnn/v1/*.proto protos/maas/nlp/v1/*.proto protos/maas/training/v1/*.proto \
-    && find gen/maas -type d -exec touch {}/__init__.py \;
+    protos/maas/gnn/v1/*.proto protos/maas/nlp/v1/*.proto protos/maas/training/v1/*.proto protos/inference/*.proto \
+    && find gen -mindepth 1 -type d -exec touch {}/__init__.py \;
 
 # Runtime stage: no build tools, a non-root user, a read-only-friendly layout.
 FROM ${BASE_IMAGE}

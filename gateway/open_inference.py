@@ -1,0 +1,333 @@
+"""The Open Inference Protocol (KServe v2) and Triton's extensions, for every family.
+
+Each model name is routed to the service that owns it. Requests are converted to the family's
+Predict message and go through the same path as native calls (cache, deadlines, statistics);
+tensors stay raw bytes both ways wherever the caller sends raw contents.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from gateway.catalog import ModelCatalog
+from gateway.proxy import ROUTES, GatewayProxy
+from inference import open_inference_pb2 as oip
+from inference import open_inference_pb2_grpc
+from maas.common.v1 import model_pb2, tensor_pb2
+from maas.dense.v1 import dense_pb2
+from maas.gnn.v1 import gnn_pb2
+from maas.nlp.v1 import nlp_pb2
+from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError
+from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES
+
+SERVER_NAME = "maas"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
+ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
+READY = model_pb2.MODEL_STATE_READY
+STATE_NAMES = {
+    model_pb2.MODEL_STATE_READY: "READY",
+    model_pb2.MODEL_STATE_LOADING: "LOADING",
+    model_pb2.MODEL_STATE_FAILED: "UNAVAILABLE",
+    model_pb2.MODEL_STATE_UNLOADED: "UNLOADED",
+}
+# Typed `contents` fields by datatype; FP16 has none and must travel raw.
+CONTENTS_FIELD = {
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "INT8": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "BOOL": "bool_contents",
+}  # fmt: skip
+# Triton's config DataType enum, by datatype name.
+CONFIG_TYPES = {name: oip.DataType.Value(f"TYPE_{'STRING' if name == 'BYTES' else name}") for name in
+                [*DTYPE_NAMES.values(), "BYTES"] if name != "STRING"}  # fmt: skip
+BATCHED_FAMILIES = ("dense", "nlp")  # their first dimension is the batch; gnn inputs have none
+MAX_BATCH_SIZE = 64
+
+
+def datatype_name(dtype: int) -> str:
+    name = DTYPE_NAMES.get(dtype, "BYTES")
+    return "BYTES" if name == "STRING" else name
+
+
+def parse_version(version: str) -> int:
+    if not version:
+        return 0
+    if not version.isdigit():
+        raise InvalidArgumentError(f"model_version: must be a whole number, got {version!r}")
+    return int(version)
+
+
+def decode_bytes_elements(raw: bytes, field: str) -> list[bytes]:
+    """BYTES elements in raw form: each a 4-byte little-endian length, then the bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidArgumentError(f"{field}: truncated length prefix at byte {offset}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidArgumentError(f"{field}: element of {length} bytes runs past the end of the data")
+        items.append(raw[offset : offset + length])
+        offset += length
+    return items
+
+
+def encode_bytes_elements(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+class InferInputs:
+    """A ModelInferRequest's inputs by name, as maas Tensors or lists of bytes."""
+
+    def __init__(self, request: oip.ModelInferRequest) -> None:
+        raw = list(request.raw_input_contents)
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgumentError(
+                f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+            )
+        self.inputs = {}
+        for i, tensor in enumerate(request.inputs):
+            field = f"inputs[{i}] ({tensor.name!r})"
+            if raw and tensor.HasField("contents"):
+                raise InvalidArgumentError(f"{field}: contents must be empty when raw_input_contents is used")
+            self.inputs[tensor.name] = (tensor, raw[i] if raw else None, field)
+
+    def names(self) -> list[str]:
+        return list(self.inputs)
+
+    def tensor(self, name: str) -> tensor_pb2.Tensor:
+        tensor, raw, field = self._get(name)
+        if tensor.datatype not in DTYPE_CODES or tensor.datatype == "STRING":
+            raise InvalidArgumentError(f"{field}: datatype {tensor.datatype!r} is not a numeric datatype")
+        if raw is None:
+            if tensor.datatype not in CONTENTS_FIELD:
+                raise InvalidArgumentError(f"{field}: {tensor.datatype} travels only in raw_input_contents")
+            values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
+            raw = np.asarray(values, dtype=NUMPY_DTYPES[DTYPE_CODES[tensor.datatype]]).tobytes()
+        return tensor_pb2.Tensor(dtype=DTYPE_CODES[tensor.datatype], shape=tensor.shape, data=raw)
+
+    def texts(self, name: str) -> list[str]:
+        tensor, raw, field = self._get(name)
+        if tensor.datatype != "BYTES":
+            raise InvalidArgumentError(f"{field}: texts must be BYTES, got {tensor.datatype}")
+        items = decode_bytes_elements(raw, field) if raw is not None else list(tensor.contents.bytes_contents)
+        expected = int(np.prod(tensor.shape)) if len(tensor.shape) else 0
+        if len(items) != expected:
+            raise InvalidArgumentError(
+                f"{field}: shape {list(tensor.shape)} needs {expected} elements, got {len(items)}"
+            )
+        try:
+            return [item.decode("utf-8") for item in items]
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"{field}: not UTF-8 text ({exc})") from None
+
+    def has(self, name: str) -> bool:
+        return name in self.inputs
+
+    def _get(self, name: str):
+        if name not in self.inputs:
+            raise InvalidArgumentError(f"inputs: missing {name!r}; got {self.names()}")
+        return self.inputs[name]
+
+
+def to_family_request(family: str, request: oip.ModelInferRequest, version: int):
+    inputs = InferInputs(request)
+    wanted = [output.name for output in request.outputs]
+    if family == "dense":
+        return dense_pb2.PredictRequest(
+            model_name=request.model_name,
+            model_version=version,
+            inputs={name: inputs.tensor(name) for name in inputs.names()},
+            output_names=[name for name in wanted if name != "class_name"],
+        )
+    if family == "nlp":
+        texts_input = "texts" if inputs.has("texts") else (inputs.names() or ["texts"])[0]
+        return nlp_pb2.PredictRequest(
+            model_name=request.model_name, model_version=version, texts=inputs.texts(texts_input)
+        )
+    message = gnn_pb2.PredictRequest(model_name=request.model_name, model_version=version)
+    stored = request.parameters.get("stored_graph")
+    if stored is not None and stored.string_param:
+        message.stored_graph = stored.string_param
+    else:
+        message.graph.node_features.CopyFrom(inputs.tensor("node_features"))
+        message.graph.edge_index.CopyFrom(inputs.tensor("edge_index"))
+        if inputs.has("edge_weight"):
+            message.graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
+    if inputs.has("node_ids"):
+        ids = inputs.tensor("node_ids")
+        if ids.dtype != tensor_pb2.DATA_TYPE_INT64:
+            raise InvalidArgumentError("inputs ('node_ids'): must be INT64")
+        message.node_ids.extend(np.frombuffer(ids.data, dtype="<i8").tolist())
+    return message
+
+
+def to_infer_response(request: oip.ModelInferRequest, response) -> oip.ModelInferResponse:
+    wanted = {output.name for output in request.outputs}
+    reply = oip.ModelInferResponse(model_name=response.model_name, model_version=str(response.model_version),
+                                   id=request.id)  # fmt: skip
+    for name, tensor in response.outputs.items():
+        if wanted and name not in wanted:
+            continue
+        reply.outputs.add(name=name, datatype=datatype_name(tensor.dtype), shape=tensor.shape)
+        reply.raw_output_contents.append(tensor.data)
+    labels = list(getattr(response, "labels", []))
+    if labels and (not wanted or "class_name" in wanted):
+        reply.outputs.add(name="class_name", datatype="BYTES", shape=[len(labels)])
+        reply.raw_output_contents.append(encode_bytes_elements([label.encode() for label in labels]))
+    return reply
+
+
+def default_version(model: model_pb2.Model, version: str) -> model_pb2.ModelVersion:
+    number = parse_version(version) or model.default_version
+    for candidate in model.versions:
+        if candidate.version == number:
+            return candidate
+    raise NotFoundError(f"model {model.name!r} has no version {number}; it has {[v.version for v in model.versions]}")
+
+
+def platform(version: model_pb2.ModelVersion) -> tuple[str, str]:
+    return ("onnxruntime_onnx", "onnxruntime") if version.framework == "onnx" else ("pytorch_libtorch", "pytorch")
+
+
+class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, proxy: GatewayProxy, catalog: ModelCatalog) -> None:
+        self.proxy = proxy
+        self.catalog = catalog
+
+    async def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=self.catalog.all_reachable())
+
+    async def ServerMetadata(self, request, context):
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        _, model = await self.catalog.find(request.name)
+        try:
+            return oip.ModelReadyResponse(ready=default_version(model, request.version).state == READY)
+        except NotFoundError:
+            return oip.ModelReadyResponse(ready=False)
+
+    async def ModelMetadata(self, request, context):
+        family, model = await self.catalog.find(request.name)
+        version = default_version(model, request.version)
+
+        def metadata(specs, batched: bool):
+            return [
+                oip.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=datatype_name(s.dtype), shape=s.shape)
+                for s in specs
+            ]
+
+        outputs = metadata(version.outputs, family in BATCHED_FAMILIES)
+        if version.class_names and family == "nlp":
+            outputs.append(oip.ModelMetadataResponse.TensorMetadata(name="class_name", datatype="BYTES", shape=[-1]))
+        return oip.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v.version) for v in model.versions],
+            platform=platform(version)[0],
+            inputs=metadata(version.inputs, family in BATCHED_FAMILIES),
+            outputs=outputs,
+        )
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context):
+        family, _ = await self.catalog.find(request.model_name)
+        route = ROUTE_BY_FAMILY[family]
+        message = to_family_request(family, request, parse_version(request.model_version))
+        raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context)
+        response = route.predict_response.FromString(raw)
+        return to_infer_response(request, response)
+
+    async def ModelConfig(self, request, context):
+        family, model = await self.catalog.find(request.name)
+        version = default_version(model, request.version)
+        batched = family in BATCHED_FAMILIES
+
+        def dims(shape):
+            dims = list(shape[1:]) if batched else list(shape)
+            return dims or [1]
+
+        config = oip.ModelConfig(
+            name=model.name,
+            platform=platform(version)[0],
+            backend=platform(version)[1],
+            max_batch_size=MAX_BATCH_SIZE if batched else 0,
+            input=[oip.ModelInput(name=s.name, data_type=CONFIG_TYPES[datatype_name(s.dtype)], dims=dims(s.shape))
+                   for s in version.inputs],
+            output=[oip.ModelOutput(name=s.name, data_type=CONFIG_TYPES[datatype_name(s.dtype)], dims=dims(s.shape))
+                    for s in version.outputs],
+        )  # fmt: skip
+        return oip.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        if request.name:
+            _, model = await self.catalog.find(request.name)
+            names = [model.name]
+        else:
+            names = sorted(n for models in self.catalog.models.values() for n in models)
+        stats = []
+        for name in names:
+            counters = self.proxy.stats.by_model.get(name)
+            if counters is None:
+                stats.append(oip.ModelStatistics(name=name, version=request.version))
+                continue
+            duration = oip.StatisticDuration
+            stats.append(
+                oip.ModelStatistics(
+                    name=name,
+                    version=request.version,
+                    last_inference=counters.last_inference_ms,
+                    inference_count=counters.success_count,
+                    execution_count=counters.success_count - counters.cache_hits,
+                    inference_stats=oip.InferStatistics(
+                        success=duration(count=counters.success_count, ns=counters.success_ns),
+                        fail=duration(count=counters.fail_count, ns=counters.fail_ns),
+                        cache_hit=duration(count=counters.cache_hits),
+                        cache_miss=duration(count=counters.cache_misses),
+                    ),
+                )
+            )
+        return oip.ModelStatisticsResponse(model_stats=stats)
+
+    async def RepositoryIndex(self, request, context):
+        entries = []
+        for models in self.catalog.models.values():
+            for model in models.values():
+                for version in model.versions:
+                    if request.ready and version.state != READY:
+                        continue
+                    entries.append(oip.RepositoryIndexResponse.ModelIndex(
+                        name=model.name, version=str(version.version), state=STATE_NAMES.get(version.state, "UNKNOWN"),
+                        reason=version.state_reason))  # fmt: skip
+        return oip.RepositoryIndexResponse(models=sorted(entries, key=lambda e: (e.name, int(e.version))))
+
+    async def RepositoryModelLoad(self, request, context):
+        """Every service reads the same store; the one whose family the model is loads it."""
+        refusals = []
+        for family in self.proxy.backends:
+            message = ROUTE_BY_FAMILY[family].family_pb2.LoadModelRequest(model_name=request.model_name)
+            try:
+                await self.proxy.backends[family].call("LoadModel", message.SerializeToString(),
+                                                       self.proxy.timeout(context))  # fmt: skip
+            except MaasError as exc:
+                if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                    refusals.append(exc)
+                    continue
+                raise
+            await self.catalog.refresh(family)
+            return oip.RepositoryModelLoadResponse()
+        if all(exc.code == grpc.StatusCode.NOT_FOUND for exc in refusals):
+            raise NotFoundError(f"model {request.model_name!r} is not in the model store")
+        raise FailedPreconditionError(refusals[0].message)
+
+    async def RepositoryModelUnload(self, request, context):
+        family, _ = await self.catalog.find(request.model_name)
+        message = ROUTE_BY_FAMILY[family].family_pb2.UnloadModelRequest(model_name=request.model_name)
+        await self.proxy.backends[family].call("UnloadModel", message.SerializeToString(), self.proxy.timeout(context))
+        await self.catalog.refresh(family)
+        return oip.RepositoryModelUnloadResponse()

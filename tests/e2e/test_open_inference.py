@@ -1,0 +1,122 @@
+"""The Open Inference Protocol on the gateway, called with Triton's own client, tritonclient.grpc."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from torch_geometric.datasets import KarateClub
+from tritonclient.utils import InferenceServerException
+
+from services.dense.datasets import digits_split
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with triton.InferenceServerClient(cluster.specs["gateway"].target) as client:
+        yield client
+
+
+def test_live_ready_and_server_metadata(client):
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    metadata = client.get_server_metadata()
+    assert metadata.name == "maas" and "model_repository" in metadata.extensions
+
+
+@pytest.mark.parametrize("model", ["digits-mlp", "karate-gcn", "minilm-l6-v2"])
+def test_model_ready_and_metadata_for_each_family(client, model):
+    assert client.is_model_ready(model)
+    metadata = client.get_model_metadata(model)
+    assert metadata.name == model and metadata.versions and metadata.inputs and metadata.outputs
+
+
+def test_dense_inference_with_raw_tensors(client):
+    _, x_test, _, y_test = digits_split()
+    pixels = triton.InferInput("pixels", list(x_test.shape), "FP32")
+    pixels.set_data_from_numpy(x_test)
+    result = client.infer("digits-mlp", [pixels], outputs=[triton.InferRequestedOutput("label")])
+    labels = result.as_numpy("label")
+    assert labels.shape == (len(x_test),) and (labels == y_test).mean() >= 0.9
+    assert result.as_numpy("probabilities") is None  # only the requested output comes back
+    assert result.get_response().model_version == "1"
+
+
+def test_dense_inference_with_typed_contents(client):
+    # Without binary data, tritonclient sends typed contents (fp32_contents) instead of raw bytes.
+    _, x_test, _, y_test = digits_split()
+    pixels = triton.InferInput("pixels", [4, 64], "FP32")
+    pixels.set_data_from_numpy(x_test[:4])
+    pixels._input.contents.fp32_contents.extend(x_test[:4].ravel().tolist())
+    pixels._raw_content = None
+    result = client.infer("digits-mlp", [pixels])
+    assert (result.as_numpy("label") == y_test[:4]).all()
+
+
+def test_gnn_inference_with_a_graph_as_named_inputs(client):
+    data = KarateClub()[0]
+    features = triton.InferInput("node_features", list(data.x.shape), "FP32")
+    features.set_data_from_numpy(data.x.numpy())
+    edges = triton.InferInput("edge_index", list(data.edge_index.shape), "INT64")
+    edges.set_data_from_numpy(data.edge_index.numpy())
+    result = client.infer("karate-gcn", [features, edges])
+    labels = result.as_numpy("label")
+    assert labels.shape == (34,) and (labels == data.y.numpy()).mean() > 0.75
+
+
+def test_nlp_inference_with_bytes_texts(client):
+    texts = np.array([b"I love this!", b"This is awful."], dtype=object)
+    tensor = triton.InferInput("texts", [2], "BYTES")
+    tensor.set_data_from_numpy(texts)
+    result = client.infer("sentiment", [tensor])
+    assert [label.decode() for label in result.as_numpy("class_name")] == ["positive", "negative"]
+    assert result.as_numpy("probabilities").shape == (2, 2)
+    embedding = client.infer("minilm-l6-v2", [tensor]).as_numpy("embedding")
+    assert embedding.shape == (2, 384)
+
+
+def test_model_config_statistics_and_repository_index(client):
+    config = client.get_model_config("digits-mlp").config
+    assert config.max_batch_size > 0
+    assert list(config.input[0].dims) == [64] and config.platform == "onnxruntime_onnx"
+    assert list(client.get_model_config("karate-gcn").config.input[0].dims) == [-1, 34]
+    stats = client.get_inference_statistics("digits-mlp").model_stats[0]
+    assert stats.name == "digits-mlp" and stats.inference_stats.success.count >= 1
+    index = client.get_model_repository_index().models
+    assert {"digits-mlp", "karate-gcn", "minilm-l6-v2", "sentiment"} <= {m.name for m in index}
+    assert all(m.state == "READY" for m in index if m.name == "digits-mlp")
+
+
+def test_repository_unload_and_load(client):
+    client.unload_model("sine-gru")
+    assert not any(m.name == "sine-gru" for m in client.get_model_repository_index().models)
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("sine-gru")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    client.load_model("sine-gru")
+    assert client.is_model_ready("sine-gru")
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "fragment"),
+    [
+        (lambda c: c.get_model_metadata("no-such-model"), "StatusCode.NOT_FOUND", "no-such-model"),
+        (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 10), np.float32))]),
+         "StatusCode.INVALID_ARGUMENT", "inputs['pixels']"),
+        (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 64), np.float64), "FP64")]),
+         "StatusCode.INVALID_ARGUMENT", "must be FP32, got FP64"),
+        (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 64), np.float32))], model_version="x"),
+         "StatusCode.INVALID_ARGUMENT", "model_version"),
+    ],
+)  # fmt: skip
+def test_errors_carry_the_status_and_the_field(client, call, status, fragment):
+    with pytest.raises(InferenceServerException) as err:
+        call(client)
+    assert err.value.status() == status
+    assert fragment in err.value.message()
+
+
+def _input(name, array, datatype="FP32"):
+    tensor = triton.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
