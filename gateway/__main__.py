@@ -12,10 +12,12 @@ from gateway.auth import ApiKeys, AuthInterceptor, server_credentials
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
+from gateway.fanout import FanoutServicer
 from gateway.open_inference import OpenInferenceServicer
 from gateway.proxy import ROUTES, GatewayProxy
 from gateway.training import TrainingServicer
 from inference import open_inference_pb2, open_inference_pb2_grpc
+from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
@@ -24,6 +26,7 @@ from shared.server import NOT_SERVING, SERVING, GrpcServer
 from shared.settings import GatewaySettings
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 OPEN_INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -55,11 +58,14 @@ async def serve(settings: GatewaySettings) -> None:
         open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             OpenInferenceServicer(proxy, catalog), server
         )
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
         if jobs is not None:
             servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
-    names = [*services.values(), OPEN_INFERENCE_SERVICE] + ([TRAINING_SERVICE] if jobs is not None else [])
+    names = [*services.values(), OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
+        [TRAINING_SERVICE] if jobs is not None else []
+    )
     interceptors = [AuthInterceptor(ApiKeys.from_file(settings.api_keys_file))] if settings.api_keys_file else []
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:

@@ -106,8 +106,11 @@ class GatewayProxy:
             ) from None
         return await self.predict_message(route, request, raw, context)
 
-    async def predict_message(self, route: FamilyRoute, request, raw: bytes, context) -> bytes:
-        """Predict for a parsed request whose serialized form is `raw`; returns the response bytes."""
+    async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True) -> bytes:
+        """Predict for a parsed request whose serialized form is `raw`; returns the response bytes.
+
+        With `trailing`, the caller's trailing metadata says what the cache did.
+        """
         started = time.perf_counter_ns()
         try:
             response, outcome = await self._predict(route, request, raw, context)
@@ -115,7 +118,8 @@ class GatewayProxy:
             self.stats.failed(request.model_name, time.perf_counter_ns() - started)
             raise
         self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
-        context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
+        if trailing:
+            context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
         return response
 
     async def _predict(self, route: FamilyRoute, request, raw: bytes, context) -> tuple[bytes, str]:

@@ -1,0 +1,80 @@
+"""Fan-out: several Predict calls across families in parallel, chained where a step needs an
+earlier step's output, all under the caller's one deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from gateway.proxy import ROUTES, GatewayProxy
+from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError
+
+ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
+
+
+def check_plan(steps) -> None:
+    if not steps:
+        raise InvalidArgumentError("steps: at least one step is needed")
+    seen: set[str] = set()
+    for i, step in enumerate(steps):
+        if not step.name:
+            raise InvalidArgumentError(f"steps[{i}].name: required")
+        if step.name in seen:
+            raise InvalidArgumentError(f"steps[{i}].name: {step.name!r} is used twice")
+        if step.WhichOneof("call") is None:
+            raise InvalidArgumentError(f"steps[{i}] ({step.name!r}): set dense, gnn or nlp")
+        for j, source in enumerate(step.inputs_from):
+            if source.step not in seen:
+                raise InvalidArgumentError(
+                    f"steps[{i}].inputs_from[{j}]: {source.step!r} is not an earlier step; a step can only use "
+                    f"outputs of steps listed before it"
+                )
+            if step.WhichOneof("call") == "nlp":
+                raise InvalidArgumentError(f"steps[{i}].inputs_from[{j}]: nlp steps take texts, not tensors")
+            if step.WhichOneof("call") == "gnn" and source.input != "node_features":
+                raise InvalidArgumentError(f"steps[{i}].inputs_from[{j}]: a gnn step can only take node_features")
+        seen.add(step.name)
+
+
+class FanoutServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, proxy: GatewayProxy) -> None:
+        self.proxy = proxy
+
+    async def Fanout(self, request: gateway_pb2.FanoutRequest, context: grpc.aio.ServicerContext):
+        check_plan(request.steps)
+        done: dict[str, asyncio.Future] = {}
+        loop = asyncio.get_running_loop()
+        for step in request.steps:
+            done[step.name] = loop.create_future()
+
+        async def run(step) -> gateway_pb2.FanoutResult:
+            family = step.WhichOneof("call")
+            route = ROUTE_BY_FAMILY[family]
+            message = route.predict_request()
+            message.CopyFrom(getattr(step, family))
+            try:
+                for source in step.inputs_from:
+                    upstream = await asyncio.shield(done[source.step])
+                    if upstream is None:
+                        raise FailedPreconditionError(f"step {source.step!r}, which this step needs, failed")
+                    outputs = upstream.outputs
+                    if source.output not in outputs:
+                        raise InvalidArgumentError(
+                            f"inputs_from: step {source.step!r} has no output {source.output!r}; "
+                            f"it has {sorted(outputs)}"
+                        )
+                    target = message.graph.node_features if family == "gnn" else message.inputs[source.input]
+                    target.CopyFrom(outputs[source.output])
+                raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
+                                                       trailing=False)  # fmt: skip
+                response = route.predict_response.FromString(raw)
+                done[step.name].set_result(response)
+                return gateway_pb2.FanoutResult(name=step.name, code=0, **{family: response})
+            except MaasError as exc:
+                done[step.name].set_result(None)
+                return gateway_pb2.FanoutResult(name=step.name, code=exc.code.value[0], message=exc.message)
+
+        results = await asyncio.gather(*(run(step) for step in request.steps))
+        return gateway_pb2.FanoutResponse(results=results)
