@@ -57,8 +57,8 @@ class ResultCache:
         CACHE_RESULTS.labels(family, "hit" if value is not None else "miss").inc()
         return value
 
-    async def put(self, family: str, key: str, value: bytes) -> bool:
-        ttl_ms = int(self.ttl_s * 1000 * (1 + random.uniform(0, self.jitter)))
+    async def put(self, family: str, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        ttl_ms = int((ttl_s or self.ttl_s) * 1000 * (1 + random.uniform(0, self.jitter)))
         try:
             await self._redis.set(key, value, px=ttl_ms)
             return True

@@ -7,6 +7,7 @@ backend's response bytes go back to the caller and into the cache as they are.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +32,7 @@ from shared.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 CACHE_CONTROL = "cache-control"  # request metadata: "no-cache" skips the read, "no-store" both
-CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, bypass, off or error
+CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, coalesced, bypass, off or error
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class GatewayProxy:
         self.catalog = catalog
         self.settings = settings
         self.stats = ModelStats()
+        # Identical requests in flight share one backend call (single-flight), keyed like the cache.
+        self._in_flight: dict[str, asyncio.Future] = {}
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         handlers = []
@@ -123,39 +126,62 @@ class GatewayProxy:
         return response
 
     async def _predict(self, route: FamilyRoute, request, raw: bytes, context) -> tuple[bytes, str]:
-        """The backend's response bytes, and what the cache did: hit, miss, bypass, off or error."""
+        """The backend's response bytes, and what the cache did: hit, miss, coalesced, bypass, off or error."""
         backend = self.backends[route.family]
         timeout = self.timeout(context)
         control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
         version = request.model_version or self.catalog.default_version(route.family, request.model_name)
-        if version is None or not self.cache.enabled or control == "no-store":
-            outcome = "off" if not self.cache.enabled or version is None else "bypass"
-            CACHE_RESULTS.labels(route.family, outcome).inc()
-            return await backend.call("Predict", raw, timeout), outcome
-
+        if version is None:
+            CACHE_RESULTS.labels(route.family, "off").inc()
+            return await backend.call("Predict", raw, timeout), "off"
         key = result_key(route.family, request.model_name, version, route.digest(request))
-        if not self.cache.available():
+        policy = self.settings.cache_policy.get(request.model_name, {})
+        use_cache = self.cache.enabled and policy.get("enabled", True) and control != "no-store"
+
+        if not use_cache:
+            outcome = "off" if not self.cache.enabled or not policy.get("enabled", True) else "bypass"
+        elif not self.cache.available():
             outcome = "error"  # Redis failed moments ago: serve uncached until the retry interval ends
-            CACHE_RESULTS.labels(route.family, outcome).inc()
         elif control == "no-cache":
             outcome = "bypass"
-            CACHE_RESULTS.labels(route.family, outcome).inc()
         else:
             cached = await self.cache.get(route.family, key)
             if cached is not None:
                 return cached, "hit"
             outcome = "miss" if self.cache.available() else "error"
+        if outcome != "miss":
+            CACHE_RESULTS.labels(route.family, outcome).inc()
 
+        shared = self._in_flight.get(key)
+        if shared is not None:
+            CACHE_RESULTS.labels(route.family, "coalesced").inc()
+            return await asyncio.shield(shared), "coalesced"
+        shared = self._in_flight[key] = asyncio.get_running_loop().create_future()
+        shared.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
+        try:
+            response, pinned = await self._call_pinned(route, request, raw, version, context, timeout)
+            shared.set_result(response)
+        except BaseException as exc:
+            shared.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+            raise
+        finally:
+            del self._in_flight[key]
+        if not pinned:
+            return response, "bypass"  # another version answered: it must not be cached under this key
+        if outcome in ("miss", "bypass") and use_cache:
+            if not await self.cache.put(route.family, key, response, policy.get("ttl_s")):
+                outcome = "error"
+        return response, outcome
+
+    async def _call_pinned(self, route: FamilyRoute, request, raw: bytes, version: int, context, timeout):
+        """(response, whether the pinned version answered)."""
         # Appending a message merges it: the backend runs exactly the version the key names.
         pinned = raw + route.predict_request(model_version=version).SerializeToString()
         try:
-            response = await backend.call("Predict", pinned, timeout)
+            return await self.backends[route.family].call("Predict", pinned, timeout), True
         except UpstreamError as exc:
             if request.model_version or exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 raise
-            # The default moved since the catalog last looked: let the backend choose, uncached.
+            # The default moved since the catalog last looked: let the backend choose.
             self.catalog.refresh_soon(route.family)
-            return await backend.call("Predict", raw, self.timeout(context)), "bypass"
-        if outcome != "error" and not await self.cache.put(route.family, key, response):
-            outcome = "error"
-        return response, outcome
+            return await self.backends[route.family].call("Predict", raw, self.timeout(context)), False

@@ -101,6 +101,11 @@ class GatewaySettings(ServerSettings):
         description="Cache Redis; unset disables the result cache.",
     )
     cache_ttl_s: float = Field(300.0, description="Lifetime of a cached result.")
+    cache_policy: dict[str, dict[str, float | bool]] = Field(
+        default_factory=dict,
+        description="Per-model cache settings, as JSON: "
+        '{"sentiment": {"enabled": false}, "minilm-l6-v2": {"ttl_s": 3600}}.',
+    )
     cache_ttl_jitter: float = Field(
         0.1, description="Fraction of the TTL added at random, so entries don't expire together."
     )
