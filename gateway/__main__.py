@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 
 import grpc
-from prometheus_client import start_http_server
 
 from gateway.auth import ApiKeys, AuthInterceptor, server_credentials
 from gateway.backends import Backend
@@ -71,8 +70,6 @@ async def serve(settings: GatewaySettings) -> None:
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = GrpcServer(settings, register, names, interceptors, credentials, settings.health_port)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
     refresher: asyncio.Task | None = None
 
     async def become_ready() -> bool:
@@ -97,7 +94,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main() -> None:
     settings = GatewaySettings()
-    configure_logging("gateway", settings.log_level)
+    configure_logging("gateway", settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

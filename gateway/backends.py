@@ -11,6 +11,7 @@ import json
 import grpc
 
 from shared.errors import UpstreamError
+from shared.observability import REQUEST_ID_KEY, current_request_id
 
 # UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
 RETRY_SERVICE_CONFIG = json.dumps(
@@ -70,8 +71,10 @@ class Backend:
         return self._methods[name]
 
     async def call(self, method: str, request: bytes, timeout: float) -> bytes:
+        # The request id travels on, so the backend's log lines carry the caller's id too.
+        metadata = ((REQUEST_ID_KEY, request_id),) if (request_id := current_request_id()) else None
         try:
-            return await self.method(method)(request, timeout=timeout)
+            return await self.method(method)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._upstream_error(exc) from None
 

@@ -27,6 +27,7 @@ from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
+from shared.observability import add_trailing_metadata
 from shared.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class GatewayProxy:
             raise
         self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
         if trailing:
-            context.set_trailing_metadata(((CACHE_OUTCOME, outcome),))
+            add_trailing_metadata(context, CACHE_OUTCOME, outcome)
         return response
 
     async def _predict(self, route: FamilyRoute, request, raw: bytes, context) -> tuple[bytes, str]:

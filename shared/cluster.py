@@ -50,6 +50,9 @@ class ClusterPorts:
     redis: int = 6390
     gateway_metrics: int = 9464
     redis_queue: int = 6391
+    dense_metrics: int = 9465
+    gnn_metrics: int = 9466
+    nlp_metrics: int = 9467
 
     @classmethod
     def free(cls) -> ClusterPorts:
@@ -82,8 +85,12 @@ def process_table(
     for family in FAMILIES:
         prefix = f"MAAS_{family.upper()}"
         port = getattr(ports, family)
-        specs.append(ProcessSpec(family, f"services.{family}", port,
-                                 {f"{prefix}_PORT": str(port), f"{prefix}_MODEL_STORE": store}))  # fmt: skip
+        env = {
+            f"{prefix}_PORT": str(port),
+            f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family}_metrics")),
+            f"{prefix}_MODEL_STORE": store,
+        }
+        specs.append(ProcessSpec(family, f"services.{family}", port, env))
     for family in FAMILIES:
         prefix = f"MAAS_{family.upper()}_TRAINER"
         env = {
@@ -232,7 +239,8 @@ def print_endpoints(cluster: LocalCluster) -> None:
             continue
         role = "public endpoint" if name == "gateway" else "internal"
         print(f"  {name:<13} grpc://{spec.target}  ({role})")
-    print(f"  metrics       http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics  (gateway, Prometheus)")
+    metrics = ", ".join(f"{name} :{getattr(cluster.ports, f'{name}_metrics')}" for name in ("gateway", *FAMILIES))
+    print(f"  metrics       http://127.0.0.1:<port>/metrics  (Prometheus: {metrics})")
     print(f"  redis         {cluster.redis_url}  (result cache: LRU)")
     print(f"  redis         {cluster.queue_redis_url}  (job queue: AOF, noeviction)", flush=True)
 

@@ -23,6 +23,7 @@ from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from shared.model_info import to_model_version
 from shared.model_store import Manifest, ModelStore
+from shared.observability import MODEL_STATE
 
 if TYPE_CHECKING:
     from shared.server import GrpcServer
@@ -193,6 +194,7 @@ class ModelRepository:
             log.error("could not load %s v%d: %s", name, version, exc)
             if previous is None or previous.state != State.MODEL_STATE_READY:
                 versions[version] = entry
+                _report_state(name, version, entry.state)
             return entry
         entry.predictor = predictor
         entry.batcher = DynamicBatcher(
@@ -200,6 +202,7 @@ class ModelRepository:
         )
         entry.state = State.MODEL_STATE_READY
         versions[version] = entry
+        _report_state(name, version, entry.state)
         self._unloaded.discard((name, version))
         log.info("loaded %s v%d on %s", name, version, predictor.device)
         return entry
@@ -225,6 +228,7 @@ class ModelRepository:
         for target in targets:
             entry = versions.pop(target)
             self._unloaded.add((name, target))
+            _report_state(name, target, State.MODEL_STATE_UNLOADED)
             if entry.batcher is not None:
                 entry.batcher.close()
             log.info("unloaded %s v%d", name, target)
@@ -338,3 +342,11 @@ class ModelRepository:
             else:
                 described.append(to_model_version(self.store.manifest(name, version), State.MODEL_STATE_UNLOADED))
         return self.default_version(name), name in self._pins, described
+
+
+def _report_state(name: str, version: int, state: int) -> None:
+    """maas_model_state: 1 for the version's current state, 0 for the others."""
+    for candidate in (State.MODEL_STATE_LOADING, State.MODEL_STATE_READY, State.MODEL_STATE_FAILED,
+                      State.MODEL_STATE_UNLOADED):  # fmt: skip
+        label = State.Name(candidate).removeprefix("MODEL_STATE_")
+        MODEL_STATE.labels(name, str(version), label).set(1 if candidate == state else 0)

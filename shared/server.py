@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.error_interceptor import ErrorInterceptor
+from shared.observability import ObservabilityInterceptor, start_metrics_server
 from shared.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,10 @@ class GrpcServer:
         self.settings = settings
         self.tls = credentials is not None
         self.service_names = list(service_names)
+        # Outermost first: observability sees every call's final status, auth failures included.
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor()], options=server_options(settings)
+            interceptors=[ObservabilityInterceptor(), *interceptors, ErrorInterceptor()],
+            options=server_options(settings),
         )
         register(self.server)
         self.health = health.aio.HealthServicer()
@@ -79,6 +82,7 @@ class GrpcServer:
             self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{health_port}")
 
     async def start(self) -> None:
+        start_metrics_server(self.settings.metrics_port, self.settings.host)
         await self.set_health(NOT_SERVING)
         await self.server.start()
         if self.health_server is not None:

@@ -26,7 +26,9 @@ class ServerSettings(BaseSettings):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, description="Largest request or response, in bytes.")
     shutdown_grace_s: float = Field(10.0, description="How long SIGTERM waits for in-flight calls before stopping.")
     max_connection_age_s: float = Field(300.0, description="Clients reconnect after this, so new replicas get traffic.")
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: str = Field("INFO", description="Python logging level; DEBUG also logs (redacted) inputs.")
+    log_format: Literal["json", "text"] = Field("json", description="JSON lines with the request id, or text.")
+    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
 
 
 class ModelServiceSettings(ServerSettings):
@@ -118,7 +120,6 @@ class GatewaySettings(ServerSettings):
         0.005, description="Taken off the caller's remaining time for the gateway's own work."
     )
     catalog_refresh_s: float = Field(2.0, description="How often default model versions are re-read from the backends.")
-    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
     queue_redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("MAAS_GATEWAY_QUEUE_REDIS_URL", "QUEUE_REDIS_URL"),
@@ -161,6 +162,8 @@ class TrainerSettings(BaseSettings):
     max_attempts: int = Field(3, description="Deliveries before a job is moved to the dead-letter stream.")
     block_ms: int = Field(1000, description="How long one read of the queue waits for a job.")
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["json", "text"] = Field("json", description="JSON lines, or text.")
+    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
 
 
 def trainer_settings(family: str) -> TrainerSettings:

@@ -326,9 +326,11 @@ def _entry(raw: tuple[bytes, dict[bytes, bytes]]) -> tuple[str, str]:
 
 async def serve_trainer(family: str, run_job: Callable[[JobContext], JobResult], settings: Any) -> None:
     """Runs one family's trainer until SIGTERM; a job in progress stops at its next epoch boundary."""
+    from shared.observability import start_metrics_server
     from shared.torch_device import resolve_torch_device
 
     torch.set_num_threads(settings.torch_threads)
+    start_metrics_server(settings.metrics_port)
     jobs = JobStore.from_url(settings.queue_redis_url)
     worker = TrainingWorker(
         family,

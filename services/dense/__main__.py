@@ -23,7 +23,7 @@ async def serve(settings: DenseSettings) -> None:
 
 def main() -> None:
     settings = DenseSettings()
-    configure_logging("dense", settings.log_level)
+    configure_logging("dense", settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

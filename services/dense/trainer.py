@@ -12,7 +12,7 @@ from shared.training_worker import serve_trainer
 
 def main() -> None:
     settings = trainer_settings("dense")
-    configure_logging("dense-trainer", settings.log_level)
+    configure_logging("dense-trainer", settings.log_level, settings.log_format)
     asyncio.run(serve_trainer("dense", run_job, settings))
 
 

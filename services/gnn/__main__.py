@@ -27,7 +27,7 @@ async def serve(settings: GnnSettings) -> None:
 
 def main() -> None:
     settings = GnnSettings()
-    configure_logging("gnn", settings.log_level)
+    configure_logging("gnn", settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

@@ -12,7 +12,7 @@ from shared.training_worker import serve_trainer
 
 def main() -> None:
     settings = trainer_settings("gnn")
-    configure_logging("gnn-trainer", settings.log_level)
+    configure_logging("gnn-trainer", settings.log_level, settings.log_format)
     asyncio.run(serve_trainer("gnn", run_job, settings))
 
 

@@ -27,7 +27,7 @@ async def serve(settings: NlpSettings) -> None:
 
 def main() -> None:
     settings = NlpSettings()
-    configure_logging("nlp", settings.log_level)
+    configure_logging("nlp", settings.log_level, settings.log_format)
     asyncio.run(serve(settings))
 
 

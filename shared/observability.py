@@ -1,0 +1,143 @@
+"""Request ids, JSON logs and Prometheus metrics for every maas process.
+
+One interceptor gives each call a request id (the caller's `x-request-id`, or a new one), puts
+it in every log line written while serving the call and returns it in trailing metadata, and
+counts the call by service, method, model, version and status code, with its latency.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+REQUEST_ID = contextvars.ContextVar("maas_request_id", default="")
+REQUEST_ID_KEY = "x-request-id"
+
+REQUESTS = Counter(
+    "maas_requests_total", "gRPC calls by service, method, model, version and status code",
+    ["service", "method", "model", "version", "code"],
+)  # fmt: skip
+LATENCY = Histogram(
+    "maas_request_seconds", "gRPC call latency", ["service", "method", "model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip
+MODEL_STATE = Gauge(
+    "maas_model_state", "1 for the state each loaded model version is in", ["model", "version", "state"]
+)
+
+
+def current_request_id() -> str:
+    return REQUEST_ID.get()
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, process: str) -> None:
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "process": self.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def add_trailing_metadata(context, key: str, value: str) -> None:
+    """Adds one entry to the call's trailing metadata, keeping what is already there."""
+    kept = tuple((k, v) for k, v in (context.trailing_metadata() or ()) if k != key)
+    context.set_trailing_metadata((*kept, (key, value)))
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
+    if port:
+        start_http_server(port, addr=host)
+
+
+def _model_and_version(request, response) -> tuple[str, str]:
+    model = getattr(request, "model_name", "") or getattr(request, "name", "") if not isinstance(request, bytes) else ""
+    version = getattr(response, "model_version", None) if response is not None else None
+    if version in (None, 0, ""):
+        version = getattr(request, "model_version", "") if not isinstance(request, bytes) else ""
+    return model or "", str(version or "")
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc."):
+            return handler
+        service, _, method = details.method.strip("/").rpartition("/")
+        incoming = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_observed(handler.unary_unary, service, method, incoming))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_observed(handler.stream_unary, service, method, incoming))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_observed_stream(handler.unary_stream, service, method, incoming))
+        return handler._replace(stream_stream=_observed_stream(handler.stream_stream, service, method, incoming))
+
+
+def _begin(context, incoming: str | None):
+    request_id = incoming or uuid.uuid4().hex
+    token = REQUEST_ID.set(request_id)
+    add_trailing_metadata(context, REQUEST_ID_KEY, request_id)
+    return token
+
+
+def _record(service, method, request, response, context, started) -> None:
+    model, version = _model_and_version(request, response)
+    code = context.code()
+    name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code in (None, 0) else str(code))
+    elapsed = time.perf_counter() - started
+    REQUESTS.labels(service, method, model, version, name).inc()
+    LATENCY.labels(service, method, model).observe(elapsed)
+    if name != "OK":  # failed calls are logged (with the request id); successful ones only counted
+        log.info("%s/%s model=%s failed: %s %s (%.1f ms)", service, method, model, name, context.details() or "",
+                 elapsed * 1000)  # fmt: skip
+
+
+def _observed(behavior, service, method, incoming):
+    async def wrapped(request, context):
+        token, started, response = _begin(context, incoming), time.perf_counter(), None
+        try:
+            response = await behavior(request, context)
+            return response
+        finally:
+            _record(service, method, request, response, context, started)
+            REQUEST_ID.reset(token)
+
+    return wrapped
+
+
+def _observed_stream(behavior, service, method, incoming):
+    async def wrapped(request, context):
+        token, started = _begin(context, incoming), time.perf_counter()
+        try:
+            async for item in behavior(request, context):
+                yield item
+        finally:
+            _record(service, method, request, None, context, started)
+            REQUEST_ID.reset(token)
+
+    return wrapped
