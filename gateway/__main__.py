@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 
 import grpc
+import redis.asyncio as redis
 
 from gateway.auth import ApiKeys, AuthInterceptor, server_credentials
 from gateway.backends import Backend
@@ -14,6 +15,7 @@ from gateway.catalog import ModelCatalog
 from gateway.fanout import FanoutServicer
 from gateway.open_inference import OpenInferenceServicer
 from gateway.proxy import ROUTES, GatewayProxy
+from gateway.rate_limit import RateLimiter, RateLimitInterceptor
 from gateway.training import TrainingServicer
 from inference import open_inference_pb2, open_inference_pb2_grpc
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -65,7 +67,14 @@ async def serve(settings: GatewaySettings) -> None:
     names = [*services.values(), OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
         [TRAINING_SERVICE] if jobs is not None else []
     )
-    interceptors = [AuthInterceptor(ApiKeys.from_file(settings.api_keys_file))] if settings.api_keys_file else []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.api_keys_file:
+        interceptors.append(AuthInterceptor(ApiKeys.from_file(settings.api_keys_file)))
+    if settings.redis_url and (settings.rate_limit_per_s or settings.rate_limits):
+        limiter_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.cache_timeout_s,
+                                             socket_connect_timeout=settings.cache_timeout_s)  # fmt: skip
+        limiter = RateLimiter(limiter_redis, settings.rate_limit_per_s, settings.rate_limit_burst, settings.rate_limits)
+        interceptors.append(RateLimitInterceptor(limiter))
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)

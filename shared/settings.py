@@ -108,6 +108,12 @@ class GatewaySettings(ServerSettings):
         description="Per-model cache settings, as JSON: "
         '{"sentiment": {"enabled": false}, "minilm-l6-v2": {"ttl_s": 3600}}.',
     )
+    rate_limit_per_s: float = Field(0.0, description="Calls per second each tenant may make; 0 turns limits off.")
+    rate_limit_burst: int = Field(0, description="Calls a tenant may make at once; 0 means one second's worth.")
+    rate_limits: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description='Per-tenant overrides, as JSON: {"batch-jobs": {"rate_per_s": 5, "burst": 10}}.',
+    )
     cache_ttl_jitter: float = Field(
         0.1, description="Fraction of the TTL added at random, so entries don't expire together."
     )

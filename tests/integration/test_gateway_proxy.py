@@ -4,16 +4,20 @@ coalescing of identical calls, per-model cache policy, and message size limits."
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import numpy as np
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from gateway.auth import ApiKeys, AuthInterceptor, hash_key
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
+from gateway.rate_limit import RateLimiter, RateLimitInterceptor
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.cluster import free_port
 from shared.redis_server import CACHE_CONFIG, RedisServer
@@ -116,3 +120,65 @@ async def test_an_oversized_message_is_resource_exhausted_with_the_limit(gateway
     assert backend.calls == 0
     reply, _ = await call(stub, request(rows=2))  # and the gateway keeps serving
     assert reply.model_name == "m"
+
+
+@pytest.fixture
+async def limited_gateway(cache_redis, tmp_path):
+    """A gateway with API keys and a limit of 3 calls/s (burst 3) per tenant; tenant "bulk" gets 1/s."""
+    backend_servicer = SlowDense()
+    backend = GrpcServer(ServerSettings(port=0),
+                         lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(backend_servicer, s),
+                         ["maas.dense.v1.DenseService"])  # fmt: skip
+    await backend.start()
+    redis.Redis.from_url(cache_redis.url).flushall()
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k)} for t, k in TENANT_KEYS.items()]}))
+    settings = GatewaySettings(port=0)
+    backends = {r.family: Backend(r.family, r.service, f"127.0.0.1:{backend.port}", 1 << 20) for r in ROUTES}
+    proxy = GatewayProxy(backends, ResultCache(None, 1.0), ModelCatalog(backends, 60.0), settings)
+    limiter_redis = aioredis.Redis.from_url(cache_redis.url)
+    limiter = RateLimiter(limiter_redis, 3, 3, {"bulk": {"rate_per_s": 1}})
+    server = GrpcServer(
+        settings,
+        lambda s: s.add_generic_rpc_handlers(proxy.handlers()),
+        [r.service for r in ROUTES],
+        [AuthInterceptor(ApiKeys.from_file(keys)), RateLimitInterceptor(limiter)],
+    )
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield dense_pb2_grpc.DenseServiceStub(channel)
+    await server.server.stop(0)
+    await backend.server.stop(0)
+    await limiter_redis.aclose()
+
+
+TENANT_KEYS = {"web": "web-key-123456", "other": "other-key-654321", "bulk": "bulk-key-000000"}
+
+
+def as_tenant(tenant):
+    return (("authorization", f"Bearer {TENANT_KEYS[tenant]}"),)
+
+
+async def test_a_tenant_over_its_rate_gets_resource_exhausted_with_a_retry_hint(limited_gateway):
+    stub = limited_gateway
+    calls = [stub.Predict(request(value=i), timeout=10, metadata=as_tenant("web")) for i in range(5)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 2 and len(results) - len(refused) == 3
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "rate limit of 3 requests/s for tenant 'web'" in refused[0].details()
+    retry_ms = int(dict(refused[0].trailing_metadata())["retry-after-ms"])
+    assert 0 < retry_ms <= 400
+    # Another tenant has its own bucket.
+    await stub.Predict(request(), timeout=10, metadata=as_tenant("other"))
+    # After the hinted wait, the first tenant may call again.
+    await asyncio.sleep(retry_ms / 1000 + 0.05)
+    await stub.Predict(request(), timeout=10, metadata=as_tenant("web"))
+
+
+async def test_per_tenant_overrides(limited_gateway):
+    stub = limited_gateway
+    calls = [stub.Predict(request(value=i), timeout=10, metadata=as_tenant("bulk")) for i in range(2)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 1 and "1 requests/s" in refused[0].details()
