@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv protos models run test lint bench images manifests clean
 
 help:
-	@echo "make run    - start redis, the dense, gnn and nlp services and the gateway"
+	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
 	@echo "make test   - lint, then run unit, integration and end-to-end tests"
 	@echo "make bench  - measure, as ratios against a baseline taken in the same run"
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
@@ -48,8 +48,9 @@ $(MODELS_STAMP): $(PROTO_STAMP)
 	$(PY) -m services.defaults --store $(MODEL_STORE)
 	touch $@
 
+REPLICAS ?= 1
 run: $(MODELS_STAMP)
-	$(PY) -m shared.cluster
+	$(PY) -m shared.cluster --replicas $(REPLICAS)
 
 test: lint $(MODELS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

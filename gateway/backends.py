@@ -16,8 +16,11 @@ from shared.observability import REQUEST_ID_KEY, current_request_id
 # UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
-        # With a dns:/// target naming a headless Service, calls spread over every replica.
+        # With a dns:/// target naming a headless Service, calls spread over every replica;
+        # a replica that fails drops out of the rotation and rejoins once it reconnects.
         "loadBalancingConfig": [{"round_robin": {}}],
+        # The retry budget: retries stop while more than half the recent calls failed.
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         "methodConfig": [
             {
                 "name": [{}],

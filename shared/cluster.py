@@ -53,10 +53,22 @@ class ClusterPorts:
     dense_metrics: int = 9465
     gnn_metrics: int = 9466
     nlp_metrics: int = 9467
+    # Free ports for extra replicas instead of the fixed +10 steps (tests set it).
+    pick_free: bool = False
+    _extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def free(cls) -> ClusterPorts:
-        return cls(*(free_port() for _ in fields(cls)))
+        ports = [f for f in fields(cls) if f.type == "int"]
+        return cls(*(free_port() for _ in ports), pick_free=True)
+
+    def replica(self, name: str, index: int) -> int:
+        """The port of replica `index` (0 is the first) for a port field such as "dense" or "dense_metrics"."""
+        if index == 0:
+            return getattr(self, name)
+        if self.pick_free:
+            return self._extra.setdefault((name, index), free_port())
+        return getattr(self, name) + 10 * index
 
 
 def free_port() -> int:
@@ -66,31 +78,40 @@ def free_port() -> int:
 
 
 def process_table(
-    ports: ClusterPorts, model_store: Path, redis_url: str | None, queue_redis_url: str, var_dir: Path
+    ports: ClusterPorts,
+    model_store: Path,
+    redis_url: str | None,
+    queue_redis_url: str,
+    var_dir: Path,
+    replicas: dict[str, int] | None = None,
 ) -> list[ProcessSpec]:
-    """What runs: the three model services, their trainers, and the gateway that fronts them."""
+    """What runs: the model services (N replicas each), their trainers, and the gateway that fronts them."""
     store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
+    counts = {family: (replicas or {}).get(family, 1) for family in FAMILIES}
     gateway_env = {
         "MAAS_GATEWAY_PORT": str(ports.gateway),
         "MAAS_GATEWAY_METRICS_PORT": str(ports.gateway_metrics),
-        "MAAS_GATEWAY_DENSE_TARGET": f"127.0.0.1:{ports.dense}",
-        "MAAS_GATEWAY_GNN_TARGET": f"127.0.0.1:{ports.gnn}",
-        "MAAS_GATEWAY_NLP_TARGET": f"127.0.0.1:{ports.nlp}",
         "MAAS_GATEWAY_QUEUE_REDIS_URL": queue_redis_url,
         "MAAS_GATEWAY_DATASET_DIR": datasets,
     }
+    for family in FAMILIES:
+        addresses = [f"127.0.0.1:{ports.replica(family, i)}" for i in range(counts[family])]
+        # Several replicas: one static target listing them all, balanced round robin like dns:/// in Kubernetes.
+        target = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
+        gateway_env[f"MAAS_GATEWAY_{family.upper()}_TARGET"] = target
     if redis_url:
         gateway_env["MAAS_GATEWAY_REDIS_URL"] = redis_url
     specs = []
     for family in FAMILIES:
         prefix = f"MAAS_{family.upper()}"
-        port = getattr(ports, family)
-        env = {
-            f"{prefix}_PORT": str(port),
-            f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family}_metrics")),
-            f"{prefix}_MODEL_STORE": store,
-        }
-        specs.append(ProcessSpec(family, f"services.{family}", port, env))
+        for i in range(counts[family]):
+            port = ports.replica(family, i)
+            env = {
+                f"{prefix}_PORT": str(port),
+                f"{prefix}_METRICS_PORT": str(ports.replica(f"{family}_metrics", i)),
+                f"{prefix}_MODEL_STORE": store,
+            }
+            specs.append(ProcessSpec(family if i == 0 else f"{family}-{i + 1}", f"services.{family}", port, env))
     for family in FAMILIES:
         prefix = f"MAAS_{family.upper()}_TRAINER"
         env = {
@@ -126,6 +147,7 @@ class LocalCluster:
         log_dir: Path | None = None,
         queue_redis_url: str | None = None,
         extra_env: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
     ) -> None:
         self.ports = ports
         self.var_dir = Path(var_dir)
@@ -139,7 +161,9 @@ class LocalCluster:
         self.extra_env = extra_env or {}
         self.specs = {
             spec.name: spec
-            for spec in process_table(ports, Path(model_store), self.redis_url, self.queue_redis_url, self.var_dir)
+            for spec in process_table(
+                ports, Path(model_store), self.redis_url, self.queue_redis_url, self.var_dir, replicas
+            )
         }
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -204,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the maas cluster locally.")
     parser.add_argument("--model-store", type=Path, default=Path("var/models"))
     parser.add_argument("--var-dir", type=Path, default=Path("var"))
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of each model service")
     args = parser.parse_args()
 
     cluster = LocalCluster(
@@ -212,6 +237,7 @@ def main() -> None:
         args.var_dir,
         os.environ.get("REDIS_URL"),
         queue_redis_url=os.environ.get("QUEUE_REDIS_URL"),
+        replicas={family: args.replicas for family in FAMILIES},
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
