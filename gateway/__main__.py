@@ -25,6 +25,7 @@ from shared.jobs import JobStore
 from shared.logs import configure_logging
 from shared.server import NOT_SERVING, SERVING, GrpcServer
 from shared.settings import GatewaySettings
+from shared.tracing import configure_tracing
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -104,6 +105,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging("gateway", settings.log_level, settings.log_format)
+    configure_tracing("gateway", settings.tracing, settings.otlp_endpoint)
     asyncio.run(serve(settings))
 
 

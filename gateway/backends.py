@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 
 import grpc
+from opentelemetry.trace import SpanKind
 
+from shared import tracing
 from shared.errors import UpstreamError
 from shared.observability import REQUEST_ID_KEY, current_request_id
 
@@ -74,8 +76,14 @@ class Backend:
         return self._methods[name]
 
     async def call(self, method: str, request: bytes, timeout: float) -> bytes:
-        # The request id travels on, so the backend's log lines carry the caller's id too.
-        metadata = ((REQUEST_ID_KEY, request_id),) if (request_id := current_request_id()) else None
+        # The request id and trace context travel on, so the backend's logs and spans join the caller's.
+        with tracing.tracer.start_as_current_span(f"{self.family}/{method}", kind=SpanKind.CLIENT):
+            metadata = tracing.inject()
+            if request_id := current_request_id():
+                metadata += ((REQUEST_ID_KEY, request_id),)
+            return await self._call(method, request, timeout, metadata or None)
+
+    async def _call(self, method: str, request: bytes, timeout: float, metadata) -> bytes:
         try:
             return await self.method(method)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:

@@ -15,9 +15,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
+from shared import tracing  # noqa: E402 - after the logger, which tracing does not need
+
 REQUEST_ID = contextvars.ContextVar("maas_request_id", default="")
 REQUEST_ID_KEY = "x-request-id"
 
@@ -117,12 +120,23 @@ def _record(service, method, request, response, context, started) -> None:
                  elapsed * 1000)  # fmt: skip
 
 
+def _span(service, method, context):
+    return tracing.tracer.start_as_current_span(
+        f"{service}/{method}",
+        context=tracing.extract(context.invocation_metadata()),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+    )
+
+
 def _observed(behavior, service, method, incoming):
     async def wrapped(request, context):
         token, started, response = _begin(context, incoming), time.perf_counter(), None
         try:
-            response = await behavior(request, context)
-            return response
+            with _span(service, method, context) as span:
+                span.set_attribute("maas.request_id", REQUEST_ID.get())
+                response = await behavior(request, context)
+                return response
         finally:
             _record(service, method, request, response, context, started)
             REQUEST_ID.reset(token)
@@ -134,8 +148,9 @@ def _observed_stream(behavior, service, method, incoming):
     async def wrapped(request, context):
         token, started = _begin(context, incoming), time.perf_counter()
         try:
-            async for item in behavior(request, context):
-                yield item
+            with _span(service, method, context):
+                async for item in behavior(request, context):
+                    yield item
         finally:
             _record(service, method, request, None, context, started)
             REQUEST_ID.reset(token)

@@ -29,6 +29,8 @@ class ServerSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level; DEBUG also logs (redacted) inputs.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines with the request id, or text.")
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
+    tracing: str = Field("off", description="OpenTelemetry exporter: off, console, otlp or file:<path>.")
+    otlp_endpoint: str = Field("localhost:4317", description="OTLP/gRPC collector, when tracing is otlp.")
 
 
 class ModelServiceSettings(ServerSettings):

@@ -11,6 +11,7 @@ from shared.logs import configure_logging
 from shared.model_service import build_repository, serve_models
 from shared.onnx_session import OnnxConfig
 from shared.settings import DenseSettings
+from shared.tracing import configure_tracing
 
 SERVICE_NAME = dense_pb2.DESCRIPTOR.services_by_name["DenseService"].full_name
 
@@ -24,6 +25,7 @@ async def serve(settings: DenseSettings) -> None:
 def main() -> None:
     settings = DenseSettings()
     configure_logging("dense", settings.log_level, settings.log_format)
+    configure_tracing("dense", settings.tracing, settings.otlp_endpoint)
     asyncio.run(serve(settings))
 
 

@@ -13,6 +13,7 @@ from shared.logs import configure_logging
 from shared.model_service import build_repository, serve_models
 from shared.settings import GnnSettings
 from shared.torch_device import resolve_torch_device
+from shared.tracing import configure_tracing
 
 SERVICE_NAME = gnn_pb2.DESCRIPTOR.services_by_name["GnnService"].full_name
 
@@ -28,6 +29,7 @@ async def serve(settings: GnnSettings) -> None:
 def main() -> None:
     settings = GnnSettings()
     configure_logging("gnn", settings.log_level, settings.log_format)
+    configure_tracing("gnn", settings.tracing, settings.otlp_endpoint)
     asyncio.run(serve(settings))
 
 

@@ -12,6 +12,7 @@ from shared.model_service import build_repository, serve_models
 from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig
 from shared.settings import NlpSettings
+from shared.tracing import configure_tracing
 
 SERVICE_NAME = nlp_pb2.DESCRIPTOR.services_by_name["NlpService"].full_name
 
@@ -28,6 +29,7 @@ async def serve(settings: NlpSettings) -> None:
 def main() -> None:
     settings = NlpSettings()
     configure_logging("nlp", settings.log_level, settings.log_format)
+    configure_tracing("nlp", settings.tracing, settings.otlp_endpoint)
     asyncio.run(serve(settings))
 
 

@@ -3,6 +3,7 @@ load, and traffic back on it once it returns."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import threading
@@ -25,7 +26,11 @@ NO_CACHE = (("cache-control", "no-store"),)
 def replicated(model_store, tmp_path_factory):
     var = tmp_path_factory.mktemp("replicated")
     shutil.copytree(model_store.root, var / "models")
-    cluster = LocalCluster(ClusterPorts.free(), var / "models", var, log_dir=var / "logs", replicas={"dense": 2})
+    # This cluster also traces, into files, so a test can follow one call across processes.
+    tracing = {"MAAS_GATEWAY_TRACING": f"file:{var / 'gateway-spans.jsonl'}",
+               "MAAS_DENSE_TRACING": f"file:{var / 'dense-spans.jsonl'}"}  # fmt: skip
+    cluster = LocalCluster(ClusterPorts.free(), var / "models", var, log_dir=var / "logs", replicas={"dense": 2},
+                           extra_env=tracing)  # fmt: skip
     try:
         cluster.start()
         yield cluster
@@ -85,3 +90,39 @@ def test_a_replica_killed_under_load_costs_under_a_thousandth_of_the_calls(repli
     assert counts["failed"] / total < 0.001, errors[:5]
     # The restarted replica is back in the rotation.
     assert predictions_served(replicated, "dense-2") > 0
+
+
+def spans(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_trace_runs_from_the_gateway_into_the_model_service(replicated):
+    stub_channel = grpc.insecure_channel(replicated.specs["gateway"].target)
+    stub = dense_pb2_grpc.DenseServiceStub(stub_channel)
+    request = dense_pb2.PredictRequest(
+        model_name="digits-mlp", inputs={"pixels": from_numpy(np.ones((1, 64), np.float32))}
+    )
+    stub.Predict(request, timeout=10, metadata=NO_CACHE + (("x-request-id", "traced-call-1"),))
+    stub_channel.close()
+    var = replicated.var_dir
+
+    def find():
+        server = [s for s in spans(var / "gateway-spans.jsonl")
+                  if s["attributes"].get("maas.request_id") == "traced-call-1"]  # fmt: skip
+        if not server:
+            return None
+        trace_id = server[0]["context"]["trace_id"]
+        client = [s for s in spans(var / "gateway-spans.jsonl")
+                  if s["context"]["trace_id"] == trace_id and s["kind"] == "SpanKind.CLIENT"]  # fmt: skip
+        backend = [s for s in spans(var / "dense-spans.jsonl") if s["context"]["trace_id"] == trace_id]
+        return (server[0], client, backend) if client and backend else None
+
+    deadline = time.monotonic() + 10
+    while (found := find()) is None:
+        assert time.monotonic() < deadline, "the trace did not reach the dense service"
+        time.sleep(0.2)
+    server, client, backend = found
+    assert server["name"] == "maas.dense.v1.DenseService/Predict" and server["kind"] == "SpanKind.SERVER"
+    assert client[0]["parent_id"] == server["context"]["span_id"] and client[0]["name"] == "dense/Predict"
+    assert backend[0]["parent_id"] == client[0]["context"]["span_id"]
+    assert backend[0]["resource"]["attributes"]["service.name"] == "maas-dense"
