@@ -265,33 +265,40 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return oip.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request, context):
+        """One entry per loaded version; the gateway's counters are per model, on the default version's entry."""
         if request.name:
             _, model = await self.catalog.find(request.name)
-            names = [model.name]
+            models = [model]
         else:
-            names = sorted(n for models in self.catalog.models.values() for n in models)
+            models = [m for family in self.catalog.models.values() for m in family.values()]
         stats = []
-        for name in names:
-            counters = self.proxy.stats.by_model.get(name)
-            if counters is None:
-                stats.append(oip.ModelStatistics(name=name, version=request.version))
-                continue
-            duration = oip.StatisticDuration
-            stats.append(
-                oip.ModelStatistics(
-                    name=name,
-                    version=request.version,
-                    last_inference=counters.last_inference_ms,
-                    inference_count=counters.success_count,
-                    execution_count=counters.success_count - counters.cache_hits,
-                    inference_stats=oip.InferStatistics(
-                        success=duration(count=counters.success_count, ns=counters.success_ns),
-                        fail=duration(count=counters.fail_count, ns=counters.fail_ns),
-                        cache_hit=duration(count=counters.cache_hits),
-                        cache_miss=duration(count=counters.cache_misses),
-                    ),
+        for model in sorted(models, key=lambda m: m.name):
+            for version in model.versions:
+                if request.version and str(version.version) != request.version:
+                    continue
+                counters = self.proxy.stats.by_model.get(model.name)
+                if counters is None or version.version != model.default_version:
+                    stats.append(oip.ModelStatistics(name=model.name, version=str(version.version)))
+                    continue
+                duration = oip.StatisticDuration
+                stats.append(
+                    oip.ModelStatistics(
+                        name=model.name,
+                        version=str(version.version),
+                        last_inference=counters.last_inference_ms,
+                        inference_count=counters.success_count,
+                        execution_count=counters.success_count - counters.cache_hits,
+                        inference_stats=oip.InferStatistics(
+                            success=duration(count=counters.success_count, ns=counters.success_ns),
+                            fail=duration(count=counters.fail_count, ns=counters.fail_ns),
+                            # Every call is admitted through a queue (the batcher's, or the cache's
+                            # fast path); perf_analyzer finds the version it measured by this count.
+                            queue=duration(count=counters.success_count),
+                            cache_hit=duration(count=counters.cache_hits),
+                            cache_miss=duration(count=counters.cache_misses),
+                        ),
+                    )
                 )
-            )
         return oip.ModelStatisticsResponse(model_stats=stats)
 
     async def RepositoryIndex(self, request, context):

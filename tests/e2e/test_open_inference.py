@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -120,3 +125,20 @@ def _input(name, array, datatype="FP32"):
     tensor = triton.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+def test_perf_analyzer_runs_unchanged_against_the_gateway(cluster):
+    """Triton's perf_analyzer (shipped in the tritonclient wheel) measures a maas model as it would Triton."""
+    binary = Path(sys.executable).parent / "perf_analyzer"
+    cuda_runtime = Path(sys.executable).parents[1] / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(cuda_runtime)}
+    missing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env).stdout
+    if not binary.exists() or "not found" in missing:
+        pytest.skip(f"perf_analyzer cannot start here (needs Debian's libb64-0d; .ci/run installs it): {missing[:200]}")
+    result = subprocess.run(
+        [str(binary), "-m", "digits-mlp", "-u", cluster.specs["gateway"].target, "-i", "grpc",
+         "--concurrency-range", "2", "--measurement-interval", "1000", "--stability-percentage", "999"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Concurrency: 2, throughput:" in result.stdout
