@@ -62,7 +62,7 @@ async def serve(settings: GatewaySettings) -> None:
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
         if jobs is not None:
-            servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes)
+            servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes, catalog)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
     names = [*services.values(), OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (

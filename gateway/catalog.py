@@ -100,6 +100,29 @@ class ModelCatalog:
         known = sorted(n for models in self.models.values() for n in models)
         raise NotFoundError(f"model {name!r} not found; the cluster serves {known}")
 
+    @staticmethod
+    def owner(model: model_pb2.Model) -> str:
+        """A private model's tenant; every version of a model has the same owner."""
+        return next((v.owner for v in model.versions if v.owner), "")
+
+    def visible(self, model: model_pb2.Model, tenant: str) -> bool:
+        return self.owner(model) in ("", tenant)
+
+    async def check_visible(self, family: str, name: str, tenant: str) -> None:
+        """NOT_FOUND, exactly as for a model that does not exist, when the model is another tenant's."""
+        model = self.models[family].get(name)
+        if model is None:
+            await self.refresh(family)
+            model = self.models[family].get(name)
+        if model is not None and not self.visible(model, tenant):
+            raise NotFoundError(f"model {name!r} not found")
+
+    async def find_visible(self, name: str, tenant: str) -> tuple[str, model_pb2.Model]:
+        family, model = await self.find(name)
+        if not self.visible(model, tenant):
+            raise NotFoundError(f"model {name!r} not found")
+        return family, model
+
     async def run(self) -> None:
         while True:
             await asyncio.gather(*(self.refresh(family) for family in self.backends))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
 from inference import open_inference_pb2 as oip
@@ -208,14 +209,14 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context):
-        _, model = await self.catalog.find(request.name)
+        _, model = await self.catalog.find_visible(request.name, current_tenant())
         try:
             return oip.ModelReadyResponse(ready=default_version(model, request.version).state == READY)
         except NotFoundError:
             return oip.ModelReadyResponse(ready=False)
 
     async def ModelMetadata(self, request, context):
-        family, model = await self.catalog.find(request.name)
+        family, model = await self.catalog.find_visible(request.name, current_tenant())
         version = default_version(model, request.version)
 
         def metadata(specs, batched: bool):
@@ -236,7 +237,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         )
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context):
-        family, _ = await self.catalog.find(request.model_name)
+        family, _ = await self.catalog.find_visible(request.model_name, current_tenant())
         route = ROUTE_BY_FAMILY[family]
         message = to_family_request(family, request, parse_version(request.model_version))
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context)
@@ -244,7 +245,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return to_infer_response(request, response)
 
     async def ModelConfig(self, request, context):
-        family, model = await self.catalog.find(request.name)
+        family, model = await self.catalog.find_visible(request.name, current_tenant())
         version = default_version(model, request.version)
         batched = family in BATCHED_FAMILIES
 
@@ -267,10 +268,11 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
     async def ModelStatistics(self, request, context):
         """One entry per loaded version; the gateway's counters are per model, on the default version's entry."""
         if request.name:
-            _, model = await self.catalog.find(request.name)
+            _, model = await self.catalog.find_visible(request.name, current_tenant())
             models = [model]
         else:
-            models = [m for family in self.catalog.models.values() for m in family.values()]
+            models = [m for family in self.catalog.models.values() for m in family.values()
+                      if self.catalog.visible(m, current_tenant())]  # fmt: skip
         stats = []
         for model in sorted(models, key=lambda m: m.name):
             for version in model.versions:
@@ -305,6 +307,8 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         entries = []
         for models in self.catalog.models.values():
             for model in models.values():
+                if not self.catalog.visible(model, current_tenant()):
+                    continue
                 for version in model.versions:
                     if request.ready and version.state != READY:
                         continue
@@ -333,7 +337,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         raise FailedPreconditionError(refusals[0].message)
 
     async def RepositoryModelUnload(self, request, context):
-        family, _ = await self.catalog.find(request.model_name)
+        family, _ = await self.catalog.find_visible(request.model_name, current_tenant())
         message = ROUTE_BY_FAMILY[family].family_pb2.UnloadModelRequest(model_name=request.model_name)
         await self.proxy.backends[family].call("UnloadModel", message.SerializeToString(), self.proxy.timeout(context))
         await self.catalog.refresh(family)

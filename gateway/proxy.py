@@ -18,6 +18,7 @@ from types import ModuleType
 import grpc
 from google.protobuf.message import DecodeError
 
+from gateway.auth import current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import dense_digest, gnn_digest, nlp_digest, result_key
@@ -99,6 +100,16 @@ class GatewayProxy:
         return timeout
 
     async def forward(self, route: FamilyRoute, method: str, raw: bytes, context) -> bytes:
+        """Model and admin rpcs, with other tenants' private models hidden."""
+        tenant = current_tenant()
+        if method == "ListModels":
+            reply = route.family_pb2.ListModelsResponse.FromString(
+                await self.backends[route.family].call(method, raw, self.timeout(context))
+            )
+            visible = [model for model in reply.models if self.catalog.visible(model, tenant)]
+            return route.family_pb2.ListModelsResponse(models=visible).SerializeToString()
+        request = getattr(route.family_pb2, f"{method}Request").FromString(raw)
+        await self.catalog.check_visible(route.family, request.model_name, tenant)
         return await self.backends[route.family].call(method, raw, self.timeout(context))
 
     async def predict(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -117,6 +128,7 @@ class GatewayProxy:
         """
         started = time.perf_counter_ns()
         try:
+            await self.catalog.check_visible(route.family, request.model_name, current_tenant())
             response, outcome = await self._predict(route, request, raw, context)
         except Exception:
             self.stats.failed(request.model_name, time.perf_counter_ns() - started)

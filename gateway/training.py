@@ -11,9 +11,10 @@ import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from gateway.auth import current_tenant
+from gateway.catalog import ModelCatalog
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
-from shared.errors import InvalidArgumentError, ResourceExhaustedError
+from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from shared.job_spec import normalize
 from shared.jobs import TERMINAL, JobStore
 
@@ -48,7 +49,7 @@ def to_dataset(meta: dict) -> training_pb2.Dataset:
 
 
 def to_spec(spec: dict) -> training_pb2.SubmitJobRequest:
-    wire = {key: value for key, value in spec.items() if key != "task"}
+    wire = {key: value for key, value in spec.items() if key not in ("task", "tenant")}
     wire["family"] = FAMILY_CODES[spec["family"]]
     wire["optimizer"] = f"OPTIMIZER_{spec['optimizer'].upper()}"
     return ParseDict(wire, training_pb2.SubmitJobRequest(), ignore_unknown_fields=True)
@@ -87,10 +88,32 @@ def to_event(event: dict) -> training_pb2.JobEvent:
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, jobs: JobStore, datasets: DatasetStore, max_dataset_bytes: int) -> None:
+    def __init__(
+        self, jobs: JobStore, datasets: DatasetStore, max_dataset_bytes: int, catalog: ModelCatalog | None = None
+    ) -> None:
         self.jobs = jobs
         self.datasets = datasets
         self.max_dataset_bytes = max_dataset_bytes
+        self.catalog = catalog
+
+    async def check_output_model(self, name: str, family: str, private: bool) -> None:
+        """A job may add versions only to a model of its family that the same owner holds."""
+        if self.catalog is None:
+            return
+        try:
+            owned_by_family, model = await self.catalog.find(name)
+        except NotFoundError:
+            return  # a new model
+        owner, tenant = self.catalog.owner(model), current_tenant()
+        if not self.catalog.visible(model, tenant):
+            raise FailedPreconditionError(f"output_model: {name!r} belongs to another tenant; choose another name")
+        if owned_by_family != family:
+            raise InvalidArgumentError(f"output_model: {name!r} is a {owned_by_family} model, not {family}")
+        if owner != (tenant if private else ""):
+            kind = "private to you" if owner else "public"
+            raise FailedPreconditionError(
+                f"output_model: {name!r} is {kind}; set private={str(not private).lower()} or choose another name"
+            )
 
     async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
@@ -128,6 +151,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if request.WhichOneof("data") == "dataset_id":
             dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id, current_tenant())
         spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
+        await self.check_output_model(spec["output_model"], family, request.private)
+        spec["tenant"] = current_tenant()
         job_id, created = await self.jobs.submit(family, spec, request.idempotency_key, current_tenant())
         return training_pb2.SubmitJobResponse(job=to_job(await self.jobs.get(job_id)), created=created)
 

@@ -33,4 +33,5 @@ def to_model_version(manifest: Manifest, state: int, reason: str = "", device: s
         source=manifest.source,
         description=manifest.description,
         size_bytes=manifest.size_bytes,
+        owner=manifest.owner,
     )

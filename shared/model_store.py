@@ -45,6 +45,7 @@ class Manifest(BaseModel):
     source: str = ""
     description: str = ""
     size_bytes: int = Field(0, description="total size of the artifact files")
+    owner: str = Field("", description="the tenant a private version belongs to; empty: public")
     promotable: bool = Field(
         True, description="false when a training job's gate rejected it: never the default unless pinned"
     )

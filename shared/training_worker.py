@@ -134,8 +134,10 @@ class JobContext:
                                             self.current_default(model))  # fmt: skip
         manifest = self.version_written_by_this_job(model)
         if manifest is None:
+            owner = self.spec.get("tenant", "") if self.spec.get("private") else ""
             manifest = self.store.publish(
-                {**record, "name": model, "source": f"job:{self.job_id}", "promotable": passed}, artifacts
+                {**record, "name": model, "source": f"job:{self.job_id}", "promotable": passed, "owner": owner},
+                artifacts,
             )
         if passed and self.store.pinned_version(model) is not None:
             self.store.pin_default(model, manifest.version)
