@@ -28,4 +28,7 @@ def resolve_torch_device(device: str, device_index: int = 0, gpu_memory_limit_mb
         log.info(
             "torch on %s capped at %d MiB (%.1f%% of %d MiB)", chosen, gpu_memory_limit_mb, fraction * 100, total_mb
         )
+    from shared.observability import GPU_MEMORY
+
+    GPU_MEMORY.labels(str(chosen)).set_function(lambda: torch.cuda.memory_allocated(chosen))
     return chosen
