@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from shared.errors import UnauthenticatedError
+from shared.handler_wrapping import wrap_handler
 
 # The tenant of the call being served; "" when API keys are off (one tenant).
 CURRENT_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("maas_tenant", default="")
@@ -116,13 +117,7 @@ def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str, refusal: Unauthentic
 
         return wrapped
 
-    if handler.unary_unary:
-        return handler._replace(unary_unary=unary(handler.unary_unary))
-    if handler.stream_unary:
-        return handler._replace(stream_unary=unary(handler.stream_unary))
-    if handler.unary_stream:
-        return handler._replace(unary_stream=streaming(handler.unary_stream))
-    return handler._replace(stream_stream=streaming(handler.stream_stream))
+    return wrap_handler(handler, unary, streaming)
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

@@ -14,6 +14,7 @@ import grpc
 import redis.asyncio as redis
 
 from gateway.auth import OPEN_METHODS, current_tenant
+from shared.handler_wrapping import wrap_handler
 from shared.observability import add_trailing_metadata
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,4 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
 
             return wrapped
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return wrap_handler(handler, unary, streaming)

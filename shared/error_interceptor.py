@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from shared.errors import MaasError
+from shared.handler_wrapping import wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
         if handler is None:
             return None
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream, method))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
-        return handler
+        return wrap_handler(
+            handler, lambda behavior: _wrap_unary(behavior, method), lambda behavior: _wrap_stream(behavior, method)
+        )
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:

@@ -18,8 +18,10 @@ import grpc
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from shared import tracing
+from shared.handler_wrapping import wrap_handler
+
 log = logging.getLogger(__name__)
-from shared import tracing  # noqa: E402 - after the logger, which tracing does not need
 
 REQUEST_ID = contextvars.ContextVar("maas_request_id", default="")
 REQUEST_ID_KEY = "x-request-id"
@@ -93,13 +95,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, _, method = details.method.strip("/").rpartition("/")
         incoming = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
-        if handler.unary_unary:
-            return handler._replace(unary_unary=_observed(handler.unary_unary, service, method, incoming))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=_observed(handler.stream_unary, service, method, incoming))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=_observed_stream(handler.unary_stream, service, method, incoming))
-        return handler._replace(stream_stream=_observed_stream(handler.stream_stream, service, method, incoming))
+        return wrap_handler(
+            handler,
+            lambda behavior: _observed(behavior, service, method, incoming),
+            lambda behavior: _observed_stream(behavior, service, method, incoming),
+        )
 
 
 def _begin(context, incoming: str | None):
