@@ -53,6 +53,9 @@ class ClusterPorts:
     dense_metrics: int = 9465
     gnn_metrics: int = 9466
     nlp_metrics: int = 9467
+    dense_trainer_metrics: int = 9468
+    gnn_trainer_metrics: int = 9469
+    nlp_trainer_metrics: int = 9470
     # Free ports for extra replicas instead of the fixed +10 steps (tests set it).
     pick_free: bool = False
     _extra: dict = field(default_factory=dict, repr=False)
@@ -119,6 +122,7 @@ def process_table(
             f"{prefix}_MODEL_STORE": store,
             f"{prefix}_DATASET_DIR": datasets,
             f"{prefix}_CHECKPOINT_DIR": checkpoints,
+            f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family}_trainer_metrics")),
         }
         specs.append(ProcessSpec(f"{family}-trainer", f"services.{family}.trainer", 0, env))
     specs.append(ProcessSpec("gateway", "gateway", ports.gateway, gateway_env))

@@ -28,12 +28,15 @@ from typing import Any
 
 import redis.asyncio as redis
 import torch
+from prometheus_client import Counter
 
 from shared.datasets import DatasetStore, load_builtin
 from shared.jobs import GROUP, TERMINAL, JobStore, dead_letter_key, queue_key
 from shared.model_store import Manifest, ModelStore
 
 log = logging.getLogger(__name__)
+
+JOBS = Counter("maas_training_jobs_total", "Training job attempts by family and outcome", ["family", "outcome"])
 
 HIGHER_IS_BETTER = {"accuracy", "f1_macro", "cv_accuracy_mean", "cv_f1_macro_mean"}
 
@@ -271,15 +274,18 @@ class TrainingWorker:
         try:
             result = await asyncio.to_thread(self.run_job, context)
         except TrainerStopping:
+            JOBS.labels(self.family, "interrupted").inc()
             # Not acknowledged: another trainer takes the entry over and resumes from the checkpoint.
             await self.jobs.update(job_id, "trainer stopping; the job resumes from its checkpoint", state="QUEUED")
             return
         except JobCancelled:
+            JOBS.labels(self.family, "cancelled").inc()
             await self.jobs.update(job_id, "cancelled", state="CANCELLED")
             await self.redis.xack(self.stream, GROUP, entry_id)
             self._drop_checkpoint(job_id)
             return
         except Exception as exc:  # noqa: BLE001 - recorded; the entry stays pending and is retried
+            JOBS.labels(self.family, "failed_attempt").inc()
             log.exception("job %s failed on attempt %d", job_id, attempt)
             retry = "will retry" if attempt < self.max_attempts else "no attempts left"
             await self.jobs.update(job_id, f"attempt {attempt} failed ({retry}): {exc}", state="QUEUED",
@@ -299,6 +305,7 @@ class TrainingWorker:
         )
         await self.redis.xack(self.stream, GROUP, entry_id)
         self._drop_checkpoint(job_id)
+        JOBS.labels(self.family, "succeeded").inc()
         log.info("job %s succeeded: %s v%d", job_id, record["spec"].get("output_model"), result.model_version)
 
     async def dead_letter(self, entry_id: str, record: dict[str, Any], failed_attempts: int) -> None:
@@ -308,6 +315,7 @@ class TrainingWorker:
         await self.jobs.update(job_id, error, state="FAILED", error=error)
         await self.redis.xack(self.stream, GROUP, entry_id)
         self._drop_checkpoint(job_id)
+        JOBS.labels(self.family, "dead_lettered").inc()
         log.error("job %s moved to the dead-letter stream: %s", job_id, error)
 
     async def _keep_claimed(self, entry_id: str) -> None:

@@ -84,3 +84,17 @@ def test_the_request_id_comes_back_and_reaches_the_backends_json_log(cluster, ga
             break
         time.sleep(0.2)
     assert failed and "NOT_FOUND" in failed[0]["message"] and failed[0]["process"] == "dense"
+
+
+def test_trainers_expose_metrics_too(cluster):
+    for family in ("dense", "gnn", "nlp"):
+        port = getattr(cluster.ports, f"{family}_trainer_metrics")
+        deadline = time.monotonic() + 60  # a trainer has no health port; it may still be importing torch
+        while True:
+            try:
+                samples = scrape(port)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"{family} trainer serves no metrics"
+                time.sleep(0.5)
+        assert value(samples, "process_resident_memory_bytes") > 0
