@@ -1,5 +1,7 @@
 """Gateway overhead: the same dense calls sent straight to the dense service and through the gateway.
 
+Uncached calls all differ (nothing to coalesce or cache); the cache-hit figure repeats one call.
+
 Run with `make bench`. Figures are ratios against the direct (one-hop) baseline measured in the
 same run, since absolute times on a shared machine mean little.
 """
@@ -7,6 +9,7 @@ same run, since absolute times on a shared machine mean little.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import sys
 import tempfile
@@ -26,13 +29,19 @@ DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = [int(c) for c in os.environ.get("MAAS_BENCH_CONCURRENCY", "1,16,64").split(",")]
 
 
-async def measure(target: str, concurrency: int, metadata=()) -> object:
-    request = dense_pb2.PredictRequest(
-        model_name="digits-mlp", inputs={"pixels": from_numpy(np.ones((1, 64), np.float32))}
-    )
+def distinct_requests(count: int = 4096) -> list[dense_pb2.PredictRequest]:
+    """Calls that differ, so the gateway can neither coalesce nor cache them: pure forwarding."""
+    rows = np.random.default_rng(0).integers(0, 17, size=(count, 1, 64)).astype(np.float32)
+    return [dense_pb2.PredictRequest(model_name="digits-mlp", inputs={"pixels": from_numpy(row)}) for row in rows]
+
+
+async def measure(target: str, concurrency: int, requests, metadata=()) -> object:
+    cycle = itertools.cycle(requests)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = dense_pb2_grpc.DenseServiceStub(channel)
-        return await closed_loop(lambda: stub.Predict(request, timeout=10, metadata=metadata), concurrency, DURATION_S)
+        return await closed_loop(
+            lambda: stub.Predict(next(cycle), timeout=10, metadata=metadata), concurrency, DURATION_S
+        )
 
 
 async def main() -> None:
@@ -49,10 +58,12 @@ async def main() -> None:
                 f"{'conc':>4} | {'direct rps':>10} {'p50 ms':>7} {'p99 ms':>7} | "
                 f"{'gateway rps':>11} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} | {'cache-hit rps':>13} {'ratio':>6}"
             )
+            distinct = distinct_requests()
+            repeated = distinct[:1]
             for concurrency in CONCURRENCY:
-                direct = await measure(direct_target, concurrency)
-                via = await measure(gateway_target, concurrency, (("cache-control", "no-store"),))
-                hits = await measure(gateway_target, concurrency)
+                direct = await measure(direct_target, concurrency, distinct)
+                via = await measure(gateway_target, concurrency, distinct, (("cache-control", "no-store"),))
+                hits = await measure(gateway_target, concurrency, repeated)
                 print(
                     f"{concurrency:>4} | {direct.throughput:>10.0f} {direct.percentile_ms(50):>7.2f} "
                     f"{direct.percentile_ms(99):>7.2f} | {via.throughput:>11.0f} {via.percentile_ms(50):>7.2f} "
