@@ -16,7 +16,7 @@ from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from shared.errors import MaasError, NotFoundError
+from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,23 @@ class ModelCatalog:
         if not self.visible(model, tenant):
             raise NotFoundError(f"model {name!r} not found")
         return family, model
+
+    async def check_writable(self, name: str, family: str, tenant: str, private: bool) -> None:
+        """A training job may add versions only to a model of its family that the same owner holds."""
+        try:
+            owned_by_family, model = await self.find(name)
+        except NotFoundError:
+            return  # a new model
+        if not self.visible(model, tenant):
+            raise FailedPreconditionError(f"output_model: {name!r} belongs to another tenant; choose another name")
+        if owned_by_family != family:
+            raise InvalidArgumentError(f"output_model: {name!r} is a {owned_by_family} model, not {family}")
+        owner = self.owner(model)
+        if owner != (tenant if private else ""):
+            kind = "private to you" if owner else "public"
+            raise FailedPreconditionError(
+                f"output_model: {name!r} is {kind}; set private={str(not private).lower()} or choose another name"
+            )
 
     async def run(self) -> None:
         while True:

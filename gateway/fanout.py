@@ -7,11 +7,9 @@ import asyncio
 
 import grpc
 
-from gateway.proxy import ROUTES, GatewayProxy
+from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError
-
-ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
 
 
 def check_plan(steps) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
-from gateway.proxy import ROUTES, GatewayProxy
+from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
 from inference import open_inference_pb2 as oip
 from inference import open_inference_pb2_grpc
 from maas.common.v1 import model_pb2, tensor_pb2
@@ -28,7 +28,6 @@ from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES
 SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["model_configuration", "statistics", "model_repository"]
-ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
 READY = model_pb2.MODEL_STATE_READY
 STATE_NAMES = {
     model_pb2.MODEL_STATE_READY: "READY",
@@ -219,20 +218,20 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         family, model = await self.catalog.find_visible(request.name, current_tenant())
         version = default_version(model, request.version)
 
-        def metadata(specs, batched: bool):
+        def metadata(specs):
             return [
                 oip.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=datatype_name(s.dtype), shape=s.shape)
                 for s in specs
             ]
 
-        outputs = metadata(version.outputs, family in BATCHED_FAMILIES)
+        outputs = metadata(version.outputs)
         if version.class_names and family == "nlp":
             outputs.append(oip.ModelMetadataResponse.TensorMetadata(name="class_name", datatype="BYTES", shape=[-1]))
         return oip.ModelMetadataResponse(
             name=model.name,
             versions=[str(v.version) for v in model.versions],
             platform=platform(version)[0],
-            inputs=metadata(version.inputs, family in BATCHED_FAMILIES),
+            inputs=metadata(version.inputs),
             outputs=outputs,
         )
 

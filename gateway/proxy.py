@@ -58,6 +58,7 @@ ROUTES = [
     FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2, gnn_digest),
     FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2, nlp_digest),
 ]
+ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
 PASS_THROUGH_METHODS = (
     "ListModels",
     "GetModel",

@@ -14,7 +14,7 @@ from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
-from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from shared.errors import InvalidArgumentError, ResourceExhaustedError
 from shared.job_spec import normalize
 from shared.jobs import TERMINAL, JobStore
 
@@ -96,25 +96,6 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         self.max_dataset_bytes = max_dataset_bytes
         self.catalog = catalog
 
-    async def check_output_model(self, name: str, family: str, private: bool) -> None:
-        """A job may add versions only to a model of its family that the same owner holds."""
-        if self.catalog is None:
-            return
-        try:
-            owned_by_family, model = await self.catalog.find(name)
-        except NotFoundError:
-            return  # a new model
-        owner, tenant = self.catalog.owner(model), current_tenant()
-        if not self.catalog.visible(model, tenant):
-            raise FailedPreconditionError(f"output_model: {name!r} belongs to another tenant; choose another name")
-        if owned_by_family != family:
-            raise InvalidArgumentError(f"output_model: {name!r} is a {owned_by_family} model, not {family}")
-        if owner != (tenant if private else ""):
-            kind = "private to you" if owner else "public"
-            raise FailedPreconditionError(
-                f"output_model: {name!r} is {kind}; set private={str(not private).lower()} or choose another name"
-            )
-
     async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "info":
@@ -151,7 +132,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if request.WhichOneof("data") == "dataset_id":
             dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id, current_tenant())
         spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
-        await self.check_output_model(spec["output_model"], family, request.private)
+        if self.catalog is not None:
+            await self.catalog.check_writable(spec["output_model"], family, current_tenant(), request.private)
         spec["tenant"] = current_tenant()
         job_id, created = await self.jobs.submit(family, spec, request.idempotency_key, current_tenant())
         return training_pb2.SubmitJobResponse(job=to_job(await self.jobs.get(job_id)), created=created)
