@@ -10,7 +10,8 @@ MODEL_STORE ?= var/models
 MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
 
-.PHONY: help venv protos models run test lint bench images manifests clean
+.PHONY: help venv protos models run test lint bench images manifests clean \
+	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java proto-check
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
@@ -18,6 +19,8 @@ help:
 	@echo "make bench  - measure, as ratios against a baseline taken in the same run"
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
+	@echo "make stubs  - generate TypeScript, Go, C++ and Java clients from protos/ into $(STUBS)"
+	@echo "make proto-check - buf lint, and buf breaking against the main branch"
 	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
 	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
 
@@ -41,6 +44,64 @@ $(PROTO_STAMP): $(PROTOS) $(DEPS)
 		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
 	find $(GEN) -mindepth 1 -type d -exec touch {}/__init__.py \;
 	touch $@
+
+# Client stubs in other languages, into an ignored build folder. Compilers come from Debian
+# (clients/install-toolchains.sh installs them) and ts-proto and buf from npm (make node-deps).
+STUBS    := build/stubs
+NODE_DIR := clients/node
+NODE_BIN := $(NODE_DIR)/node_modules/.bin
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+PROTOC   ?= protoc
+# Stops make with the Debian package to install when a generator is missing.
+need = @command -v $(1) >/dev/null 2>&1 || { echo "make $@: $(1) not found; install the Debian package $(2) (clients/install-toolchains.sh)" >&2; exit 1; }
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	# npm ci trips over buf's per-platform optional packages; install --no-save keeps the lock as is.
+	@command -v npm >/dev/null 2>&1 || { echo "make $@: npm not found; install Node.js 18 or newer" >&2; exit 1; }
+	cd $(NODE_DIR) && npm install --no-save --no-audit --no-fund --loglevel=error
+	touch $@
+
+stubs: stubs-ts stubs-go stubs-cpp stubs-java
+
+stubs-ts: $(NODE_STAMP)
+	$(call need,$(PROTOC),protobuf-compiler)
+	rm -rf $(STUBS)/ts && mkdir -p $(STUBS)/ts
+	$(PROTOC) -I protos --plugin=protoc-gen-ts_proto=$(NODE_BIN)/protoc-gen-ts_proto \
+		--ts_proto_out=$(STUBS)/ts \
+		--ts_proto_opt=outputServices=grpc-js,env=node,esModuleInterop=true,forceLong=number,useDate=false \
+		$(PROTOS)
+
+stubs-go:
+	$(call need,$(PROTOC),protobuf-compiler)
+	$(call need,protoc-gen-go,protoc-gen-go)
+	$(call need,protoc-gen-go-grpc,protoc-gen-go-grpc)
+	rm -rf $(STUBS)/go && mkdir -p $(STUBS)/go
+	$(PROTOC) -I protos \
+		--go_out=$(STUBS)/go --go_opt=module=github.com/maas-project/maas/gen/go \
+		--go-grpc_out=$(STUBS)/go --go-grpc_opt=module=github.com/maas-project/maas/gen/go \
+		$(PROTOS)
+
+stubs-cpp:
+	$(call need,$(PROTOC),protobuf-compiler)
+	$(call need,grpc_cpp_plugin,protobuf-compiler-grpc)
+	rm -rf $(STUBS)/cpp && mkdir -p $(STUBS)/cpp
+	$(PROTOC) -I protos --cpp_out=$(STUBS)/cpp \
+		--grpc_out=$(STUBS)/cpp --plugin=protoc-gen-grpc=$$(command -v grpc_cpp_plugin) $(PROTOS)
+
+stubs-java:
+	$(call need,$(PROTOC),protobuf-compiler)
+	$(call need,grpc_java_plugin,protobuf-compiler-grpc-java-plugin)
+	rm -rf $(STUBS)/java && mkdir -p $(STUBS)/java
+	$(PROTOC) -I protos --java_out=$(STUBS)/java \
+		--grpc-java_out=$(STUBS)/java --plugin=protoc-gen-grpc-java=$$(command -v grpc_java_plugin) $(PROTOS)
+
+# buf lint, then buf breaking against main (BREAKING_AGAINST overrides, e.g. a release tag).
+BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
+proto-check: $(NODE_STAMP)
+	$(NODE_BIN)/buf lint
+	$(NODE_BIN)/buf breaking --against '$(BREAKING_AGAINST)'
 
 models: $(MODELS_STAMP)
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs, from Debian's packages, what `make stubs` and the client tests need: protoc and the
+# gRPC plugins for C++, Go and Java, the C++ gRPC libraries, and Go. Node.js and npm are expected
+# on the machine already (the npm packages themselves come from `make node-deps`).
+# Each missing piece is reported; the tests that need it skip, saying which package to install.
+set -uo pipefail
+
+packages=(
+    protobuf-compiler             # protoc
+    protobuf-compiler-grpc        # grpc_cpp_plugin
+    libgrpc++-dev                 # the C++ client's gRPC and protobuf libraries
+    protoc-gen-go protoc-gen-go-grpc
+    golang-go golang-google-grpc-dev golang-google-protobuf-dev
+    protobuf-compiler-grpc-java-plugin
+    pkg-config cmake g++
+)
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "client toolchains: all installed"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "client toolchains: missing ${missing[*]}; install them with apt-get (the client tests skip without them)"
+    exit 0
+fi
+echo "client toolchains: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
+    || echo "client toolchains: apt-get failed; the client tests that need ${missing[*]} will skip"
