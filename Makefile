@@ -31,9 +31,11 @@ $(DEPS): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in the lock: an unpinned torch would pull several GB of CUDA wheels.
 	$(PY) -m pip install --quiet -r requirements.lock
-	# The repo root and the generated package go on the venv's path, like an editable install.
+	# The repo root, the Python SDK and the generated package go on the venv's path.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
-		printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$$site/maas-dev.pth"
+		printf '%s\n%s\n%s\n' "$(CURDIR)" "$(CURDIR)/clients/python" "$(CURDIR)/$(GEN)" > "$$site/maas-dev.pth"
+	# The project itself, editable and without dependencies (the lock has them): installs maasctl.
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 protos: $(PROTO_STAMP)

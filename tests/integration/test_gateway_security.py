@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from gateway.auth import ApiKeys, AuthInterceptor, hash_key, server_credentials
 from gateway.training import TrainingServicer
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
+from maas_client import Client, Unauthenticated
 from shared.cluster import free_port
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
@@ -190,3 +192,21 @@ async def test_a_tenant_sees_only_its_own_jobs_and_data_sets(mtls_gateway, pki):
                                           output_model="beta-model", idempotency_key="same-key")  # fmt: skip
         beta = await stub.SubmitJob(beta_request, timeout=5, metadata=bearer("beta"))
         assert beta.created and beta.job.job_id != job.job_id
+
+
+async def test_the_sdk_speaks_mutual_tls_and_sends_its_api_key(mtls_gateway, pki):
+    def list_jobs_with(api_key: str):
+        with Client(
+            f"localhost:{mtls_gateway.port}",
+            api_key=api_key,
+            root_certificates=pki / "ca.crt",
+            certificate_chain=pki / "client.crt",
+            private_key=pki / "client.key",
+            max_attempts=1,
+        ) as client:
+            return client.training.list()
+
+    # The blocking SDK runs in a thread: the server shares this test's event loop.
+    assert isinstance(await asyncio.to_thread(list_jobs_with, KEYS["alpha"]), list)
+    with pytest.raises(Unauthenticated, match="unknown API key"):
+        await asyncio.to_thread(list_jobs_with, "not-a-key")

@@ -1,0 +1,198 @@
+"""The Python SDK against the suite's cluster, and its retry and deadline policy against small real servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas_client import (
+    Client,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    state_name,
+)
+from shared.cluster import free_port
+from tests.clients.scenario import DIGIT_LABELS, DIGITS, EMBED_TEXTS, KARATE_NODES, SENTIMENT_TEXTS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def maas(cluster):
+    with Client(cluster.specs["gateway"].target) as client:
+        yield client
+
+
+def test_dense_takes_numpy_and_gives_numpy(maas):
+    pixels = np.array(DIGITS, np.float32)
+    named = maas.dense.predict("digits-mlp", {"pixels": pixels})
+    assert named.model == "digits-mlp" and named.version >= 1
+    assert named["label"].tolist() == DIGIT_LABELS
+    assert named["probabilities"].shape == (3, 10) and named["probabilities"].dtype == np.float32
+    # A bare array goes to the model's only input; a version and an output can be chosen.
+    bare = maas.dense.predict("digits-mlp", pixels, version=named.version, outputs=["label"])
+    assert list(bare.outputs) == ["label"] and bare["label"].tolist() == DIGIT_LABELS
+
+
+def test_gnn_on_a_stored_and_an_inline_graph(maas):
+    stored = maas.gnn.predict("karate-gcn", stored_graph="karate", node_ids=KARATE_NODES)
+    assert stored.node_ids.tolist() == KARATE_NODES and stored["label"].shape == (3,)
+    # A small inline graph with the karate graph's 34-wide one-hot features.
+    features = np.eye(4, 34, dtype=np.float32)
+    edges = np.array([[0, 1, 2, 3], [1, 2, 3, 0]])
+    inline = maas.gnn.predict("karate-gcn", node_features=features, edge_index=edges)
+    assert inline.node_ids.tolist() == [0, 1, 2, 3] and inline["label"].shape == (4,)
+
+
+def test_nlp_embed_and_classify(maas):
+    vectors = maas.nlp.embed(EMBED_TEXTS)
+    assert vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    assert vectors[0] @ vectors[1] > 0.5
+    result = maas.nlp.classify(SENTIMENT_TEXTS)
+    assert result.labels == ["positive", "negative"]
+    assert result["probabilities"].shape == (2, 2)
+
+
+def test_errors_carry_the_status_and_the_servers_message(maas):
+    with pytest.raises(InvalidArgument, match=r"shape must be \[-1, 64\]") as caught:
+        maas.dense.predict("digits-mlp", np.zeros((1, 63), np.float32))
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and "Predict" in str(caught.value)
+    with pytest.raises(NotFound):
+        maas.dense.predict("no-such-model", {"x": np.zeros((1, 4), np.float32)})
+    with pytest.raises(NotFound):
+        maas.training.get("job-does-not-exist")
+    with pytest.raises(ValueError, match="dataset"):
+        maas.training.submit("dense", "mlp")
+
+
+def test_health_reports_the_gateway_and_each_family(maas):
+    assert maas.health() == {"gateway": "SERVING", "dense": "SERVING", "gnn": "SERVING", "nlp": "SERVING"}
+
+
+def test_upload_train_watch_and_version_life_cycle(maas, tmp_path):
+    # A CSV data set: iris-like, four features and a label column.
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0, 0, 0], [3, 3, 0, 0], [0, 3, 3, 3]], np.float32)
+    labels = rng.integers(0, 3, 150)
+    features = centres[labels] + rng.normal(0, 0.5, (150, 4))
+    path = tmp_path / "blobs.csv"
+    rows = [
+        "f0,f1,f2,f3,label",
+        *(",".join(f"{v:.4f}" for v in x) + f",{y}" for x, y in zip(features, labels, strict=True)),
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    progress = []
+    dataset = maas.datasets.upload(path, "dense", progress=lambda sent, total: progress.append((sent, total)))
+    assert dataset.num_examples == 150 and dataset.task == "classification"
+    assert progress[-1] == (path.stat().st_size, path.stat().st_size)
+
+    def train(key: str):
+        job = maas.training.submit(
+            "dense", "mlp", dataset_id=dataset.dataset_id, epochs=4, output_model="sdk-blobs", idempotency_key=key
+        )
+        assert state_name(job.state) == "queued"
+        events = []
+        final = maas.training.wait(job.job_id, on_event=events.append)
+        assert state_name(final.state) == "succeeded", final.error
+        return final, events
+
+    first, events = train("sdk-blobs-1")
+    epochs = [event for event in events if event.epoch]
+    assert [e.epoch for e in epochs][-1] == 4 and all("accuracy" in e.validation_metrics for e in epochs)
+    assert first.metrics["accuracy"] > 0.8
+    second, _ = train("sdk-blobs-2")
+    assert second.model_version == first.model_version + 1
+    # The same idempotency key gives the same job back.
+    again = maas.training.submit("dense", "mlp", dataset_id=dataset.dataset_id, output_model="sdk-blobs",
+                                 idempotency_key="sdk-blobs-1")  # fmt: skip
+    assert again.job_id == first.job_id
+    assert first.job_id in {job.job_id for job in maas.training.list("dense")}
+
+    # Promote the first version, then roll back from the second.
+    assert maas.models.promote("sdk-blobs", first.model_version).default_version == first.model_version
+    assert maas.dense.predict("sdk-blobs", features[:5].astype(np.float32)).version == first.model_version
+    maas.models.promote("sdk-blobs", second.model_version)
+    assert maas.models.rollback("sdk-blobs").default_version == first.model_version
+    with pytest.raises(FailedPrecondition, match="no version older"):
+        maas.models.rollback("sdk-blobs")
+    assert ("dense", "sdk-blobs") in {(family, model.name) for family, model in maas.models.list()}
+
+
+def test_cancel_a_running_job(maas):
+    job = maas.training.submit("dense", "mlp", dataset="digits", epochs=500, output_model="sdk-cancelled")
+    cancelled = maas.training.cancel(job.job_id)
+    final = maas.training.wait(cancelled.job_id)
+    assert state_name(final.state) == "cancelled"
+    with pytest.raises(FailedPrecondition):
+        maas.training.cancel(job.job_id)
+
+
+class FlakyDense(dense_pb2_grpc.DenseServiceServicer):
+    """A real gRPC server whose first `failures` Predict calls answer UNAVAILABLE."""
+
+    def __init__(self, failures: int, delay_s: float = 0.0) -> None:
+        self.failures = failures
+        self.delay_s = delay_s
+        self.attempts = 0
+        self.deadlines: list[float | None] = []
+        self.lock = threading.Lock()
+
+    def Predict(self, request, context):
+        with self.lock:
+            self.attempts += 1
+            attempt = self.attempts
+        self.deadlines.append(context.time_remaining())
+        if attempt <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        time.sleep(self.delay_s)
+        return dense_pb2.PredictResponse(model_name=request.model_name, model_version=7)
+
+
+@pytest.fixture
+def flaky_server():
+    servers = []
+
+    def start(servicer: FlakyDense) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        dense_pb2_grpc.add_DenseServiceServicer_to_server(servicer, server)
+        port = free_port()
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def test_unavailable_is_retried(flaky_server):
+    servicer = FlakyDense(failures=2)
+    with Client(flaky_server(servicer)) as client:
+        assert client.dense.predict("m", {"x": np.zeros((1, 2), np.float32)}).version == 7
+    assert servicer.attempts == 3
+
+
+def test_retries_can_be_turned_off(flaky_server):
+    servicer = FlakyDense(failures=1)
+    with Client(flaky_server(servicer), max_attempts=1) as client, pytest.raises(Unavailable, match="warming up"):
+        client.dense.predict("m", {"x": np.zeros((1, 2), np.float32)})
+    assert servicer.attempts == 1
+
+
+def test_every_call_has_a_deadline(flaky_server):
+    servicer = FlakyDense(failures=0, delay_s=2.0)
+    with Client(flaky_server(servicer), timeout=0.3) as client, pytest.raises(DeadlineExceeded):
+        client.dense.predict("m", {"x": np.zeros((1, 2), np.float32)})
+    # The server saw the deadline the client set by default.
+    assert servicer.deadlines[0] is not None and servicer.deadlines[0] <= 0.3
