@@ -11,7 +11,7 @@ MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
 
 .PHONY: help venv protos models run test lint bench images manifests clean \
-	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java proto-check
+	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java clients client-node client-go client-cpp proto-check
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
@@ -20,6 +20,7 @@ help:
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
 	@echo "make stubs  - generate TypeScript, Go, C++ and Java clients from protos/ into $(STUBS)"
+	@echo "make clients - build the Node, Go and C++ clients (tests/clients runs them against a gateway)"
 	@echo "make proto-check - buf lint, and buf breaking against the main branch"
 	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
 	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
@@ -98,6 +99,29 @@ stubs-java:
 	rm -rf $(STUBS)/java && mkdir -p $(STUBS)/java
 	$(PROTOC) -I protos --java_out=$(STUBS)/java \
 		--grpc-java_out=$(STUBS)/java --plugin=protoc-gen-grpc-java=$$(command -v grpc_java_plugin) $(PROTOS)
+
+# The clients that run the scenario of tests/clients/scenario.py against a gateway.
+clients: client-node client-go client-cpp
+
+client-node: stubs-ts
+	cd $(NODE_DIR) && npm run --silent build
+
+client-cpp: stubs-cpp
+	$(call need,cmake,cmake)
+	$(call need,pkg-config,pkg-config)
+	cmake -S clients/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake --build build/cpp -j2
+
+# The Go client builds in GOPATH mode against Debian's Go packages (golang-google-grpc-dev,
+# golang-google-protobuf-dev): no module proxy is needed, or reachable, to build it.
+GO_PATH := $(CURDIR)/build/go
+GO_PKG  := $(GO_PATH)/src/github.com/maas-project/maas
+client-go: stubs-go
+	$(call need,go,golang-go)
+	rm -rf $(GO_PATH)/src && mkdir -p $(GO_PKG)/gen $(GO_PKG)/clients
+	cp -r $(STUBS)/go $(GO_PKG)/gen/go && cp -r clients/go $(GO_PKG)/clients/go
+	cd $(GO_PKG)/clients/go/scenario && GO111MODULE=off GOPATH=$(GO_PATH):/usr/share/gocode \
+		go build -o $(GO_PATH)/bin/maas-scenario .
 
 # buf lint, then buf breaking against main (BREAKING_AGAINST overrides, e.g. a release tag).
 BREAKING_AGAINST ?= .git\#branch=main,subdir=protos

@@ -11,6 +11,7 @@ packages=(
     libgrpc++-dev                 # the C++ client's gRPC and protobuf libraries
     protoc-gen-go protoc-gen-go-grpc
     golang-go golang-google-grpc-dev golang-google-protobuf-dev
+    golang-github-golang-protobuf-1-5-dev   # grpc-go's codec on the APIv2 messages protoc-gen-go writes
     protobuf-compiler-grpc-java-plugin
     pkg-config cmake g++
 )

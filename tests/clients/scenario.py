@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 DIGITS = [
     [
@@ -272,3 +274,30 @@ def check(stdout: str, karate_labels: list[int]) -> dict[str, list[dict]]:
     assert bad["code"] == 3 and bad["code_name"] == "INVALID_ARGUMENT", bad
     assert "64" in bad["details"], f"the message should say what was expected: {bad['details']}"
     return steps
+
+
+def run_client(command: list[str], timeout_s: float = 360) -> str:
+    """Runs a client's scenario; fails the test with its output unless it exits 0. Returns stdout."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"{command[0]} ran over {timeout_s} s\n{_output(error)}") from None
+    assert done.returncode == 0, f"{command[0]} exited {done.returncode}\n{_output(done)}"
+    return done.stdout
+
+
+def build(command: list[str], cwd: Path, timeout_s: float = 900) -> None:
+    """Runs a build step; fails the test with its output unless it exits 0."""
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"`{' '.join(command)}` took over {timeout_s} s\n{_output(error)}") from None
+    assert done.returncode == 0, f"`{' '.join(command)}` in {cwd} exited {done.returncode}\n{_output(done)}"
+
+
+def _output(result: subprocess.CompletedProcess | subprocess.TimeoutExpired) -> str:
+    # TimeoutExpired carries bytes (or None) even when the process ran with text=True.
+    def text(stream: str | bytes | None) -> str:
+        return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""
+
+    return f"--- stdout\n{text(result.stdout)[-4000:]}\n--- stderr\n{text(result.stderr)[-4000:]}"

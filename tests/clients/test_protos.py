@@ -1,0 +1,83 @@
+"""Proto hygiene with buf (lint, and breaking changes against main), and stubs for every language."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.clients.scenario import build
+
+ROOT = Path(__file__).resolve().parents[2]
+BUF = ROOT / "clients" / "node" / "node_modules" / ".bin" / "buf"
+
+needs_npm = pytest.mark.skipif(
+    shutil.which("npm") is None, reason="npm not found: buf is the npm package @bufbuild/buf (install Node.js and npm)"
+)
+
+
+@pytest.fixture(scope="module")
+def buf() -> Path:
+    build(["make", "--no-print-directory", "node-deps"], cwd=ROOT)
+    return BUF
+
+
+def run_buf(buf: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(buf), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@needs_npm
+def test_buf_lint_is_clean(buf):
+    done = run_buf(buf, "lint")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_npm
+def test_no_breaking_change_against_main(buf):
+    has_main = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "main"], cwd=ROOT, capture_output=True)
+    if has_main.returncode != 0:
+        pytest.skip("this checkout has no main branch to compare with")
+    done = run_buf(buf, "breaking", "--against", ".git#branch=main,subdir=protos")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@needs_npm
+def test_buf_breaking_catches_an_incompatible_change(buf, tmp_path):
+    changed = tmp_path / "protos"
+    shutil.copytree(ROOT / "protos", changed)
+    dense = changed / "maas" / "dense" / "v1" / "dense.proto"
+    dense.write_text(dense.read_text().replace("int64 model_version = 2;", "string model_version = 2;", 1))
+    done = run_buf(buf, "breaking", str(changed), "--against", str(ROOT / "protos"))
+    assert done.returncode != 0
+    assert 'changed type from "int64" to "string"' in done.stdout
+
+
+NEEDED = {
+    "protoc": "protobuf-compiler",
+    "grpc_cpp_plugin": "protobuf-compiler-grpc",
+    "grpc_java_plugin": "protobuf-compiler-grpc-java-plugin",
+    "protoc-gen-go": "protoc-gen-go",
+    "protoc-gen-go-grpc": "protoc-gen-go-grpc",
+    "npm": "npm",
+}
+MISSING = [f"{tool} (Debian package {package})" for tool, package in NEEDED.items() if shutil.which(tool) is None]
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"make stubs needs {', '.join(MISSING)}: clients/install-toolchains.sh")
+def test_make_stubs_writes_every_language():
+    build(["make", "--no-print-directory", "stubs"], cwd=ROOT)
+    stubs = ROOT / "build" / "stubs"
+    for path in (
+        "ts/maas/dense/v1/dense.ts",
+        "go/maas/dense/v1/dense_grpc.pb.go",
+        "cpp/maas/dense/v1/dense.grpc.pb.h",
+        "java/dev/maas/dense/v1/DenseServiceGrpc.java",
+        "java/dev/maas/training/v1/TrainingServiceGrpc.java",
+        "go/inference/open_inference_grpc.pb.go",
+    ):
+        assert (stubs / path).is_file(), f"make stubs did not write {path}"
+    # The proto options name each language's package.
+    assert "package dev.maas.dense.v1;" in (stubs / "java/dev/maas/dense/v1/DenseServiceGrpc.java").read_text()
+    assert "package densev1" in (stubs / "go/maas/dense/v1/dense.pb.go").read_text()
