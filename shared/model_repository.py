@@ -334,6 +334,9 @@ class ModelRepository:
         loaded = self._entries.get(name, {})
         if not stored and not loaded:
             raise NotFoundError(f"model {name!r} not found in the model store")
+        if stored and not loaded and (family := self.store.manifest(name, stored[-1]).family) != self.family:
+            # The store is shared by every family; each service answers for its own models only.
+            raise NotFoundError(f"model {name!r} is a {family} model; this is the {self.family} service")
         described = []
         for version in sorted(set(stored) | set(loaded)):
             entry = loaded.get(version)

@@ -64,3 +64,12 @@ async def test_resolve_errors_name_what_exists(store_copy):
         repo.resolve("digits-mlp", 5)
     with pytest.raises(InvalidArgumentError, match="model_name: required"):
         repo.resolve("")
+
+
+async def test_a_service_lists_versions_of_its_own_family_only(store_copy):
+    # The store is shared: a gnn service must not answer for the dense digits-mlp.
+    gnn = ModelRepository(store_copy, "gnn", onnx_loader(OnnxConfig(device="cpu")), ThreadPoolExecutor(1))
+    with pytest.raises(NotFoundError, match="is a dense model; this is the gnn service"):
+        gnn.list_versions("digits-mlp")
+    _, _, versions = repository(store_copy).list_versions("digits-mlp")  # unloaded, listed from the store
+    assert [v.version for v in versions] == [1, 2]
