@@ -252,6 +252,7 @@ def main() -> None:
         from clients.example import run_examples
 
         run_examples(cluster.specs["gateway"].target)
+        print(f"\nmaasctl: .venv/bin/maasctl --target {cluster.specs['gateway'].target} models list", flush=True)
         print("\nCluster is up. Ctrl-C stops every process it started.", flush=True)
         stop.wait()
     finally:
