@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -210,3 +211,21 @@ async def test_the_sdk_speaks_mutual_tls_and_sends_its_api_key(mtls_gateway, pki
     assert isinstance(await asyncio.to_thread(list_jobs_with, KEYS["alpha"]), list)
     with pytest.raises(Unauthenticated, match="unknown API key"):
         await asyncio.to_thread(list_jobs_with, "not-a-key")
+
+
+async def test_maasctl_connects_with_mutual_tls_and_an_api_key(mtls_gateway, pki):
+    maasctl = Path(sys.executable).parent / "maasctl"
+
+    async def jobs_list(api_key: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            str(maasctl), "--target", f"localhost:{mtls_gateway.port}", "--ca", str(pki / "ca.crt"),
+            "--cert", str(pki / "client.crt"), "--key", str(pki / "client.key"), "--api-key", api_key,
+            "jobs", "list", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        return process.returncode, (out + err).decode()
+
+    code, output = await jobs_list(KEYS["beta"])
+    assert code == 0 and output.startswith("job"), output
+    code, output = await jobs_list("not-a-key")
+    assert code == 1 and output.strip() == "maasctl: error: UNAUTHENTICATED (ListJobs): unknown API key", output
