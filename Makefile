@@ -11,7 +11,7 @@ MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
 
 .PHONY: help venv protos models run test lint bench images manifests clean \
-	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java clients client-node client-go client-cpp proto-check
+	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java stubs-java-compile clients client-node client-go client-cpp proto-check
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
@@ -21,6 +21,7 @@ help:
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
 	@echo "make stubs  - generate TypeScript, Go, C++ and Java clients from protos/ into $(STUBS)"
 	@echo "make clients - build the Node, Go and C++ clients (tests/clients runs them against a gateway)"
+	@echo "make stubs-java-compile - compile the Java stubs against Debian's grpc-java"
 	@echo "make proto-check - buf lint, and buf breaking against the main branch"
 	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
 	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
@@ -111,6 +112,18 @@ client-cpp: stubs-cpp
 	$(call need,pkg-config,pkg-config)
 	cmake -S clients/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cpp -j2
+
+# The Java stubs compile against Debian's grpc-java and protobuf-java (libgrpc-java, libprotobuf-java).
+empty :=
+space := $(empty) $(empty)
+JAVA_CP := $(subst $(space),:,$(wildcard $(addprefix /usr/share/java/,grpc-api.jar grpc-stub.jar \
+	grpc-protobuf.jar grpc-protobuf-lite.jar grpc-core.jar grpc-context.jar guava.jar protobuf.jar \
+	geronimo-annotation-1.3-spec.jar)))
+stubs-java-compile: stubs-java
+	$(call need,javac,default-jdk-headless)
+	@test -f /usr/share/java/grpc-stub.jar || { echo "make $@: grpc-java not found; install the Debian package libgrpc-java" >&2; exit 1; }
+	rm -rf build/java && mkdir -p build/java
+	javac -nowarn -d build/java -cp '$(JAVA_CP)' $$(find $(STUBS)/java -name '*.java')
 
 # The Go client builds in GOPATH mode against Debian's Go packages (golang-google-grpc-dev,
 # golang-google-protobuf-dev): no module proxy is needed, or reachable, to build it.

@@ -13,6 +13,7 @@ packages=(
     golang-go golang-google-grpc-dev golang-google-protobuf-dev
     golang-github-golang-protobuf-1-5-dev   # grpc-go's codec on the APIv2 messages protoc-gen-go writes
     protobuf-compiler-grpc-java-plugin
+    libgrpc-java libprotobuf-java default-jdk-headless   # javac checks the Java stubs compile
     pkg-config cmake g++
 )
 missing=()

@@ -81,3 +81,23 @@ def test_make_stubs_writes_every_language():
     # The proto options name each language's package.
     assert "package dev.maas.dense.v1;" in (stubs / "java/dev/maas/dense/v1/DenseServiceGrpc.java").read_text()
     assert "package densev1" in (stubs / "go/maas/dense/v1/dense.pb.go").read_text()
+
+
+JAVA_MISSING = [
+    what
+    for what, present in (
+        ("javac (Debian package default-jdk-headless)", shutil.which("javac")),
+        ("grpc-java (Debian package libgrpc-java)", Path("/usr/share/java/grpc-stub.jar").is_file()),
+        ("protobuf-java (Debian package libprotobuf-java)", Path("/usr/share/java/protobuf.jar").is_file()),
+        ("grpc_java_plugin (Debian package protobuf-compiler-grpc-java-plugin)", shutil.which("grpc_java_plugin")),
+    )
+    if not present
+]
+
+
+@pytest.mark.skipif(bool(JAVA_MISSING), reason=f"needs {', '.join(JAVA_MISSING)}: clients/install-toolchains.sh")
+def test_the_java_stubs_compile():
+    build(["make", "--no-print-directory", "stubs-java-compile"], cwd=ROOT)
+    classes = ROOT / "build" / "java" / "dev" / "maas"
+    assert (classes / "dense" / "v1" / "DenseServiceGrpc$DenseServiceBlockingStub.class").is_file()
+    assert (classes / "training" / "v1" / "TrainingServiceGrpc.class").is_file()
