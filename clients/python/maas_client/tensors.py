@@ -1,4 +1,8 @@
-"""numpy arrays to and from `maas.common.v1.Tensor`: dtype, shape and raw little-endian bytes."""
+"""numpy arrays to and from `maas.common.v1.Tensor`: dtype, shape and raw little-endian bytes.
+
+The SDK's own codec, so that callers need only the generated stubs, grpcio and numpy, not the
+cluster's `shared` library (whose codec raises the server's errors).
+"""
 
 from __future__ import annotations
 
