@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.training.v1 import training_pb2, training_pb2_grpc
 from maas_client import (
     Client,
     DeadlineExceeded,
@@ -196,3 +197,37 @@ def test_every_call_has_a_deadline(flaky_server):
         client.dense.predict("m", {"x": np.zeros((1, 2), np.float32)})
     # The server saw the deadline the client set by default.
     assert servicer.deadlines[0] is not None and servicer.deadlines[0] <= 0.3
+
+
+class DroppingTraining(training_pb2_grpc.TrainingServiceServicer):
+    """A real TrainingService whose first WatchJob stream breaks with UNAVAILABLE after two events."""
+
+    STATES = ["JOB_STATE_QUEUED", "JOB_STATE_RUNNING", "JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+
+    def __init__(self) -> None:
+        self.watches = 0
+
+    def WatchJob(self, request, context):
+        self.watches += 1
+        for epoch, state in enumerate(self.STATES):
+            if self.watches == 1 and epoch == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "gateway restarting")
+            event = training_pb2.JobEvent(job_id=request.job_id, state=training_pb2.JobState.Value(state), epoch=epoch)
+            yield training_pb2.WatchJobResponse(event=event)
+
+
+def test_a_watch_cut_by_unavailable_resumes_without_repeating_events():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = DroppingTraining()
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            events = list(client.training.watch("job-1"))
+    finally:
+        server.stop(None)
+    assert servicer.watches == 2
+    assert [e.epoch for e in events] == [0, 1, 2, 3]
+    assert state_name(events[-1].state) == "succeeded"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -429,18 +430,36 @@ class TrainingApi(_Api):
     def cancel(self, job_id: str) -> training_pb2.Job:
         return self._call(self.stub.CancelJob, training_pb2.CancelJobRequest(job_id=job_id)).job
 
-    def watch(self, job_id: str, *, timeout: float | None = 3600.0) -> Iterator[training_pb2.JobEvent]:
-        """The job's events: its history first, then each new one, ending after a terminal state."""
-        stream = self._client._stream(self.stub.WatchJob, training_pb2.WatchJobRequest(job_id=job_id), timeout)
-        for reply in stream:
-            yield reply.event
+    def watch(self, job_id: str, *, timeout: float = 3600.0, reconnects: int = 5) -> Iterator[training_pb2.JobEvent]:
+        """The job's events: its history first, then each new one, ending after a terminal state.
+
+        A stream cut by UNAVAILABLE (a gateway restarting, a connection dropped) is opened again,
+        up to `reconnects` times in a row; the server replays the history, and events already
+        yielded are skipped, so each event comes once.
+        """
+        deadline = time.monotonic() + timeout
+        request = training_pb2.WatchJobRequest(job_id=job_id)
+        seen = failures = 0
+        while True:
+            try:
+                stream = self._client._stream(self.stub.WatchJob, request, max(deadline - time.monotonic(), 0.001))
+                for index, reply in enumerate(stream):
+                    if index >= seen:
+                        seen, failures = seen + 1, 0
+                        yield reply.event
+                return
+            except errors.Unavailable:
+                failures += 1
+                if failures > reconnects or time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(0.2 * 2**failures, 5.0))
 
     def wait(
         self,
         job_id: str,
         *,
         on_event: Callable[[training_pb2.JobEvent], None] | None = None,
-        timeout: float | None = 3600.0,
+        timeout: float = 3600.0,
     ) -> training_pb2.Job:
         """Watches a job to its end and returns its final record (metrics, version, gate result)."""
         for event in self.watch(job_id, timeout=timeout):
