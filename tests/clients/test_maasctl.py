@@ -136,3 +136,31 @@ def test_errors_are_one_line_and_a_non_zero_exit(maasctl, tmp_path):
     one_error_line(maasctl("predict", "digits-mlp", "-i", str(tmp_path / "missing.npy"), expect=2), "--input")
     one_error_line(maasctl("--target", "127.0.0.1:1", "--timeout", "2", "health", expect=1), "UNAVAILABLE")
     assert maasctl("train", "submit", "--family", "dense", expect=2).returncode == 2  # argparse: usage error
+
+
+def test_bad_input_files_and_flags_give_one_line(maasctl, tmp_path):
+    np.save(tmp_path / "u16.npy", np.zeros((1, 64), np.uint16))
+    np.savez(tmp_path / "x.npz", other=np.zeros((1, 64), np.float32))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "five.json").write_text("5")
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    cases = [
+        (["predict", "digits-mlp", "-i", f"pixels={tmp_path / 'u16.npy'}"], "cannot send numpy dtype uint16"),
+        (["predict", "digits-mlp", "-i", f"pixels={tmp_path / 'x.npz'}"], "has no array 'pixels'"),
+        (["predict", "digits-mlp", "-i", str(tmp_path / "empty.npy")], "--input"),
+        (["predict", "digits-mlp", "-i", str(tmp_path / "empty.csv")], "--input"),
+        (["predict", "digits-mlp", "-i", "[[1, 2"], "not a JSON array"),
+        (["graph", "predict", "karate-gcn", "--graph", str(tmp_path / "five.json")], "expected an object"),
+        (["--cert", str(tmp_path / "cert.pem"), "health"], "both a client certificate and its private key"),
+        (["embed", "hello", "--save", str(tmp_path / "v.npy"), "--model", "sentiment"], "save them to a .npz"),
+    ]
+    for args, message in cases:
+        assert message in one_error_line(maasctl(*args, expect=2), ""), args
+    for args in (["--timeout", "0", "health"], ["predict", "digits-mlp", "--dtype", "foo", "-i", "[[1]]"]):
+        one_error_line(maasctl(*args, expect=2), "argument")
+
+
+def test_a_tls_handshake_failure_is_one_line(maasctl):
+    # The suite's gateway speaks plaintext; gRPC's own handshake logging must not add lines.
+    one_error_line(maasctl("--tls", "--timeout", "3", "health", expect=1), "UNAVAILABLE")

@@ -17,23 +17,37 @@ A failure prints one line, `maasctl: error: ...`, and exits 1 (2 for a bad comma
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
+# gRPC's core logs handshake failures on stderr, where maasctl reports errors in one line of
+# its own. The level is read once, when gRPC loads: below, before the first import of grpc.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from maas.common.v1 import model_pb2, tensor_pb2
-from maas.training.v1 import training_pb2
-from maas_client.client import FAMILIES, Client, Prediction, family_name, state_name
-from maas_client.errors import MaasError
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from maas.common.v1 import model_pb2, tensor_pb2  # noqa: E402
+from maas.training.v1 import training_pb2  # noqa: E402
+from maas_client.client import FAMILIES, Client, Prediction, family_name, state_name  # noqa: E402
+from maas_client.errors import MaasError  # noqa: E402
 
 
 class UsageError(Exception):
     """Bad input from the command line or a file it names: exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported in one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"maasctl: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,23 +71,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`maasctl jobs list | head`): not an error worth a message.
         sys.stdout = open(os.devnull, "w")  # so that flushing at exit does not fail again
         return 0
-    except (UsageError, ValueError, OSError) as error:
+    except (UsageError, ValueError, TypeError, OSError) as error:
         print(f"maasctl: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("maasctl: interrupted", file=sys.stderr)
+        print("maasctl: error: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a command line answers in one line, never a traceback
+        if os.environ.get("MAASCTL_DEBUG"):
+            raise
+        print(
+            f"maasctl: error: unexpected {type(error).__name__}: {error} (MAASCTL_DEBUG=1 shows where)", file=sys.stderr
+        )
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maasctl", description="Call a maas gateway.")
+    parser = OneLineParser(prog="maasctl", description="Call a maas gateway.")
     parser.add_argument("--target", help="gateway host:port (default: $MAAS_TARGET, then localhost:50051)")
     parser.add_argument("--api-key", help="API key (default: $MAAS_API_KEY)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca", type=Path, help="PEM file of the CA that signed the gateway's certificate")
     parser.add_argument("--cert", type=Path, help="client certificate (PEM), for mutual TLS")
     parser.add_argument("--key", type=Path, help="client private key (PEM), for mutual TLS")
-    parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, in seconds")
+    parser.add_argument("--timeout", type=seconds, default=30.0, help="deadline of each call, in seconds")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     health = commands.add_parser("health", help="is the gateway serving, and each family behind it")
@@ -89,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]FILE|JSON",
         help="an input: a .npy, .npz, .csv or .json file, or a JSON array; NAME= may be left out for one input",
     )
-    predict.add_argument("--dtype", default="float32", help="dtype for CSV and JSON inputs (default float32)")
+    predict.add_argument(
+        "--dtype", type=numeric_dtype, default="float32", help="dtype for CSV and JSON inputs (default float32)"
+    )
     predict.add_argument("--version", type=int, default=0, help="model version (default: the default version)")
     predict.add_argument("--output-name", action="append", default=[], help="only these outputs")
     add_output_options(predict)
@@ -169,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--private", action="store_true", help="the new version is visible to this tenant only")
     submit.add_argument("--watch", action="store_true", help="then watch the job to its end")
     submit.add_argument("--plot", type=Path, help="with --watch: save loss and metric curves to this PNG")
+    submit.add_argument("--max-wait", type=seconds, default=86400.0, help="with --watch: give up after this many s")
     submit.set_defaults(run=cmd_train_submit)
     watch = train.add_parser("watch", help="follow a job to its end: progress, then its metrics")
     watch.add_argument("job_id")
     watch.add_argument("--plot", type=Path, help="save loss and metric curves to this PNG")
+    watch.add_argument("--max-wait", type=seconds, default=86400.0, help="give up after this many seconds")
     watch.set_defaults(run=cmd_train_watch)
 
     jobs = commands.add_parser("jobs", help="training jobs").add_subparsers(dest="jobs_command", required=True)
@@ -203,7 +228,7 @@ def cmd_health(client: Client, args: argparse.Namespace) -> int:
 def cmd_predict(client: Client, args: argparse.Namespace) -> None:
     if not args.input:
         raise UsageError("predict needs at least one --input")
-    inputs = read_inputs(args.input, np.dtype(args.dtype))
+    inputs = read_inputs(args.input, args.dtype)
     array_or_inputs = inputs.pop("") if set(inputs) == {""} else inputs
     if "" in inputs:
         raise UsageError("name every --input (NAME=...) when there are several")
@@ -301,13 +326,20 @@ def cmd_models_rollback(client: Client, args: argparse.Namespace) -> None:
 def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    total = args.file.stat().st_size
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"uploading {args.file.name}", file=sys.stderr) as bar:
+    bars = []  # opened on the first chunk, so that a refused upload leaves only its error line
 
-        def progress(sent: int, _total: int) -> None:
-            bar.update(sent - bar.n)
+    def progress(sent: int, total: int) -> None:
+        if not bars:
+            bars.append(
+                tqdm(total=total, unit="B", unit_scale=True, desc=f"uploading {args.file.name}", file=sys.stderr)
+            )
+        bars[0].update(sent - bars[0].n)
 
+    try:
         dataset = client.datasets.upload(args.file, args.family, format=args.format, name=args.name, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"dataset {dataset.dataset_id}: {dataset.name}, {dataset.num_examples} examples, {dataset.task}")
     if dataset.class_names:
         print(f"classes: {', '.join(dataset.class_names)}")
@@ -339,11 +371,11 @@ def cmd_train_submit(client: Client, args: argparse.Namespace) -> int:
     print(f"job {job.job_id} {state_name(job.state)}")
     if not args.watch:
         return 0
-    return watch_job(client, job.job_id, args.plot)
+    return watch_job(client, job.job_id, args.plot, args.max_wait)
 
 
 def cmd_train_watch(client: Client, args: argparse.Namespace) -> int:
-    return watch_job(client, args.job_id, args.plot)
+    return watch_job(client, args.job_id, args.plot, args.max_wait)
 
 
 def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
@@ -370,7 +402,7 @@ def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
 # --- training progress ------------------------------------------------------------------------
 
 
-def watch_job(client: Client, job_id: str, plot: Path | None) -> int:
+def watch_job(client: Client, job_id: str, plot: Path | None, max_wait: float) -> int:
     """Shows a live progress bar until the job ends, then its metrics; exit 1 unless it succeeded."""
     from tqdm import tqdm
 
@@ -378,7 +410,7 @@ def watch_job(client: Client, job_id: str, plot: Path | None) -> int:
     bar = None
     state = None
     try:
-        for event in client.training.watch(job_id):
+        for event in client.training.watch(job_id, timeout=max_wait):
             if event.epochs and bar is None:
                 bar = tqdm(total=event.epochs, unit="epoch", desc=f"job {job_id[:8]}", file=sys.stderr)
             if event.state != state:
@@ -445,30 +477,63 @@ def read_inputs(specs: Sequence[str], dtype: np.dtype) -> dict[str, np.ndarray]:
     """--input values by name ("" when unnamed). A .npz file gives all of its arrays by name."""
     inputs: dict[str, np.ndarray] = {}
     for spec in specs:
-        name, _, value = spec.partition("=") if "=" in spec and not spec.lstrip().startswith("[") else ("", "", spec)
-        value = value.strip()
-        if value.startswith("["):
-            try:
-                inputs[name] = np.asarray(json.loads(value), dtype=dtype)
-            except (json.JSONDecodeError, ValueError) as error:
-                raise UsageError(f"--input {spec!r}: not a JSON array of numbers ({error})") from None
-            continue
-        path = Path(value)
-        if not path.exists():
-            raise UsageError(f"--input {spec!r}: no such file, and not a JSON array")
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            with np.load(path) as archive:
-                inputs.update({key: archive[key] for key in archive.files} if not name else {name: archive[name]})
-        elif suffix == ".npy":
-            inputs[name] = np.load(path)
-        elif suffix == ".csv":
-            inputs[name] = np.atleast_2d(np.loadtxt(path, delimiter=",", dtype=dtype, ndmin=2))
-        elif suffix == ".json":
-            inputs[name] = np.asarray(json.loads(path.read_text()), dtype=dtype)
-        else:
-            raise UsageError(f"--input {spec!r}: expected a .npy, .npz, .csv or .json file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # numpy warns on an empty CSV: that is bad input here
+                read_input(spec, dtype, inputs)
+        except UsageError:
+            raise
+        except (ValueError, KeyError, EOFError, TypeError, Warning) as error:
+            raise UsageError(f"--input {spec!r}: {error}") from None
     return inputs
+
+
+def read_input(spec: str, dtype: np.dtype, inputs: dict[str, np.ndarray]) -> None:
+    """One --input: NAME=VALUE or VALUE, where VALUE is a JSON array or a file."""
+    name, _, value = spec.partition("=") if "=" in spec and not spec.lstrip().startswith("[") else ("", "", spec)
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            inputs[name] = np.asarray(json.loads(value), dtype=dtype)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--input {spec!r}: not a JSON array of numbers ({error})") from None
+        return
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(f"--input {spec!r}: no such file, and not a JSON array")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path) as archive:
+            if name and name not in archive.files:
+                raise UsageError(f"--input {spec!r}: {path.name} has no array {name!r}; it has {archive.files}")
+            inputs.update({key: archive[key] for key in archive.files} if not name else {name: archive[name]})
+    elif suffix == ".npy":
+        inputs[name] = np.load(path)
+    elif suffix == ".csv":
+        inputs[name] = np.loadtxt(path, delimiter=",", dtype=dtype, ndmin=2)
+    elif suffix == ".json":
+        inputs[name] = np.asarray(json.loads(path.read_text()), dtype=dtype)
+    else:
+        raise UsageError(f"--input {spec!r}: expected a .npy, .npz, .csv or .json file")
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite, positive number of seconds."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+def numeric_dtype(text: str) -> np.dtype:
+    """argparse type: a numpy dtype maas tensors carry (float32, int64, ...)."""
+    try:
+        dtype = np.dtype(text)
+    except TypeError:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}") from None
+    if dtype.kind not in "biuf":
+        raise argparse.ArgumentTypeError(f"expected a numeric dtype such as float32 or int64, got {text}")
+    return dtype
 
 
 def read_texts(args: argparse.Namespace) -> list[str]:
@@ -485,9 +550,14 @@ def read_graph(path: Path) -> dict[str, np.ndarray]:
         with np.load(path) as archive:
             raw = {key: archive[key] for key in archive.files}
     elif path.suffix.lower() == ".json":
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--graph {path}: not JSON ({error})") from None
     else:
         raise UsageError(f"--graph {path}: expected a .json or .npz file")
+    if not isinstance(raw, dict):
+        raise UsageError(f"--graph {path}: expected an object with node_features and edge_index")
     missing = [key for key in ("node_features", "edge_index") if key not in raw]
     if missing:
         raise UsageError(f"--graph {path}: missing {', '.join(missing)}; it needs node_features and edge_index")
@@ -504,11 +574,16 @@ def show_prediction(result: Prediction, args: argparse.Namespace, extra: dict | 
     outputs = dict(result.outputs)
     if extra:
         outputs.update(extra)
+    saved = None
     if args.save:
-        if args.save.suffix == ".npy" and len(result.outputs) == 1:
-            np.save(args.save, next(iter(result.outputs.values())))
+        if args.save.suffix == ".npy":
+            if len(outputs) != 1:
+                raise UsageError(f"--save {args.save}: the model gave {len(outputs)} outputs; save them to a .npz file")
+            np.save(args.save, next(iter(outputs.values())))
+            saved = args.save
         else:
-            np.savez(args.save, **outputs)
+            saved = args.save if args.save.suffix == ".npz" else Path(f"{args.save}.npz")  # as np.savez names it
+            np.savez(saved, **outputs)
     if args.json:
         payload = {"model": result.model, "version": result.version}
         payload.update({name: array.tolist() for name, array in outputs.items()})
@@ -522,8 +597,8 @@ def show_prediction(result: Prediction, args: argparse.Namespace, extra: dict | 
     for name, array in outputs.items():
         body = np.array2string(array, precision=4, threshold=40, edgeitems=3)
         print(f"{name} {array.dtype}{list(array.shape)}:\n{body}")
-    if args.save:
-        print(f"saved to {args.save}")
+    if saved:
+        print(f"saved to {saved}")
 
 
 def format_metrics(metrics) -> str:

@@ -16,6 +16,7 @@ subclasses carrying the gRPC status and the server's message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
@@ -72,8 +73,10 @@ def retry_service_config(max_attempts: int) -> str:
     """gRPC's retry policy for every method: UNAVAILABLE is retried with exponential backoff.
 
     Only UNAVAILABLE is retried: the call did not reach a server that could act on it. SubmitJob
-    is safe to retry because the SDK always sends an idempotency key.
+    is safe to retry because the SDK always sends an idempotency key. WatchJob is left out:
+    `TrainingApi.watch` reopens it itself, also after events have arrived, which gRPC cannot.
     """
+    watch = {"name": [{"service": "maas.training.v1.TrainingService", "method": "WatchJob"}]}
     if max_attempts < 2:
         return json.dumps({"methodConfig": [{"name": [{}]}]})
     policy = {
@@ -83,7 +86,7 @@ def retry_service_config(max_attempts: int) -> str:
         "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
     }
-    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}]})
+    return json.dumps({"methodConfig": [{"name": [{}], "retryPolicy": policy}, watch]})
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class DenseApi(_Api):
     def __init__(self, client: Client) -> None:
         super().__init__(client)
         self.stub = dense_pb2_grpc.DenseServiceStub(client.channel)
-        self._input_names: dict[str, str] = {}
+        self._input_names: dict[tuple[str, int], str] = {}
 
     def predict(
         self,
@@ -131,7 +134,7 @@ class DenseApi(_Api):
     ) -> Prediction:
         """Runs a model. A bare array goes to the model's only input."""
         if not isinstance(inputs, Mapping):
-            inputs = {self._single_input(model): inputs}
+            inputs = {self._single_input(model, version): inputs}
         request = dense_pb2.PredictRequest(
             model_name=model,
             model_version=version,
@@ -141,15 +144,18 @@ class DenseApi(_Api):
         reply = self._call(self.stub.Predict, request, timeout)
         return Prediction(reply.model_name, reply.model_version, {k: decode(v) for k, v in reply.outputs.items()})
 
-    def _single_input(self, model: str) -> str:
-        if model not in self._input_names:
+    def _single_input(self, model: str, version: int) -> str:
+        if (model, version) not in self._input_names:
             found = self._client.models.get(model)
-            version = next((v for v in found.versions if v.version == found.default_version), found.versions[-1])
-            if len(version.inputs) != 1:
-                names = [spec.name for spec in version.inputs]
+            wanted = version or found.default_version
+            described = next((v for v in found.versions if v.version == wanted), None)
+            if described is None:
+                raise errors.NotFound(f"model {model!r} has no loaded version {wanted}")
+            if len(described.inputs) != 1:
+                names = [spec.name for spec in described.inputs]
                 raise ValueError(f"{model} takes several inputs {names}; pass a dict of arrays by name")
-            self._input_names[model] = version.inputs[0].name
-        return self._input_names[model]
+            self._input_names[model, version] = described.inputs[0].name
+        return self._input_names[model, version]
 
 
 class GnnApi(_Api):
@@ -430,19 +436,24 @@ class TrainingApi(_Api):
     def cancel(self, job_id: str) -> training_pb2.Job:
         return self._call(self.stub.CancelJob, training_pb2.CancelJobRequest(job_id=job_id)).job
 
-    def watch(self, job_id: str, *, timeout: float = 3600.0, reconnects: int = 5) -> Iterator[training_pb2.JobEvent]:
+    def watch(
+        self, job_id: str, *, timeout: float | None = 3600.0, reconnects: int | None = None
+    ) -> Iterator[training_pb2.JobEvent]:
         """The job's events: its history first, then each new one, ending after a terminal state.
 
         A stream cut by UNAVAILABLE (a gateway restarting, a connection dropped) is opened again,
-        up to `reconnects` times in a row; the server replays the history, and events already
-        yielded are skipped, so each event comes once.
+        up to `reconnects` times in a row (the client's max_attempts - 1 unless given); the
+        server replays the history, and events already yielded are skipped, so each event comes
+        once. `timeout=None` watches with no deadline.
         """
-        deadline = time.monotonic() + timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
         request = training_pb2.WatchJobRequest(job_id=job_id)
         seen = failures = 0
+        reconnects = self._client.max_attempts - 1 if reconnects is None else reconnects
         while True:
             try:
-                stream = self._client._stream(self.stub.WatchJob, request, max(deadline - time.monotonic(), 0.001))
+                remaining = None if timeout is None else max(deadline - time.monotonic(), 0.001)
+                stream = self._client._stream(self.stub.WatchJob, request, remaining, no_deadline=timeout is None)
                 for index, reply in enumerate(stream):
                     if index >= seen:
                         seen, failures = seen + 1, 0
@@ -459,7 +470,7 @@ class TrainingApi(_Api):
         job_id: str,
         *,
         on_event: Callable[[training_pb2.JobEvent], None] | None = None,
-        timeout: float = 3600.0,
+        timeout: float | None = 3600.0,
     ) -> training_pb2.Job:
         """Watches a job to its end and returns its final record (metrics, version, gate result)."""
         for event in self.watch(job_id, timeout=timeout):
@@ -477,6 +488,7 @@ class Client:
         `certificate_chain` with `private_key` present a client certificate for mutual TLS.
     timeout: the deadline, in seconds, of every call that does not pass its own.
     max_attempts: attempts per call when the gateway answers UNAVAILABLE (1 turns retries off).
+    metadata: headers sent with every call; channel_options: extra gRPC channel arguments.
     """
 
     def __init__(
@@ -492,11 +504,19 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT_S,
         max_attempts: int = 4,
         max_message_bytes: int = 64 << 20,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("mutual TLS needs both a client certificate and its private key")
         self.target = target or os.environ.get("MAAS_TARGET") or DEFAULT_TARGET
         api_key = api_key if api_key is not None else os.environ.get("MAAS_API_KEY")
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.max_attempts = max_attempts
+        key = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata = (*metadata, *key)
         options = [
             ("grpc.service_config", retry_service_config(max_attempts)),
             ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
@@ -505,6 +525,7 @@ class Client:
         ]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        options.extend(channel_options)  # e.g. keepalive or compression settings
         if tls or root_certificates or certificate_chain:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_pem(root_certificates),
@@ -542,9 +563,12 @@ class Client:
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error, _method_name(method)) from None
 
-    def _stream(self, method: Callable, request: Any, timeout: float | None) -> Iterator[Any]:
+    def _stream(
+        self, method: Callable, request: Any, timeout: float | None, no_deadline: bool = False
+    ) -> Iterator[Any]:
+        timeout = None if no_deadline else self.timeout if timeout is None else timeout
         try:
-            yield from method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+            yield from method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise errors.from_rpc_error(error, _method_name(method)) from None
 
