@@ -30,6 +30,10 @@ if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
 fi
 echo "client toolchains: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } \
-    || echo "client toolchains: apt-get failed; the client tests that need ${missing[*]} will skip"
+install() { apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+install "${missing[@]}" || { apt-get update -qq && install "${missing[@]}"; } || {
+    # One package apt cannot find must not cost the others: try them one at a time.
+    for package in "${missing[@]}"; do
+        install "$package" || echo "client toolchains: could not install $package; the tests that need it will skip"
+    done
+}

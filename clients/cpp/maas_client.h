@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -78,30 +77,6 @@ class Client {
   std::unique_ptr<gnn::v1::GnnService::Stub> gnn_;
   std::unique_ptr<nlp::v1::NlpService::Stub> nlp_;
   std::unique_ptr<training::v1::TrainingService::Stub> training_;
-};
-
-// ---- JSON, written by hand: one object per line. ----
-
-// A quoted, escaped JSON string.
-std::string JsonString(std::string_view value);
-// A number; non-finite values (which JSON cannot hold) become null.
-std::string JsonNumber(double value);
-std::string JsonArray(const std::vector<int64_t>& values);
-std::string JsonArray(const std::vector<std::string>& values);
-// An object of numbers, keys in sorted order.
-std::string JsonObjectOf(const std::map<std::string, double>& values);
-
-// Builds one JSON object; values given to Raw must already be JSON.
-class JsonLine {
- public:
-  JsonLine& Str(std::string_view key, std::string_view value);
-  JsonLine& Int(std::string_view key, int64_t value);
-  JsonLine& Num(std::string_view key, double value);
-  JsonLine& Raw(std::string_view key, std::string_view json);
-  std::string str() const { return body_ + "}"; }
-
- private:
-  std::string body_ = "{";
 };
 
 }  // namespace maas

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "json_line.h"
 #include "maas_client.h"
 
 namespace {
