@@ -13,7 +13,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
 from maas.training.v1 import training_pb2, training_pb2_grpc
-from shared.datasets import DatasetStore
+from shared.datasets import BUILTIN, DatasetStore
 from shared.errors import InvalidArgumentError, ResourceExhaustedError
 from shared.job_spec import normalize
 from shared.jobs import TERMINAL, JobStore
@@ -125,6 +125,21 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         return training_pb2.UploadDatasetResponse(dataset=to_dataset(meta))
+
+    async def GetDataset(self, request, context):
+        meta = await asyncio.to_thread(self.datasets.meta, request.dataset_id, current_tenant())
+        return training_pb2.GetDatasetResponse(dataset=to_dataset(meta))
+
+    async def ListDatasets(self, request, context):
+        family = FAMILIES.get(request.family, "")
+        uploaded = await asyncio.to_thread(self.datasets.list, current_tenant(), family)
+        builtin = [
+            training_pb2.BuiltinDataset(name=name, family=FAMILY_CODES[name_family])
+            for name_family, names in BUILTIN.items()
+            if not family or name_family == family
+            for name in names
+        ]
+        return training_pb2.ListDatasetsResponse(datasets=[to_dataset(m) for m in uploaded], builtin_datasets=builtin)
 
     async def SubmitJob(self, request: training_pb2.SubmitJobRequest, context):
         family = family_name(request.family, "family")

@@ -306,6 +306,15 @@ class DatasetStore:
             raise NotFoundError(f"dataset {dataset_id!r} not found")
         return meta
 
+    def list(self, tenant: str, family: str = "") -> list[dict[str, Any]]:
+        """A tenant's data sets (of one family, when given), newest first."""
+        found = []
+        for meta_path in self.root.glob("ds-*/meta.json") if self.root.is_dir() else ():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("tenant", "") == tenant and (not family or meta["family"] == family):
+                found.append(meta)
+        return sorted(found, key=lambda meta: (meta["created_at"], meta["dataset_id"]), reverse=True)
+
     def load(self, dataset_id: str) -> TabularData | GraphData | TextData:
         meta = self.meta(dataset_id)
         data = (self.root / dataset_id / f"data.{meta['format']}").read_bytes()

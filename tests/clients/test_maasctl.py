@@ -99,6 +99,8 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
     assert "100%" in upload.stderr  # the progress bar reached the end
     dataset_id = upload.stdout.split()[1].rstrip(":")
     assert dataset_id.startswith("ds-")
+    assert dataset_id in maasctl("datasets", "list", "--family", "dense").stdout
+    assert "classification" in maasctl("datasets", "show", dataset_id).stdout
 
     plot = tmp_path / "curves.png"
     trained = maasctl("train", "submit", "--family", "dense", "--arch", "mlp", "--dataset-id", dataset_id,

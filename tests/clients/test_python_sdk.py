@@ -95,6 +95,12 @@ def test_upload_train_watch_and_version_life_cycle(maas, tmp_path):
     dataset = maas.datasets.upload(path, "dense", progress=lambda sent, total: progress.append((sent, total)))
     assert dataset.num_examples == 150 and dataset.task == "classification"
     assert progress[-1] == (path.stat().st_size, path.stat().st_size)
+    assert maas.datasets.get(dataset.dataset_id).sha256 == dataset.sha256
+    listing = maas.datasets.list("dense")
+    assert dataset.dataset_id in [d.dataset_id for d in listing.datasets]
+    assert "iris" in [b.name for b in listing.builtin_datasets]
+    with pytest.raises(NotFound):
+        maas.datasets.get("ds-0000000000000000")
 
     def train(key: str):
         job = maas.training.submit(

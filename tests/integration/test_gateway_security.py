@@ -172,6 +172,7 @@ async def test_a_tenant_sees_only_its_own_jobs_and_data_sets(mtls_gateway, pki):
 
         assert (await stub.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=5, metadata=bearer("alpha"))).job
         for call in (
+            stub.GetDataset(t.GetDatasetRequest(dataset_id=dataset.dataset_id), timeout=5, metadata=bearer("beta")),
             stub.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=5, metadata=bearer("beta")),
             stub.CancelJob(t.CancelJobRequest(job_id=job.job_id), timeout=5, metadata=bearer("beta")),
             stub.SubmitJob(request, timeout=5, metadata=bearer("beta")),  # alpha's data set
@@ -187,6 +188,11 @@ async def test_a_tenant_sees_only_its_own_jobs_and_data_sets(mtls_gateway, pki):
         alpha_jobs = {j.job_id for j in (await list_jobs(ch, bearer("alpha"))).jobs}
         beta_jobs = {j.job_id for j in (await list_jobs(ch, bearer("beta"))).jobs}
         assert job.job_id in alpha_jobs and job.job_id not in beta_jobs
+        datasets = {}
+        for tenant in ("alpha", "beta"):
+            listing = await stub.ListDatasets(t.ListDatasetsRequest(), timeout=5, metadata=bearer(tenant))
+            datasets[tenant] = [d.dataset_id for d in listing.datasets]
+        assert datasets == {"alpha": [dataset.dataset_id], "beta": []}
 
         # Idempotency keys are per tenant: beta's "same-key" is beta's own job.
         beta_request = t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", builtin_dataset="sentiment",

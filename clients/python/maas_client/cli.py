@@ -6,7 +6,7 @@
     maasctl classify --file reviews.txt
     maasctl graph predict karate-gcn --stored-graph karate --nodes 0,16,33
     maasctl models list | show NAME | promote NAME VERSION | rollback NAME
-    maasctl datasets upload iris.csv --family dense
+    maasctl datasets upload iris.csv --family dense | list | show DATASET_ID
     maasctl train submit --family dense --arch mlp --dataset iris --epochs 20 --watch --plot curves.png
     maasctl train watch JOB_ID --plot curves.png
     maasctl jobs list | cancel JOB_ID
@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--format", choices=["npz", "csv", "json", "jsonl"], help="default: from the file's suffix")
     upload.add_argument("--name", default="", help="default: the file's name")
     upload.set_defaults(run=cmd_datasets_upload)
+    datasets_list = datasets.add_parser("list", help="your uploaded data sets, and the built-in ones")
+    datasets_list.add_argument("--family", choices=FAMILIES)
+    datasets_list.set_defaults(run=cmd_datasets_list)
+    datasets_show = datasets.add_parser("show", help="an uploaded data set's record")
+    datasets_show.add_argument("dataset_id")
+    datasets_show.set_defaults(run=cmd_datasets_show)
 
     train = commands.add_parser("train", help="training jobs").add_subparsers(dest="train_command", required=True)
     submit = train.add_parser("submit", help="queue a training job")
@@ -343,6 +349,40 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:
     print(f"dataset {dataset.dataset_id}: {dataset.name}, {dataset.num_examples} examples, {dataset.task}")
     if dataset.class_names:
         print(f"classes: {', '.join(dataset.class_names)}")
+
+
+def cmd_datasets_list(client: Client, args: argparse.Namespace) -> None:
+    listing = client.datasets.list(args.family)
+    rows = [
+        [d.dataset_id, d.name, family_name(d.family), d.num_examples, d.task, d.size_bytes, d.created_at]
+        for d in listing.datasets
+    ]
+    print_table(["dataset", "name", "family", "examples", "task", "bytes", "created"], rows)
+    builtin = {}
+    for dataset in listing.builtin_datasets:
+        builtin.setdefault(family_name(dataset.family), []).append(dataset.name)
+    print("\nbuilt in (train submit --dataset NAME):")
+    for family, names in builtin.items():
+        print(f"  {family}: {', '.join(names)}")
+
+
+def cmd_datasets_show(client: Client, args: argparse.Namespace) -> None:
+    dataset = client.datasets.get(args.dataset_id)
+    fmt = training_pb2.DatasetFormat.Name(dataset.format).removeprefix("DATASET_FORMAT_").lower()
+    rows = [
+        ["name", dataset.name],
+        ["family", family_name(dataset.family)],
+        ["format", fmt],
+        ["examples", dataset.num_examples],
+        ["feature shape", list(dataset.feature_shape)],
+        ["task", dataset.task],
+        ["classes", ", ".join(dataset.class_names)],
+        ["bytes", dataset.size_bytes],
+        ["sha256", dataset.sha256],
+        ["created", dataset.created_at],
+    ]
+    print(dataset.dataset_id)
+    print_table(["field", "value"], rows)
 
 
 def cmd_train_submit(client: Client, args: argparse.Namespace) -> int:

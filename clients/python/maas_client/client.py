@@ -313,7 +313,7 @@ class ModelsApi(_Api):
 
 
 class DatasetsApi(_Api):
-    """Data sets for training, uploaded in chunks."""
+    """Data sets for training: uploaded in chunks, listed and described."""
 
     CHUNK_BYTES = 1 << 20
 
@@ -358,6 +358,14 @@ class DatasetsApi(_Api):
                         progress(sent, total)
 
         return self._call(self.stub.UploadDataset, parts(), timeout).dataset
+
+    def get(self, dataset_id: str) -> training_pb2.Dataset:
+        return self._call(self.stub.GetDataset, training_pb2.GetDatasetRequest(dataset_id=dataset_id)).dataset
+
+    def list(self, family: str | None = None) -> training_pb2.ListDatasetsResponse:
+        """The caller's uploaded data sets (`.datasets`, newest first) and the built-in ones."""
+        request = training_pb2.ListDatasetsRequest(family=family_code(family) if family else 0)
+        return self._call(self.stub.ListDatasets, request)
 
 
 class TrainingApi(_Api):
