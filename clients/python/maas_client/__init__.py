@@ -1,6 +1,7 @@
 """maas_client: the Python SDK for maas, and `maasctl`, its command line.
 
-See `maas_client.client` for an example; `Client` is the entry point. Names are imported on
+See `maas_client.client` for an example; `Client` is the entry point, and `AsyncClient` its
+asyncio twin. Names are imported on
 first use, so that `maasctl` can quiet gRPC's own logging before gRPC is loaded.
 """
 
@@ -13,6 +14,7 @@ __all__ = [
     "FAMILIES",
     "TERMINAL_STATES",
     "AlreadyExists",
+    "AsyncClient",
     "Client",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -31,6 +33,7 @@ __all__ = [
 _FROM_CLIENT = {"FAMILIES", "TERMINAL_STATES", "Client", "GraphPrediction", "Prediction", "family_name", "state_name"}
 
 if TYPE_CHECKING:
+    from maas_client.aio import AsyncClient
     from maas_client.client import (
         FAMILIES,
         TERMINAL_STATES,
@@ -57,5 +60,11 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'maas_client' has no attribute {name!r}")
-    module = "maas_client.client" if name in _FROM_CLIENT else "maas_client.errors"
+    module = (
+        "maas_client.aio"
+        if name == "AsyncClient"
+        else "maas_client.client"
+        if name in _FROM_CLIENT
+        else "maas_client.errors"
+    )
     return getattr(importlib.import_module(module), name)

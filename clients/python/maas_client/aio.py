@@ -1,0 +1,274 @@
+"""The maas Python SDK for asyncio: `AsyncClient` is `Client` over grpc.aio, with awaitable calls.
+
+    from maas_client.aio import AsyncClient
+
+    async with AsyncClient("127.0.0.1:50051") as maas:
+        predictions = await asyncio.gather(*(maas.dense.predict("digits-mlp", x) for x in batches))
+        async for event in maas.training.watch(job_id):
+            ...
+
+Deadlines, retries on UNAVAILABLE, errors and results are those of `maas_client.client.Client`:
+both run the same calls from `maas_client.calls`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Unpack
+
+import grpc
+import numpy as np
+
+from maas.common.v1 import model_pb2
+from maas.training.v1 import training_pb2
+from maas_client import calls, errors
+from maas_client.calls import GraphPrediction, Prediction, SubmitOptions
+from maas_client.client import STUBS
+from maas_client.connection import Connection, ConnectionSettings
+
+
+class AsyncDenseApi:
+    """Dense models (MLP, CNN, GRU) served with ONNX Runtime."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def predict(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray] | np.ndarray,
+        *,
+        version: int = 0,
+        outputs: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Runs a model. A bare array goes to the model's only input."""
+        return await self._client.run(
+            calls.dense_predict(self._client.lookups, model, inputs, version, outputs, timeout)
+        )
+
+
+class AsyncGnnApi:
+    """Graph models: node classification on a graph sent inline or stored with the model."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def predict(
+        self,
+        model: str,
+        *,
+        node_features: np.ndarray | None = None,
+        edge_index: np.ndarray | None = None,
+        edge_weight: np.ndarray | None = None,
+        stored_graph: str = "",
+        node_ids: Iterable[int] = (),
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> GraphPrediction:
+        """Predicts for `node_ids` (all nodes when empty) of an inline graph or a stored one."""
+        return await self._client.run(
+            calls.gnn_predict(model, node_features, edge_index, edge_weight, stored_graph, node_ids, version, timeout)
+        )
+
+
+class AsyncNlpApi:
+    """Language models: sentence embeddings and text classification."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def predict(
+        self, model: str, texts: Sequence[str], *, version: int = 0, timeout: float | None = None
+    ) -> Prediction:
+        return await self._client.run(calls.nlp_predict(model, texts, version, timeout))
+
+    async def embed(
+        self, texts: Sequence[str], *, model: str = "minilm-l6-v2", timeout: float | None = None
+    ) -> np.ndarray:
+        """One L2-normalised embedding per text, as an N x D float32 array."""
+        return await self._client.run(calls.embedding(calls.nlp_predict(model, texts, 0, timeout)))
+
+    async def classify(
+        self, texts: Sequence[str], *, model: str = "sentiment", timeout: float | None = None
+    ) -> Prediction:
+        """Labels (`.labels`) and class probabilities (`["probabilities"]`) for each text."""
+        return await self._client.run(calls.nlp_predict(model, texts, 0, timeout))
+
+
+class AsyncModelsApi:
+    """The model repository: versions, the default version, loading and unloading."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._lookups = client.lookups
+
+    async def list(self, family: str | None = None) -> list[tuple[str, model_pb2.Model]]:
+        """(family, model) for every model the caller may see, by family then name."""
+        return await self._client.run(calls.models_list(self._lookups, family))
+
+    async def family_of(self, model: str) -> str:
+        return await self._client.run(calls.family_of(self._lookups, model))
+
+    async def get(self, model: str) -> model_pb2.Model:
+        return await self._client.run(calls.models_get(self._lookups, model))
+
+    async def versions(self, model: str) -> Any:
+        """The ListModelVersions reply: `default_version`, `default_pinned` and `versions`."""
+        return await self._client.run(calls.models_versions(self._lookups, model))
+
+    async def promote(self, model: str, version: int) -> model_pb2.Model:
+        """Loads `version` and makes it the default: it serves every call that names no version."""
+        return await self._client.run(calls.models_promote(self._lookups, model, version))
+
+    async def rollback(self, model: str) -> model_pb2.Model:
+        """Makes the newest version older than the current default the default again."""
+        return await self._client.run(calls.models_rollback(self._lookups, model))
+
+    async def load(self, model: str, version: int) -> model_pb2.ModelVersion:
+        return await self._client.run(calls.models_load(self._lookups, model, version))
+
+    async def unload(self, model: str, version: int) -> None:
+        await self._client.run(calls.models_unload(self._lookups, model, version))
+
+
+class AsyncDatasetsApi:
+    """Data sets for training: uploaded in chunks, listed and described."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def upload(
+        self,
+        path: str | os.PathLike,
+        family: str | int,
+        *,
+        format: str | int | None = None,
+        name: str = "",
+        progress: Callable[[int, int], None] | None = None,
+        timeout: float | None = 600.0,
+    ) -> training_pb2.Dataset:
+        """Streams a file; the format comes from its suffix (.npz, .csv, .json, .jsonl) unless given."""
+        return await self._client.run(calls.datasets_upload(path, family, format, name, progress, timeout))
+
+    async def get(self, dataset_id: str) -> training_pb2.Dataset:
+        return await self._client.run(calls.datasets_get(dataset_id))
+
+    async def list(self, family: str | None = None) -> training_pb2.ListDatasetsResponse:
+        """The caller's uploaded data sets (`.datasets`, newest first) and the built-in ones."""
+        return await self._client.run(calls.datasets_list(family))
+
+
+class AsyncTrainingApi:
+    """Training jobs: queued in Redis, trained, evaluated, and written as new model versions."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def submit(self, family: str | int, architecture: str, **options: Unpack[SubmitOptions]) -> training_pb2.Job:
+        """Queues a job on a built-in `dataset` or an uploaded `dataset_id`; returns the queued job."""
+        return await self._client.run(calls.training_submit(family, architecture, options))
+
+    async def get(self, job_id: str) -> training_pb2.Job:
+        return await self._client.run(calls.training_get(job_id))
+
+    async def list(self, family: str | None = None, limit: int = 100) -> list[training_pb2.Job]:
+        return await self._client.run(calls.training_list(family, limit))
+
+    async def cancel(self, job_id: str) -> training_pb2.Job:
+        return await self._client.run(calls.training_cancel(job_id))
+
+    async def watch(
+        self, job_id: str, *, timeout: float | None = 3600.0, reconnects: int | None = None
+    ) -> AsyncIterator[training_pb2.JobEvent]:
+        """The job's events, as `Client.training.watch` gives them, reconnecting the same way."""
+        attempts = self._client.connection.max_attempts
+        resume = calls.WatchResume(job_id, attempts - 1 if reconnects is None else reconnects)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stub = self._client.stubs["training"]
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                stream = stub.WatchJob(resume.request(), timeout=remaining, metadata=self._client.connection.metadata)
+                index = 0
+                async for reply in stream:
+                    if resume.fresh(index):
+                        yield reply.event
+                    index += 1
+                return
+            except grpc.RpcError as error:
+                failure = errors.from_rpc_error(error, "WatchJob")
+            if not isinstance(failure, errors.Unavailable):
+                raise failure
+            pause = resume.backoff_s()
+            if pause is None or (deadline is not None and time.monotonic() + pause >= deadline):
+                raise failure
+            await asyncio.sleep(pause)
+
+    async def wait(
+        self,
+        job_id: str,
+        *,
+        on_event: Callable[[training_pb2.JobEvent], None] | None = None,
+        timeout: float | None = 3600.0,
+    ) -> training_pb2.Job:
+        """Watches a job to its end and returns its final record (metrics, version, gate result)."""
+        async for event in self.watch(job_id, timeout=timeout):
+            if on_event:
+                on_event(event)
+        return await self.get(job_id)
+
+
+class AsyncClient:
+    """A grpc.aio connection to a maas gateway; `settings` are those of `Connection`.
+
+    Create it inside the event loop that uses it, and close it (or use `async with`).
+    """
+
+    def __init__(self, target: str | None = None, **settings: Unpack[ConnectionSettings]) -> None:
+        self.connection = Connection.of(target, **settings)
+        self.target = self.connection.target
+        if self.connection.credentials is not None:
+            self.channel = grpc.aio.secure_channel(self.target, self.connection.credentials, self.connection.options)
+        else:
+            self.channel = grpc.aio.insecure_channel(self.target, self.connection.options)
+        self.stubs = {name: stub(self.channel) for name, stub in STUBS.items()}
+        self.lookups = calls.Lookups()
+        self.dense = AsyncDenseApi(self)
+        self.gnn = AsyncGnnApi(self)
+        self.nlp = AsyncNlpApi(self)
+        self.models = AsyncModelsApi(self)
+        self.datasets = AsyncDatasetsApi(self)
+        self.training = AsyncTrainingApi(self)
+
+    async def health(self, timeout: float | None = 5.0) -> dict[str, str]:
+        """The gateway's health ("gateway") and each family's, as the gateway sees its backends."""
+        return await self.run(calls.health(timeout))
+
+    async def run(self, call: calls.Call[calls.T]) -> calls.T:
+        """Runs a call from `maas_client.calls` over grpc.aio."""
+        outcome: Any = None
+        failure: errors.MaasError | None = None
+        while True:
+            try:
+                rpc = call.send(outcome) if failure is None else call.throw(failure)
+            except StopIteration as done:
+                return done.value
+            method = getattr(self.stubs[rpc.service], rpc.method)
+            timeout = self.connection.timeout_of(rpc.timeout)
+            try:
+                outcome, failure = await method(rpc.request, timeout=timeout, metadata=self.connection.metadata), None
+            except grpc.RpcError as error:
+                outcome, failure = None, errors.from_rpc_error(error, rpc.method)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,418 @@
+"""What each SDK call sends and what it makes of the replies, written once for both clients.
+
+A call is a generator: it yields the `Rpc`s it needs, one at a time, receives each reply (or has
+the call's `MaasError` thrown into it), and returns its result. `Client` runs calls with
+blocking gRPC and `AsyncClient` with grpc.aio, so neither holds any request or reply logic.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict, TypeVar
+
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from maas.common.v1 import model_pb2
+from maas.dense.v1 import dense_pb2
+from maas.gnn.v1 import gnn_pb2
+from maas.nlp.v1 import nlp_pb2
+from maas.training.v1 import training_pb2
+from maas_client import errors
+from maas_client.tensors import decode, encode
+
+FAMILIES = ("dense", "gnn", "nlp")
+TERMINAL_STATES = frozenset(
+    {training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_FAILED, training_pb2.JOB_STATE_CANCELLED}
+)
+SERVICES = {
+    "dense": "maas.dense.v1.DenseService",
+    "gnn": "maas.gnn.v1.GnnService",
+    "nlp": "maas.nlp.v1.NlpService",
+    "training": "maas.training.v1.TrainingService",
+    "health": "grpc.health.v1.Health",
+}
+_FAMILY_MODULES = {"dense": dense_pb2, "gnn": gnn_pb2, "nlp": nlp_pb2}
+_DATASET_FORMATS = {
+    ".npz": training_pb2.DATASET_FORMAT_NPZ,
+    ".csv": training_pb2.DATASET_FORMAT_CSV,
+    ".json": training_pb2.DATASET_FORMAT_JSON,
+    ".jsonl": training_pb2.DATASET_FORMAT_JSONL,
+}
+CHUNK_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """One unary (or client-streaming) rpc a call needs: `service` is a key of SERVICES."""
+
+    service: str
+    method: str
+    request: Any
+    timeout: float | None = None
+
+
+Call = Generator[Rpc, Any, T]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's outputs by name, and the version that computed them."""
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+    labels: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+
+@dataclass(frozen=True)
+class GraphPrediction(Prediction):
+    node_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+@dataclass
+class Lookups:
+    """What a client learns once and reuses: each model's family and single input's name."""
+
+    families: dict[str, str] = field(default_factory=dict)
+    input_names: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+class SubmitOptions(TypedDict, total=False):
+    """The optional settings of `training.submit`; see SubmitJobRequest in training.proto."""
+
+    dataset: str  # a built-in data set, e.g. "iris"
+    dataset_id: str  # an uploaded one
+    output_model: str
+    epochs: int
+    batch_size: int
+    optimizer: str  # "adam" or "sgd"
+    learning_rate: float
+    hidden_sizes: Sequence[int]
+    validation_split: float
+    k_folds: int
+    gate_metric: str
+    gate_min: float
+    gate_max: float
+    better_than_default: bool
+    idempotency_key: str  # made up by the SDK when not given
+    seed: int
+    private: bool
+    timeout: float
+
+
+def family_code(family: str | int) -> int:
+    """ "dense", "gnn" or "nlp" (or a `training_pb2.Family` value) as the Family enum."""
+    if isinstance(family, int):
+        return family
+    try:
+        return training_pb2.Family.Value(f"FAMILY_{family.upper()}")
+    except ValueError:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}") from None
+
+
+def family_name(code: int) -> str:
+    return training_pb2.Family.Name(code).removeprefix("FAMILY_").lower()
+
+
+def state_name(code: int) -> str:
+    return training_pb2.JobState.Name(code).removeprefix("JOB_STATE_").lower()
+
+
+def _outputs(reply: Any) -> dict[str, np.ndarray]:
+    return {name: decode(tensor) for name, tensor in reply.outputs.items()}
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+def dense_predict(
+    lookups: Lookups,
+    model: str,
+    inputs: Mapping[str, np.ndarray] | np.ndarray,
+    version: int,
+    outputs: Sequence[str],
+    timeout: float | None,
+) -> Call[Prediction]:
+    if not isinstance(inputs, Mapping):
+        inputs = {(yield from single_input(lookups, model, version)): inputs}
+    request = dense_pb2.PredictRequest(
+        model_name=model,
+        model_version=version,
+        inputs={name: encode(value) for name, value in inputs.items()},
+        output_names=list(outputs),
+    )
+    reply = yield Rpc("dense", "Predict", request, timeout)
+    return Prediction(reply.model_name, reply.model_version, _outputs(reply))
+
+
+def single_input(lookups: Lookups, model: str, version: int) -> Call[str]:
+    """The name of the one input a dense model version takes."""
+    if (model, version) not in lookups.input_names:
+        found = yield from models_get(lookups, model)
+        wanted = version or found.default_version
+        described = next((v for v in found.versions if v.version == wanted), None)
+        if described is None:
+            raise errors.NotFound(f"model {model!r} has no loaded version {wanted}")
+        if len(described.inputs) != 1:
+            names = [spec.name for spec in described.inputs]
+            raise ValueError(f"{model} takes several inputs {names}; pass a dict of arrays by name")
+        lookups.input_names[model, version] = described.inputs[0].name
+    return lookups.input_names[model, version]
+
+
+def gnn_predict(
+    model: str,
+    node_features: np.ndarray | None,
+    edge_index: np.ndarray | None,
+    edge_weight: np.ndarray | None,
+    stored_graph: str,
+    node_ids: Iterable[int],
+    version: int,
+    timeout: float | None,
+) -> Call[GraphPrediction]:
+    request = gnn_pb2.PredictRequest(model_name=model, model_version=version, node_ids=list(node_ids))
+    if stored_graph:
+        request.stored_graph = stored_graph
+    elif node_features is not None and edge_index is not None:
+        request.graph.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
+        request.graph.edge_index.CopyFrom(encode(np.asarray(edge_index, np.int64)))
+        if edge_weight is not None:
+            request.graph.edge_weight.CopyFrom(encode(np.asarray(edge_weight, np.float32)))
+    else:
+        raise ValueError("pass stored_graph, or node_features and edge_index")
+    reply = yield Rpc("gnn", "Predict", request, timeout)
+    node_ids = np.array(reply.node_ids, np.int64)
+    return GraphPrediction(reply.model_name, reply.model_version, _outputs(reply), node_ids=node_ids)
+
+
+def nlp_predict(model: str, texts: Sequence[str], version: int, timeout: float | None) -> Call[Prediction]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    reply = yield Rpc(
+        "nlp", "Predict", nlp_pb2.PredictRequest(model_name=model, model_version=version, texts=texts), timeout
+    )
+    return Prediction(reply.model_name, reply.model_version, _outputs(reply), list(reply.labels))
+
+
+def embedding(call: Call[Prediction]) -> Call[np.ndarray]:
+    return (yield from call)["embedding"]
+
+
+# --- the model repository ------------------------------------------------------------------
+
+
+def models_list(lookups: Lookups, family: str | None) -> Call[list[tuple[str, model_pb2.Model]]]:
+    found = []
+    for name in [family] if family else FAMILIES:
+        reply = yield Rpc(name, "ListModels", _FAMILY_MODULES[name].ListModelsRequest())
+        for model in sorted(reply.models, key=lambda m: m.name):
+            lookups.families[model.name] = name
+            found.append((name, model))
+    return found
+
+
+def family_of(lookups: Lookups, model: str) -> Call[str]:
+    """The family serving `model`. A version just written by a job is in the store before its
+    service has loaded it, so the store's manifests are asked when the listing misses it."""
+    if model not in lookups.families:
+        yield from models_list(lookups, None)
+    for family in FAMILIES if model not in lookups.families else ():
+        request = _FAMILY_MODULES[family].ListModelVersionsRequest(model_name=model)
+        try:
+            listing = yield Rpc(family, "ListModelVersions", request)
+        except errors.NotFound:
+            continue
+        if any(version.family == family for version in listing.versions):
+            lookups.families[model] = family
+            break
+    if model not in lookups.families:
+        raise errors.NotFound(f"no model named {model!r} in any family (dense, gnn, nlp)")
+    return lookups.families[model]
+
+
+def _model_rpc(lookups: Lookups, model: str, method: str, message: str, **fields: Any) -> Call[Any]:
+    family = yield from family_of(lookups, model)
+    request = getattr(_FAMILY_MODULES[family], message)(model_name=model, **fields)
+    return (yield Rpc(family, method, request))
+
+
+def models_get(lookups: Lookups, model: str) -> Call[model_pb2.Model]:
+    return (yield from _model_rpc(lookups, model, "GetModel", "GetModelRequest")).model
+
+
+def models_versions(lookups: Lookups, model: str) -> Call[Any]:
+    return (yield from _model_rpc(lookups, model, "ListModelVersions", "ListModelVersionsRequest"))
+
+
+def models_load(lookups: Lookups, model: str, version: int) -> Call[model_pb2.ModelVersion]:
+    return (yield from _model_rpc(lookups, model, "LoadModel", "LoadModelRequest", model_version=version)).version
+
+
+def models_unload(lookups: Lookups, model: str, version: int) -> Call[None]:
+    yield from _model_rpc(lookups, model, "UnloadModel", "UnloadModelRequest", model_version=version)
+
+
+def models_promote(lookups: Lookups, model: str, version: int) -> Call[model_pb2.Model]:
+    # Only a ready version can be the default: load it first (a no-op when it is loaded).
+    yield from models_load(lookups, model, version)
+    reply = yield from _model_rpc(
+        lookups, model, "SetDefaultVersion", "SetDefaultVersionRequest", model_version=version
+    )
+    return reply.model
+
+
+def models_rollback(lookups: Lookups, model: str) -> Call[model_pb2.Model]:
+    listing = yield from models_versions(lookups, model)
+    older = [
+        v.version
+        for v in listing.versions
+        if v.version < listing.default_version and v.state != model_pb2.MODEL_STATE_FAILED
+    ]
+    if not older:
+        raise errors.FailedPrecondition(
+            f"{model} has no version older than its default v{listing.default_version} to roll back to",
+            method="rollback",
+        )
+    return (yield from models_promote(lookups, model, max(older)))
+
+
+# --- data sets and training ----------------------------------------------------------------
+
+
+def datasets_upload(
+    path: str | Path,
+    family: str | int,
+    format: str | int | None,
+    name: str,
+    progress: Callable[[int, int], None] | None,
+    timeout: float | None,
+) -> Call[training_pb2.Dataset]:
+    path = Path(path)
+    if format is None:
+        if path.suffix.lower() not in _DATASET_FORMATS:
+            raise ValueError(f"cannot tell the format of {path.name}; expected one of {sorted(_DATASET_FORMATS)}")
+        code = _DATASET_FORMATS[path.suffix.lower()]
+    elif isinstance(format, str):
+        code = training_pb2.DatasetFormat.Value(f"DATASET_FORMAT_{format.upper()}")
+    else:
+        code = format
+    total = path.stat().st_size
+    info = training_pb2.DatasetInfo(name=name or path.stem, family=family_code(family), format=code)
+
+    def parts() -> Iterator[training_pb2.UploadDatasetRequest]:
+        yield training_pb2.UploadDatasetRequest(info=info)
+        sent = 0
+        with path.open("rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                yield training_pb2.UploadDatasetRequest(chunk=chunk)
+                sent += len(chunk)
+                if progress:
+                    progress(sent, total)
+
+    return (yield Rpc("training", "UploadDataset", parts(), timeout)).dataset
+
+
+def datasets_get(dataset_id: str) -> Call[training_pb2.Dataset]:
+    return (yield Rpc("training", "GetDataset", training_pb2.GetDatasetRequest(dataset_id=dataset_id))).dataset
+
+
+def datasets_list(family: str | None) -> Call[training_pb2.ListDatasetsResponse]:
+    request = training_pb2.ListDatasetsRequest(family=family_code(family) if family else 0)
+    return (yield Rpc("training", "ListDatasets", request))
+
+
+def training_submit(family: str | int, architecture: str, options: SubmitOptions) -> Call[training_pb2.Job]:
+    """Queues a job; without an idempotency key the SDK makes one, so a retry never queues twice."""
+    unknown = set(options) - set(SubmitOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"training.submit got unknown options {sorted(unknown)}")
+    request = training_pb2.SubmitJobRequest(
+        family=family_code(family),
+        architecture=architecture,
+        hidden_sizes=list(options.get("hidden_sizes", ())),
+        optimizer=training_pb2.Optimizer.Value(f"OPTIMIZER_{options.get('optimizer', 'adam').upper()}"),
+        epochs=options.get("epochs", 0),
+        batch_size=options.get("batch_size", 0),
+        validation_split=options.get("validation_split", 0.0),
+        k_folds=options.get("k_folds", 0),
+        output_model=options.get("output_model", ""),
+        idempotency_key=options.get("idempotency_key") or str(uuid.uuid4()),
+        seed=options.get("seed", 0),
+        private=options.get("private", False),
+    )
+    if options.get("learning_rate") is not None:
+        request.learning_rate = options["learning_rate"]
+    if options.get("dataset_id"):
+        request.dataset_id = options["dataset_id"]
+    elif options.get("dataset"):
+        request.builtin_dataset = options["dataset"]
+    else:
+        raise ValueError("pass dataset (a built-in data set's name) or dataset_id (an uploaded one)")
+    gate = {key: options.get(key) for key in ("gate_metric", "gate_min", "gate_max", "better_than_default")}
+    if any(value not in (None, "", False) for value in gate.values()):
+        request.gate.metric = gate["gate_metric"] or ""
+        request.gate.better_than_default = bool(gate["better_than_default"])
+        if gate["gate_min"] is not None:
+            request.gate.min_value = gate["gate_min"]
+        if gate["gate_max"] is not None:
+            request.gate.max_value = gate["gate_max"]
+    return (yield Rpc("training", "SubmitJob", request, options.get("timeout"))).job
+
+
+def training_get(job_id: str) -> Call[training_pb2.Job]:
+    return (yield Rpc("training", "GetJob", training_pb2.GetJobRequest(job_id=job_id))).job
+
+
+def training_list(family: str | None, limit: int) -> Call[list[training_pb2.Job]]:
+    request = training_pb2.ListJobsRequest(family=family_code(family) if family else 0, limit=limit)
+    return list((yield Rpc("training", "ListJobs", request)).jobs)
+
+
+def training_cancel(job_id: str) -> Call[training_pb2.Job]:
+    return (yield Rpc("training", "CancelJob", training_pb2.CancelJobRequest(job_id=job_id))).job
+
+
+@dataclass
+class WatchResume:
+    """Where a job watch is: the server replays a job's history on every WatchJob, so after a
+    reconnect the events already handed out are skipped."""
+
+    job_id: str
+    reconnects: int
+    seen: int = 0
+    failures: int = 0
+
+    def request(self) -> training_pb2.WatchJobRequest:
+        return training_pb2.WatchJobRequest(job_id=self.job_id)
+
+    def fresh(self, index: int) -> bool:
+        """Whether the stream's `index`-th event is new; counts it if so."""
+        if index < self.seen:
+            return False
+        self.seen, self.failures = self.seen + 1, 0
+        return True
+
+    def backoff_s(self) -> float | None:
+        """Seconds to wait before reopening a cut stream; None once the reconnects are spent."""
+        self.failures += 1
+        return None if self.failures > self.reconnects else min(0.2 * 2**self.failures, 5.0)
+
+
+# --- health --------------------------------------------------------------------------------
+
+
+def health(timeout: float | None) -> Call[dict[str, str]]:
+    """The gateway's own health ("gateway") and each family's, as the gateway sees its backends."""
+    report = {}
+    for label, service in {"gateway": "", **{family: SERVICES[family] for family in FAMILIES}}.items():
+        reply = yield Rpc("health", "Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        report[label] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return report
