@@ -9,6 +9,11 @@ PROTO_STAMP := $(GEN)/.generated
 MODEL_STORE ?= var/models
 MODELS_STAMP := $(MODEL_STORE)/.defaults-built
 PYTEST_ARGS ?=
+# GPU=1, or an NVIDIA GPU that nvidia-smi sees, adds the CUDA 13 and cuDNN 9 wheels onnxruntime-gpu loads
+# (requirements-gpu.lock). CPU machines and CI never download them.
+GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+GPU_DEPS := $(VENV)/.gpu-deps-installed
+VENV_READY := $(DEPS) $(if $(filter 1,$(GPU)),$(GPU_DEPS))
 
 .PHONY: help venv protos models run test lint bench images manifests clean \
 	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java stubs-java-compile clients client-node client-go client-cpp proto-check
@@ -26,13 +31,13 @@ help:
 	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
 	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
 
-venv: $(DEPS)
+venv: $(VENV_READY)
 
-$(DEPS): requirements.lock pyproject.toml
+$(DEPS): requirements.lock requirements-test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0 in the lock: an unpinned torch would pull several GB of CUDA wheels.
-	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet -r requirements.lock -r requirements-test.lock
 	# The repo root, the Python SDK and the generated package go on the venv's path.
 	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
 		printf '%s\n%s\n%s\n' "$(CURDIR)" "$(CURDIR)/clients/python" "$(CURDIR)/$(GEN)" > "$$site/maas-dev.pth"
@@ -40,9 +45,13 @@ $(DEPS): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
+$(GPU_DEPS): requirements-gpu.lock $(DEPS)
+	$(PY) -m pip install --quiet -r requirements-gpu.lock
+	touch $@
+
 protos: $(PROTO_STAMP)
 
-$(PROTO_STAMP): $(PROTOS) $(DEPS)
+$(PROTO_STAMP): $(PROTOS) $(VENV_READY)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos \
 		--python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
@@ -155,7 +164,7 @@ run: $(MODELS_STAMP)
 test: lint $(MODELS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(DEPS)
+lint: $(VENV_READY)
 	$(PY) -m ruff check .
 
 bench: $(MODELS_STAMP)

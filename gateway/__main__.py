@@ -22,10 +22,9 @@ from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
-from shared.logs import configure_logging
 from shared.server import NOT_SERVING, SERVING, GrpcServer
 from shared.settings import GatewaySettings
-from shared.tracing import configure_tracing
+from shared.workers import run_server_process
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -44,6 +43,7 @@ async def serve(settings: GatewaySettings) -> None:
         settings.cache_ttl_jitter,
         settings.cache_timeout_s,
         settings.cache_retry_after_s,
+        settings.local_cache_mb * 1024 * 1024,
     )
     services = {route.family: route.service for route in ROUTES}
 
@@ -103,10 +103,7 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    settings = GatewaySettings()
-    configure_logging("gateway", settings.log_level, settings.log_format)
-    configure_tracing("gateway", settings.tracing, settings.otlp_endpoint)
-    asyncio.run(serve(settings))
+    run_server_process("gateway", "gateway", GatewaySettings(), serve)
 
 
 if __name__ == "__main__":

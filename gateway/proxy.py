@@ -151,6 +151,8 @@ class GatewayProxy:
         key = result_key(route.family, request.model_name, version, route.digest(request))
         policy = self.settings.cache_policy.get(request.model_name, {})
         use_cache = self.cache.enabled and policy.get("enabled", True) and control != "no-store"
+        if use_cache and control != "no-cache" and (local := self.cache.get_local(route.family, key)) is not None:
+            return local, "hit"
 
         if not use_cache:
             outcome = "off" if not self.cache.enabled or not policy.get("enabled", True) else "bypass"
@@ -159,7 +161,7 @@ class GatewayProxy:
         elif control == "no-cache":
             outcome = "bypass"
         else:
-            cached = await self.cache.get(route.family, key)
+            cached = await self.cache.get(route.family, key, policy.get("ttl_s"))
             if cached is not None:
                 return cached, "hit"
             outcome = "miss" if self.cache.available() else "error"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.redis_server import CACHE_CONFIG, QUEUE_CONFIG, RedisServer
+from shared.workers import default_workers, free_port, ready_file
 
 FAMILIES = ("dense", "gnn", "nlp")
 
@@ -31,6 +31,10 @@ class ProcessSpec:
     module: str
     port: int  # its gRPC (and health) port; 0 for a process that serves none, like a trainer
     env: dict[str, str] = field(default_factory=dict)
+    workers: int = 1  # server processes on the port; with more than one, they write ready files in run_dir
+    run_dir: Path | None = None
+    # Settings for this machine only (paths under var/), which the manifests leave to their defaults.
+    local_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def command(self) -> list[str]:
@@ -74,12 +78,6 @@ class ClusterPorts:
         return getattr(self, name) + 10 * index
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def process_table(
     ports: ClusterPorts,
     model_store: Path,
@@ -87,15 +85,22 @@ def process_table(
     queue_redis_url: str,
     var_dir: Path,
     replicas: dict[str, int] | None = None,
+    gateway_workers: int | None = None,
 ) -> list[ProcessSpec]:
-    """What runs: the model services (N replicas each), their trainers, and the gateway that fronts them."""
+    """What runs: the model services (N replicas each), their trainers, and the gateway that fronts them.
+
+    The gateway runs `gateway_workers` processes on its port (default: MAAS_GATEWAY_WORKERS, else one per core).
+    """
     store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
     counts = {family: (replicas or {}).get(family, 1) for family in FAMILIES}
+    gateway_workers = gateway_workers or int(os.environ.get("MAAS_GATEWAY_WORKERS") or 0) or default_workers()
+    gateway_run_dir = var_dir / "run" / "gateway"
     gateway_env = {
         "MAAS_GATEWAY_PORT": str(ports.gateway),
         "MAAS_GATEWAY_METRICS_PORT": str(ports.gateway_metrics),
         "MAAS_GATEWAY_QUEUE_REDIS_URL": queue_redis_url,
         "MAAS_GATEWAY_DATASET_DIR": datasets,
+        "MAAS_GATEWAY_WORKERS": str(gateway_workers),
     }
     for family in FAMILIES:
         addresses = [f"127.0.0.1:{ports.replica(family, i)}" for i in range(counts[family])]
@@ -125,7 +130,12 @@ def process_table(
             f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family}_trainer_metrics")),
         }
         specs.append(ProcessSpec(f"{family}-trainer", f"services.{family}.trainer", 0, env))
-    specs.append(ProcessSpec("gateway", "gateway", ports.gateway, gateway_env))
+    specs.append(
+        ProcessSpec(
+            "gateway", "gateway", ports.gateway, gateway_env, gateway_workers, gateway_run_dir,
+            {"MAAS_GATEWAY_RUN_DIR": str(gateway_run_dir)},
+        )
+    )  # fmt: skip
     return specs
 
 
@@ -152,6 +162,7 @@ class LocalCluster:
         queue_redis_url: str | None = None,
         extra_env: dict[str, str] | None = None,
         replicas: dict[str, int] | None = None,
+        gateway_workers: int | None = None,
     ) -> None:
         self.ports = ports
         self.var_dir = Path(var_dir)
@@ -166,7 +177,7 @@ class LocalCluster:
         self.specs = {
             spec.name: spec
             for spec in process_table(
-                ports, Path(model_store), self.redis_url, self.queue_redis_url, self.var_dir, replicas
+                ports, Path(model_store), self.redis_url, self.queue_redis_url, self.var_dir, replicas, gateway_workers
             )
         }
         self.processes: dict[str, subprocess.Popen] = {}
@@ -187,9 +198,8 @@ class LocalCluster:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.processes[name] = subprocess.Popen(
-            spec.command, env={**os.environ, **spec.env, **self.extra_env}, stdout=output, stderr=output
-        )
+        env = {**os.environ, **spec.env, **spec.local_env, **self.extra_env}
+        self.processes[name] = subprocess.Popen(spec.command, env=env, stdout=output, stderr=output)
 
     def wait_serving(self, name: str, timeout_s: float = 180.0) -> None:
         spec, process = self.specs[name], self.processes[name]
@@ -198,12 +208,17 @@ class LocalCluster:
                 raise RuntimeError(f"{name} exited with {process.returncode}{self._log_hint(name)}")
             return
         deadline = time.monotonic() + timeout_s
-        while health_status(spec.target) != health_pb2.HealthCheckResponse.SERVING:
+        while health_status(spec.target) != health_pb2.HealthCheckResponse.SERVING or not self._all_workers_ready(spec):
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode} before serving{self._log_hint(name)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not report SERVING within {timeout_s}s{self._log_hint(name)}")
             time.sleep(0.2)
+
+    @staticmethod
+    def _all_workers_ready(spec: ProcessSpec) -> bool:
+        """Health reaches one worker only; the others say they serve through their ready files."""
+        return spec.workers <= 1 or all(ready_file(spec.run_dir, i).exists() for i in range(spec.workers))
 
     def _log_hint(self, name: str) -> str:
         return f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
@@ -269,7 +284,8 @@ def print_endpoints(cluster: LocalCluster) -> None:
             print(f"  {name:<13} python -m {spec.module}  (trains queued {name.split('-')[0]} jobs)")
             continue
         role = "public endpoint" if name == "gateway" else "internal"
-        print(f"  {name:<13} grpc://{spec.target}  ({role})")
+        workers = f", {spec.workers} workers" if spec.workers > 1 else ""
+        print(f"  {name:<13} grpc://{spec.target}  ({role}{workers})")
     metrics = ", ".join(f"{name} :{getattr(cluster.ports, f'{name}_metrics')}" for name in ("gateway", *FAMILIES))
     print(f"  metrics       http://127.0.0.1:<port>/metrics  (Prometheus: {metrics})")
     print(f"  redis         {cluster.redis_url}  (result cache: LRU)")

@@ -70,3 +70,8 @@ class UpstreamError(MaasError):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class DeviceUnavailableError(RuntimeError):
+    """A service was told to run on a device it cannot use. Raised at start, so the process
+    stops with the reason instead of serving on a device nobody asked for."""

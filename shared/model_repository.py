@@ -39,7 +39,8 @@ class Predictor(Protocol):
 
     device: str
 
-    def warm_up(self) -> None: ...
+    def warm_up(self, max_batch_size: int) -> None:
+        """Runs the model once (or once per batch shape it will see), so no request pays for a first run."""
 
     def run_batch(self, items: list[Any]) -> Sequence[Any]:
         """Runs validated items as one batch; returns one result per item, in order."""
@@ -209,7 +210,7 @@ class ModelRepository:
 
     def _load_and_warm(self, manifest: Manifest, directory: Path) -> Predictor:
         predictor = self.loader(manifest, directory)
-        predictor.warm_up()
+        predictor.warm_up(self.batch_policy(manifest).max_batch_size)
         return predictor
 
     async def unload(self, name: str, version: int = 0) -> None:

@@ -34,10 +34,14 @@ LATENCY = Histogram(
     "maas_request_seconds", "gRPC call latency", ["service", "method", "model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )  # fmt: skip
-GPU_MEMORY = Gauge("maas_gpu_memory_bytes", "GPU memory allocated by this process's torch models", ["device"])
-MODEL_STATE = Gauge(
-    "maas_model_state", "1 for the state each loaded model version is in", ["model", "version", "state"]
+# With several workers (multiprocess metrics), memory adds up and a state is set when any worker is in it.
+GPU_MEMORY = Gauge(
+    "maas_gpu_memory_bytes", "GPU memory allocated by torch models", ["device"], multiprocess_mode="livesum"
 )
+MODEL_STATE = Gauge(
+    "maas_model_state", "1 for the state each loaded model version is in", ["model", "version", "state"],
+    multiprocess_mode="livemax",
+)  # fmt: skip
 
 
 def current_request_id() -> str:

@@ -2,7 +2,9 @@
 
 Every server gets the error interceptor, message-size limits, connection ageing, the
 standard health service and reflection. Health stays NOT_SERVING until the caller says the
-process is ready, and SIGTERM flips it back before draining.
+process is ready, and SIGTERM flips it back before draining. Until its start-up has finished
+(models loaded, backends found), other calls get UNAVAILABLE, which clients retry, rather
+than a NOT_FOUND for a model that is still loading.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.error_interceptor import ErrorInterceptor
+from shared.errors import UnavailableError
+from shared.handler_wrapping import wrap_handler
 from shared.observability import ObservabilityInterceptor, start_metrics_server
 from shared.settings import ServerSettings
+from shared.workers import ready_file, worker_index
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,47 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         # Clients ping every 30 s; allow that without answering GOAWAY "too_many_pings".
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # Several worker processes may serve this port; the kernel spreads connections over them.
+        ("grpc.so_reuseport", 1),
     ]
+
+
+class StartupGate(grpc.aio.ServerInterceptor):
+    """UNAVAILABLE for every call but health and reflection until `open()`: a caller retries
+    instead of acting on an answer from a process that has not finished starting."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.is_open = True  # `GrpcServer.run` closes it until start-up has finished
+
+    def open(self) -> None:
+        self.is_open = True
+
+    def close(self) -> None:
+        self.is_open = False
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if self.is_open or handler is None or details.method.startswith("/grpc."):
+            return handler
+        return wrap_handler(handler, self._refuse_unary, self._refuse_stream)
+
+    def _refuse_unary(self, behavior):
+        async def refuse(request, context):
+            if not self.is_open:
+                raise UnavailableError(f"{self.what} is starting; retry shortly")
+            return await behavior(request, context)
+
+        return refuse
+
+    def _refuse_stream(self, behavior):
+        async def refuse(request, context):
+            if not self.is_open:
+                raise UnavailableError(f"{self.what} is starting; retry shortly")
+            async for item in behavior(request, context):
+                yield item
+
+        return refuse
 
 
 class GrpcServer:
@@ -55,9 +100,10 @@ class GrpcServer:
         self.settings = settings
         self.tls = credentials is not None
         self.service_names = list(service_names)
+        self.gate = StartupGate("this server")
         # Outermost first: observability sees every call's final status, auth failures included.
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(), *interceptors, ErrorInterceptor()],
+            interceptors=[ObservabilityInterceptor(), *interceptors, ErrorInterceptor(), self.gate],
             options=server_options(settings),
         )
         register(self.server)
@@ -77,7 +123,7 @@ class GrpcServer:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if health_port:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{health_port}")
 
@@ -97,6 +143,7 @@ class GrpcServer:
 
     async def stop(self) -> None:
         """Health first says NOT_SERVING, so balancers stop sending; then in-flight calls drain."""
+        self._mark_ready(False)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.settings.shutdown_grace_s)
         if self.health_server is not None:
@@ -112,6 +159,7 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        self.gate.close()
         await self.start()
         readiness = asyncio.create_task(self._serve_when_ready(become_ready))
         try:
@@ -123,6 +171,21 @@ class GrpcServer:
             await self.stop()
 
     async def _serve_when_ready(self, become_ready: Callable[[], Awaitable[bool]]) -> None:
-        if await become_ready():
+        ready = await become_ready()
+        self.gate.open()
+        if ready:
             await self.set_health(SERVING)
+            self._mark_ready(True)
             log.info("serving %s", ", ".join(self.service_names))
+
+    def _mark_ready(self, ready: bool) -> None:
+        """A worker's readiness file, so its supervisor's caller can tell that every worker serves."""
+        index = worker_index()
+        run_dir = getattr(self.settings, "run_dir", None)
+        if index is None or run_dir is None:
+            return
+        path = ready_file(run_dir, index)
+        if ready:
+            path.touch()
+        else:
+            path.unlink(missing_ok=True)

@@ -31,6 +31,14 @@ class ServerSettings(BaseSettings):
     metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
     tracing: str = Field("off", description="OpenTelemetry exporter: off, console, otlp or file:<path>.")
     otlp_endpoint: str = Field("localhost:4317", description="OTLP/gRPC collector, when tracing is otlp.")
+    workers: int = Field(
+        1,
+        description="Server processes sharing the port (SO_REUSEPORT), each with its own event loop; "
+        "0 means one per usable core, at most 8. With more than one, this process supervises them.",
+    )
+    run_dir: Path | None = Field(
+        None, description="Where workers keep their shared metrics and readiness files; a temporary folder if unset."
+    )
 
 
 class ModelServiceSettings(ServerSettings):
@@ -46,7 +54,8 @@ class ModelServiceSettings(ServerSettings):
     gpu_memory_limit_mb: int = Field(
         0,
         description="GPU memory cap for this service: ONNX Runtime's gpu_mem_limit, and torch's "
-        "per-process memory fraction; 0 leaves it uncapped. Lets several services share one GPU.",
+        "per-process memory fraction; 0 leaves it uncapped. Lets several services share one GPU. "
+        "With several workers, each gets an equal share.",
     )
     onnx_providers: list[str] = Field(
         ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -55,6 +64,16 @@ class ModelServiceSettings(ServerSettings):
     )
     onnx_graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         "all", description="ONNX Runtime graph optimisation level."
+    )
+    onnx_cuda_options: dict[str, str | int] = Field(
+        default_factory=dict,
+        description="CUDA provider options over the serving defaults (cudnn_conv_algo_search=HEURISTIC), as "
+        'JSON: {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": 1}.',
+    )
+    gpu_pad_batches: bool = Field(
+        True,
+        description="On a GPU, pad dense batches to powers of two up to max_batch_size and warm each size up "
+        "at load, so no live request pays for a new shape.",
     )
     onnx_intra_op_threads: int = Field(1, description="Threads inside one ONNX Runtime call; 0 lets ORT choose.")
     onnx_inter_op_threads: int = Field(1, description="Threads across independent ONNX graph nodes.")
@@ -68,6 +87,11 @@ class ModelServiceSettings(ServerSettings):
     )
     max_queue_size: int = Field(
         1024, description="Requests waiting per model version; beyond it, calls get RESOURCE_EXHAUSTED."
+    )
+    max_concurrent_batches: int = Field(
+        0,
+        description="Batches of one model version that may run at once; 0 means one per inference thread. "
+        "More than one keeps the cores busy when batches are small.",
     )
 
 
@@ -96,6 +120,11 @@ class GatewaySettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore")
 
     port: int = 50051
+    workers: int = Field(
+        0,
+        description="Gateway processes sharing the port (SO_REUSEPORT); 0 means one per usable core, at most 8. "
+        "The Kubernetes manifests set it from the pod's CPU limit.",
+    )
     dense_target: str = Field("127.0.0.1:50061", description="gRPC target of the dense service.")
     gnn_target: str = Field("127.0.0.1:50062", description="gRPC target of the gnn service.")
     nlp_target: str = Field("127.0.0.1:50063", description="gRPC target of the nlp service.")
@@ -123,6 +152,11 @@ class GatewaySettings(ServerSettings):
         0.25, description="Longest a cache read or write may take before the call goes uncached."
     )
     cache_retry_after_s: float = Field(1.0, description="After a Redis failure, how long the cache stays bypassed.")
+    local_cache_mb: int = Field(
+        64,
+        description="Each worker's in-memory cache in front of Redis, in MiB; a hit there never leaves the process. "
+        "0 turns it off.",
+    )
     default_deadline_s: float = Field(30.0, description="Deadline for backend calls when the caller sets none.")
     deadline_margin_s: float = Field(
         0.005, description="Taken off the caller's remaining time for the gateway's own work."

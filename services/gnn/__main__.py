@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import torch
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from services.gnn.runtime import GnnRuntime, gcn_loader
 from services.gnn.servicer import GnnServicer
-from shared.logs import configure_logging
 from shared.model_service import build_repository, serve_models
 from shared.settings import GnnSettings
 from shared.torch_device import resolve_torch_device
-from shared.tracing import configure_tracing
+from shared.workers import run_server_process
 
 SERVICE_NAME = gnn_pb2.DESCRIPTOR.services_by_name["GnnService"].full_name
 
@@ -27,10 +24,7 @@ async def serve(settings: GnnSettings) -> None:
 
 
 def main() -> None:
-    settings = GnnSettings()
-    configure_logging("gnn", settings.log_level, settings.log_format)
-    configure_tracing("gnn", settings.tracing, settings.otlp_endpoint)
-    asyncio.run(serve(settings))
+    run_server_process("gnn", "services.gnn", GnnSettings(), serve)
 
 
 if __name__ == "__main__":

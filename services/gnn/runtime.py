@@ -45,7 +45,7 @@ class GcnModel:
             for tensors in [load_file(directory / file)]
         }
 
-    def warm_up(self) -> None:
+    def warm_up(self, max_batch_size: int = 1) -> None:
         graph = next(iter(self.graphs.values()), None) or GraphInput(
             np.zeros((2, self.in_channels), np.float32), np.array([[0], [1]], np.int64)
         )

@@ -29,7 +29,7 @@ class TextEncoder:
         self.session = OnnxSession(directory / manifest.config["onnx_file"], config)
         self.device = self.session.device
 
-    def warm_up(self) -> None:
+    def warm_up(self, max_batch_size: int = 1) -> None:
         self.embed(["warm up"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -73,7 +73,7 @@ class TextClassifier:
         self.head = OnnxSession(directory / manifest.config["onnx_file"], config)
         self.device = self.head.device
 
-    def warm_up(self) -> None:
+    def warm_up(self, max_batch_size: int = 1) -> None:
         self.predict(["warm up"])
 
     def predict(self, texts: list[str]) -> dict[str, np.ndarray]:

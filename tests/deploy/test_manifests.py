@@ -194,6 +194,18 @@ def test_containers_run_what_make_run_runs(gpu):
                 assert env[k] == spec.env[k], f"{spec.name}: {k} differs"
 
 
+def test_servers_run_one_worker_per_core_of_their_cpu_limit(rendered):
+    _, objects = rendered
+    for name, spec in pod_specs(objects):
+        if name not in ("maas-gateway", "maas-dense", "maas-gnn", "maas-nlp"):
+            continue
+        container = spec["containers"][0]
+        workers = next(e for e in container["env"] if e["name"].endswith("_WORKERS"))
+        field = workers["valueFrom"]["resourceFieldRef"]
+        assert field["resource"] == "limits.cpu" and field["containerName"] == container["name"], name
+        assert "cpu" in container["resources"]["limits"], name
+
+
 def test_every_manifest_setting_is_one_the_process_reads(gpu):
     containers = {c["name"]: c for _, spec in pod_specs(gpu) for c in spec["containers"]}
     for name, settings in SETTINGS.items():

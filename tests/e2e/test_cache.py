@@ -87,25 +87,54 @@ def cache_errors(cluster) -> float:
 
 
 def test_with_redis_stopped_calls_still_succeed_and_the_cache_comes_back(cluster, gateway_channel):
-    pixels = unique_pixels(4)
-    expected, _ = predict_digits(gateway_channel, pixels)
+    expected, _ = predict_digits(gateway_channel, unique_pixels(4))
     errors_before = cache_errors(cluster)
     cluster.redis.stop()
     try:
-        for _ in range(3):
-            reply, outcome = predict_digits(gateway_channel, pixels)
+        for seed in range(100, 103):  # inputs no worker has in memory, so each call needs Redis
+            reply, outcome = predict_digits(gateway_channel, unique_pixels(seed))
             assert outcome == "error"
-            assert reply.outputs["label"] == expected.outputs["label"]
+            assert len(reply.outputs["label"].data) == len(expected.outputs["label"].data)
         assert cache_errors(cluster) >= errors_before + 3
     finally:
         cluster.redis.start()
     # The gateway retries Redis after its back-off interval (1 s by default).
     deadline = time.monotonic() + 30
     outcomes = []
+    seed = 200
     while time.monotonic() < deadline:
-        _, outcome = predict_digits(gateway_channel, pixels)
+        seed += 1
+        _, outcome = predict_digits(gateway_channel, unique_pixels(seed))
         outcomes.append(outcome)
-        if outcome == "hit":
+        if outcome == "miss":  # Redis answered the read
             break
         time.sleep(0.2)
-    assert outcomes[-1] == "hit", outcomes
+    assert outcomes[-1] == "miss", outcomes
+    assert redis.Redis.from_url(cluster.redis_url).keys("maas:v1:result:dense:digits-mlp:*")
+
+
+def redis_reads(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+
+def test_a_hit_in_the_workers_memory_makes_no_redis_call(cluster, gateway_channel):
+    client = redis.Redis.from_url(cluster.redis_url)
+    pixels = unique_pixels(5)
+    first, outcome = predict_digits(gateway_channel, pixels)
+    assert outcome == "miss"
+    reads = redis_reads(client)
+    for _ in range(5):  # one channel is one connection, so one gateway worker: the one that stored it
+        reply, outcome = predict_digits(gateway_channel, pixels)
+        assert outcome == "hit"
+        assert reply == first
+    assert redis_reads(client) == reads
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(
+            urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        for s in f.samples
+    }
+    assert samples[("maas_gateway_cache_local_hits_total", (("family", "dense"),))] >= 5

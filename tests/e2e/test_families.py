@@ -14,6 +14,7 @@ from services.dense.datasets import digits_split, sine_windows
 from shared.cluster import health_status
 from shared.onnx_session import cuda_usable
 from shared.tensors import from_numpy, to_numpy
+from tests.tolerance import served
 
 NO_CACHE = (("cache-control", "no-store"),)
 
@@ -82,7 +83,7 @@ def test_an_inline_graph_gets_the_same_answer_as_the_stored_one(gateway_channel)
     )
     assert list(inline.node_ids) == [0, 33]
     np.testing.assert_allclose(
-        to_numpy(inline.outputs["probabilities"], "p"), to_numpy(stored.outputs["probabilities"], "p"), rtol=1e-5
+        to_numpy(inline.outputs["probabilities"], "p"), to_numpy(stored.outputs["probabilities"], "p"), **served()
     )
 
 
@@ -186,8 +187,7 @@ def test_concurrent_calls_each_get_their_own_answer(gateway_channel):
             np.testing.assert_allclose(
                 to_numpy(future.result().outputs[output], "o"),
                 to_numpy(alone.outputs[output], "o"),
-                rtol=1e-5,
-                atol=1e-6,
+                **served(),
             )
 
 

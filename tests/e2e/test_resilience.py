@@ -1,18 +1,14 @@
 """A stopped backend gives UNAVAILABLE at once, never a hang, and serving resumes when it is back."""
 
-import signal
 import time
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
-from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
-from shared.cluster import health_status
-from shared.tensors import from_numpy, to_numpy
+from shared.tensors import from_numpy
 
 NO_CACHE = (("cache-control", "no-store"),)
 
@@ -61,24 +57,3 @@ def test_the_callers_deadline_is_passed_on(gateway_channel):
         karate(gateway_channel, timeout=0.001)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert karate(gateway_channel).node_ids == [0]
-
-
-def test_sigterm_drains_the_calls_in_flight_then_stops(cluster, gateway_channel):
-    texts = [f"sentence number {i} about the drain of a server under load " * 10 for i in range(256)]
-    stub = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
-    in_flight = stub.Predict.future(
-        nlp_pb2.PredictRequest(model_name="minilm-l6-v2", texts=texts), timeout=120, metadata=NO_CACHE
-    )
-    time.sleep(0.5)  # the batch is being computed now
-    assert not in_flight.done()
-    process = cluster.processes["nlp"]
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    # Health turns NOT_SERVING first, so balancers stop sending new calls ...
-    assert health_status(cluster.specs["nlp"].target) != health_pb2.HealthCheckResponse.SERVING
-    # ... and the call in flight still completes.
-    reply = in_flight.result()
-    assert to_numpy(reply.outputs["embedding"], "embedding").shape == (256, 384)
-    assert process.wait(30) == 0
-    cluster.start_process("nlp")
-    cluster.wait_serving("nlp")
