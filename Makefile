@@ -169,6 +169,7 @@ lint: $(VENV_READY)
 
 bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching
+	$(PY) -m tests.bench.bench_workers
 	$(PY) -m tests.bench.bench_gateway
 
 IMAGE_TAG ?= 0.1.0

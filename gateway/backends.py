@@ -77,11 +77,12 @@ class Backend:
 
     async def call(self, method: str, request: bytes, timeout: float) -> bytes:
         # The request id and trace context travel on, so the backend's logs and spans join the caller's.
-        with tracing.tracer.start_as_current_span(f"{self.family}/{method}", kind=SpanKind.CLIENT):
-            metadata = tracing.inject()
-            if request_id := current_request_id():
-                metadata += ((REQUEST_ID_KEY, request_id),)
+        request_id = current_request_id()
+        metadata = ((REQUEST_ID_KEY, request_id),) if request_id else ()
+        if not tracing.enabled():
             return await self._call(method, request, timeout, metadata or None)
+        with tracing.tracer.start_as_current_span(f"{self.family}/{method}", kind=SpanKind.CLIENT):
+            return await self._call(method, request, timeout, (*tracing.inject(), *metadata))
 
     async def _call(self, method: str, request: bytes, timeout: float, metadata) -> bytes:
         try:

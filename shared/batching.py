@@ -1,9 +1,18 @@
 """Dynamic batching: concurrent requests for one model version are run as one batch.
 
 One `DynamicBatcher` per loaded model version. Callers `submit` an already validated item
-and await their own result; a worker collects items until the batch is full or the oldest
-has waited `max_queue_delay_us`, drops items whose deadline has passed, and runs the rest
-as one call on the executor. A failing batch hands its error to every caller in it.
+and await their own result.
+
+- **Fast path.** With no queue delay, a request that finds the queue empty and a batch slot
+  free runs at once, exactly as with batching off: one executor call, no worker hop.
+- **Batches** form only from requests that are already waiting (because every batch slot was
+  busy) or that arrive within `max_queue_delay_us` of the oldest. A worker collects them until
+  the batch is full or the delay has passed, drops items whose deadline has passed, and runs
+  the rest as one call on the executor.
+- **Slots.** Up to `max_concurrent_batches` batches run at once, so one batch does not
+  serialise a version while cores are free. Each item's result depends only on the item
+  (rows, graphs and texts are independent), so batch composition never changes an answer.
+- A failing batch hands its error to every caller in it.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -29,7 +38,13 @@ BATCH_SIZE = Histogram(
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096),
 )
-QUEUE_DEPTH = Gauge("maas_queue_depth", "Requests waiting to be batched", ["model"])
+# With several workers (multiprocess metrics), gauges add up over the live workers.
+QUEUE_DEPTH = Gauge("maas_queue_depth", "Requests waiting to be batched", ["model"], multiprocess_mode="livesum")
+FAST_PATH = Counter(
+    "maas_batcher_fast_path_total",
+    "Requests run at once, alone, because nothing was queued and a batch slot was free",
+    ["model"],
+)
 SKIPPED = Counter(
     "maas_requests_skipped_total",
     "Requests dropped before compute: their deadline passed (expired) or their caller went away (cancelled)",
@@ -44,6 +59,7 @@ class BatchPolicy:
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     max_queue_size: int = 1024
+    max_concurrent_batches: int = 1
 
     @classmethod
     def from_settings(cls, settings: Any, overrides: dict[str, Any] | None = None) -> BatchPolicy:
@@ -53,6 +69,7 @@ class BatchPolicy:
             "max_batch_size": settings.max_batch_size,
             "max_queue_delay_us": settings.max_queue_delay_us,
             "max_queue_size": settings.max_queue_size,
+            "max_concurrent_batches": max(1, min(settings.max_concurrent_batches, settings.inference_threads)),
         }
         return cls(**{**values, **(overrides or {})})
 
@@ -82,10 +99,14 @@ class DynamicBatcher(Generic[Item, Result]):
         self.executor = executor
         self._queue: deque[_Pending] = deque()
         self._queued_size = 0
+        self._running = 0  # batches on the executor now, fast-path ones included
         # Created on first use, on the loop that serves requests.
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._batch_size = BATCH_SIZE.labels(name)
+        self._fast_path = FAST_PATH.labels(name)
+        self._queue_depth = QUEUE_DEPTH.labels(name)
 
     async def submit(self, item: Item, deadline: float | None = None) -> Result:
         """Runs `item` in a batch; `deadline` is a time.monotonic() value, or None for none."""
@@ -93,6 +114,12 @@ class DynamicBatcher(Generic[Item, Result]):
         if not self.policy.enabled:
             _check_deadline(deadline, self.name)
             return (await loop.run_in_executor(self.executor, self.run_batch, [item]))[0]
+        if (
+            not self._queue
+            and self._running < self.policy.max_concurrent_batches
+            and self.policy.max_queue_delay_us <= 0
+        ):
+            return await self._run_alone(loop, item, deadline)
         if len(self._queue) >= self.policy.max_queue_size:
             REJECTED.labels(self.name).inc()
             raise ResourceExhaustedError(
@@ -102,12 +129,37 @@ class DynamicBatcher(Generic[Item, Result]):
         pending = _Pending(item, self.size(item), deadline, loop.create_future())
         self._queue.append(pending)
         self._queued_size += pending.size
-        QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+        self._queue_depth.set(len(self._queue))
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = loop.create_task(self._run(), name=f"batcher:{self.name}")
         self._wakeup.set()
         return await pending.future
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, item: Item, deadline: float | None) -> Result:
+        """The fast path: what batching off costs, while the slot it takes lets others batch behind it."""
+        _check_deadline(deadline, self.name)
+        self._fast_path.inc()
+        self._batch_size.observe(self.size(item))
+        running, result = self._submit(loop, [item])
+        try:
+            return (await result)[0]
+        finally:
+            if running.done():
+                self._slot_freed()
+            else:  # the caller went away while its item ran: the slot stays taken until the run ends
+                running.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slot_freed))
+
+    def _submit(self, loop: asyncio.AbstractEventLoop, items: list[Item]) -> tuple[Future, asyncio.Future]:
+        """Runs one batch on the executor in a batch slot; the caller frees the slot when it ends."""
+        self._running += 1
+        running = self.executor.submit(self.run_batch, items)
+        return running, asyncio.wrap_future(running, loop=loop)
+
+    def _slot_freed(self) -> None:
+        self._running -= 1
+        if self._wakeup is not None and (self._queue or self._closing):
+            self._wakeup.set()
 
     @property
     def worker(self) -> asyncio.Task | None:
@@ -122,8 +174,8 @@ class DynamicBatcher(Generic[Item, Result]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._closing:
+            if not self._queue or self._running >= self.policy.max_concurrent_batches:
+                if not self._queue and self._closing and self._running == 0:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -131,19 +183,25 @@ class DynamicBatcher(Generic[Item, Result]):
             await self._wait_for_batch()
             batch = self._take_batch()
             live = self._drop_finished_and_expired(batch)
-            if not live:
-                continue
-            BATCH_SIZE.labels(self.name).observe(sum(p.size for p in live))
-            try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [p.item for p in live])
-            except Exception as exc:  # noqa: BLE001 - every caller in the batch gets it
-                for pending in live:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            for pending, result in zip(live, results, strict=True):
+            if live:
+                self._start(loop, live)
+
+    def _start(self, loop: asyncio.AbstractEventLoop, live: list[_Pending]) -> None:
+        self._batch_size.observe(sum(p.size for p in live))
+        _, result = self._submit(loop, [p.item for p in live])
+        result.add_done_callback(lambda done: self._finish(live, done))
+
+    def _finish(self, live: list[_Pending], done: asyncio.Future) -> None:
+        self._slot_freed()
+        exc = done.exception()
+        if exc is not None:  # every caller in the batch gets it
+            for pending in live:
                 if not pending.future.done():
-                    pending.future.set_result(result)
+                    pending.future.set_exception(exc)
+            return
+        for pending, result in zip(live, done.result(), strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     async def _wait_for_batch(self) -> None:
         """Waits until the queue holds a full batch or its oldest item has waited long enough."""
@@ -165,7 +223,7 @@ class DynamicBatcher(Generic[Item, Result]):
             batch.append(self._queue.popleft())
             total += batch[-1].size
         self._queued_size -= total
-        QUEUE_DEPTH.labels(self.name).set(len(self._queue))
+        self._queue_depth.set(len(self._queue))
         return batch
 
     def _drop_finished_and_expired(self, batch: list[_Pending]) -> list[_Pending]:

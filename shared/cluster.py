@@ -7,6 +7,7 @@ settings; the tests start the cluster from it too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -199,7 +200,10 @@ class LocalCluster:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         env = {**os.environ, **spec.env, **spec.local_env, **self.extra_env}
-        self.processes[name] = subprocess.Popen(spec.command, env=env, stdout=output, stderr=output)
+        # Its own process group, so that a process that will not stop is killed with its workers.
+        self.processes[name] = subprocess.Popen(
+            spec.command, env=env, stdout=output, stderr=output, start_new_session=True
+        )
 
     def wait_serving(self, name: str, timeout_s: float = 180.0) -> None:
         spec, process = self.specs[name], self.processes[name]
@@ -231,7 +235,8 @@ class LocalCluster:
         try:
             process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
     def stop(self) -> None:

@@ -7,6 +7,7 @@ counts the call by service, method, model, version and status code, with its lat
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -94,19 +95,21 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        # Wrapped on every call, never cached per method: the interceptors inside this one (auth)
+        # wrap each call with what that call carries, such as its tenant.
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc."):
             return handler
         service, _, method = details.method.strip("/").rpartition("/")
-        incoming = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
         return wrap_handler(
             handler,
-            lambda behavior: _observed(behavior, service, method, incoming),
-            lambda behavior: _observed_stream(behavior, service, method, incoming),
+            lambda behavior: _observed(behavior, service, method),
+            lambda behavior: _observed_stream(behavior, service, method),
         )
 
 
-def _begin(context, incoming: str | None):
+def _begin(context):
+    incoming = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
     request_id = incoming or uuid.uuid4().hex
     token = REQUEST_ID.set(request_id)
     add_trailing_metadata(context, REQUEST_ID_KEY, request_id)
@@ -126,6 +129,8 @@ def _record(service, method, request, response, context, started) -> None:
 
 
 def _span(service, method, context):
+    if not tracing.enabled():
+        return contextlib.nullcontext(None)
     return tracing.tracer.start_as_current_span(
         f"{service}/{method}",
         context=tracing.extract(context.invocation_metadata()),
@@ -134,12 +139,13 @@ def _span(service, method, context):
     )
 
 
-def _observed(behavior, service, method, incoming):
+def _observed(behavior, service, method):
     async def wrapped(request, context):
-        token, started, response = _begin(context, incoming), time.perf_counter(), None
+        token, started, response = _begin(context), time.perf_counter(), None
         try:
             with _span(service, method, context) as span:
-                span.set_attribute("maas.request_id", REQUEST_ID.get())
+                if span is not None:
+                    span.set_attribute("maas.request_id", REQUEST_ID.get())
                 response = await behavior(request, context)
                 return response
         finally:
@@ -149,9 +155,9 @@ def _observed(behavior, service, method, incoming):
     return wrapped
 
 
-def _observed_stream(behavior, service, method, incoming):
+def _observed_stream(behavior, service, method):
     async def wrapped(request, context):
-        token, started = _begin(context, incoming), time.perf_counter()
+        token, started = _begin(context), time.perf_counter()
         try:
             with _span(service, method, context):
                 async for item in behavior(request, context):

@@ -49,7 +49,11 @@ class ModelServiceSettings(ServerSettings):
         2.0, description="How often the store is re-read for new versions and default pins; 0 turns it off."
     )
     inference_threads: int = Field(2, description="Threads that run model compute off the event loop.")
-    device: str = Field("auto", description="'auto' uses the GPU when one works, else the CPU; or 'cpu', 'cuda'.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="'auto' uses the GPU when one works, else the CPU (saying why); 'cuda' stops the service at "
+        "start when no GPU can run it; 'cpu'.",
+    )
     device_index: int = Field(0, description="Which GPU, when several are visible.")
     gpu_memory_limit_mb: int = Field(
         0,
@@ -89,9 +93,10 @@ class ModelServiceSettings(ServerSettings):
         1024, description="Requests waiting per model version; beyond it, calls get RESOURCE_EXHAUSTED."
     )
     max_concurrent_batches: int = Field(
-        0,
-        description="Batches of one model version that may run at once; 0 means one per inference thread. "
-        "More than one keeps the cores busy when batches are small.",
+        1,
+        description="Batches of one model version that may run at once (at most inference_threads). One measured "
+        "best on 2 cores (make bench): requests that wait form bigger batches. More can keep many cores busy "
+        "when batches are small; run a worker per core first (workers).",
     )
 
 
@@ -194,7 +199,7 @@ class TrainerSettings(BaseSettings):
     model_store: Path = Field(Path("var/models"), description="Where trained versions are written.")
     dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are read from.")
     checkpoint_dir: Path = Field(Path("var/checkpoints"), description="Per-epoch checkpoints, by job id.")
-    device: str = Field("auto", description="Training device: 'auto', 'cpu' or 'cuda'.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Training device: 'auto', 'cpu' or 'cuda'.")
     device_index: int = Field(0, description="Which GPU, when several are visible.")
     gpu_memory_limit_mb: int = Field(0, description="GPU memory cap for this trainer; 0 leaves it uncapped.")
     torch_threads: int = Field(1, description="Intra-op threads for training.")

@@ -24,6 +24,12 @@ from opentelemetry.sdk.trace.export import (
 )
 
 tracer = trace.get_tracer("maas")
+_enabled = False
+
+
+def enabled() -> bool:
+    """Whether this process exports spans; when not, calls skip span and context work entirely."""
+    return _enabled
 
 
 class FileSpanExporter(SpanExporter):
@@ -41,6 +47,7 @@ class FileSpanExporter(SpanExporter):
 
 
 def configure_tracing(process: str, exporter: str, otlp_endpoint: str = "localhost:4317") -> None:
+    global _enabled
     if exporter == "off":
         return
     provider = TracerProvider(resource=Resource.create({"service.name": f"maas-{process}"}))
@@ -55,6 +62,7 @@ def configure_tracing(process: str, exporter: str, otlp_endpoint: str = "localho
     else:
         raise ValueError(f"tracing: expected off, console, otlp or file:<path>, got {exporter!r}")
     trace.set_tracer_provider(provider)
+    _enabled = True
 
 
 def extract(metadata) -> object:

@@ -174,6 +174,19 @@ def _mark_dead(pid: int, run_dir: Path) -> None:
     mark_process_dead(pid, str(run_dir))
 
 
+def _stop_when_orphaned() -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) stops itself rather than serve on unsupervised."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        log.warning("the supervisor (pid %d) is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def run_server_process(process: str, module: str, settings: Any, serve: Callable[[Any], Awaitable[None]]) -> None:
     """What every server's `main` does: supervise workers, or be one server, stopping with the reason
     when its configuration cannot run here."""
@@ -201,6 +214,8 @@ def run_server_process(process: str, module: str, settings: Any, serve: Callable
             extra_env,
         )
         sys.exit(group.run())
+    if index is not None:
+        _stop_when_orphaned()
     configure_tracing(process, settings.tracing, settings.otlp_endpoint)
     try:
         asyncio.run(serve(settings))

@@ -15,6 +15,11 @@ from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Manifest
 
 
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # Arrays decoded from a request are read-only views of its bytes; torch wants writable memory.
+    return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
+
+
 @dataclass
 class GraphInput:
     node_features: np.ndarray
@@ -54,11 +59,9 @@ class GcnModel:
     def predict(self, graph: GraphInput) -> np.ndarray:
         """Class probabilities for every node of the graph."""
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(graph.node_features)).to(self.torch_device)
-            edges = torch.from_numpy(np.ascontiguousarray(graph.edge_index)).to(self.torch_device)
-            weight = None
-            if graph.edge_weight is not None:
-                weight = torch.from_numpy(np.ascontiguousarray(graph.edge_weight)).to(self.torch_device)
+            x = _tensor(graph.node_features, self.torch_device)
+            edges = _tensor(graph.edge_index, self.torch_device)
+            weight = None if graph.edge_weight is None else _tensor(graph.edge_weight, self.torch_device)
             return torch.softmax(self.net(x, edges, weight), dim=-1).cpu().numpy()
 
     def item_size(self, graph: GraphInput) -> int:

@@ -1,12 +1,13 @@
-"""Dynamic batching on the dense service: the same 1-row calls with batching on and off.
+"""Dynamic batching in every family: the same one-row calls with batching on and off.
 
-Run with `make bench`. Each cell also shows in-process ONNX Runtime on the same model, measured
-in the same run, as the ceiling a server could approach. Ratios are what to read.
+Run with `make bench`. Each model's service runs as its own process, as `make run` starts it,
+and is called directly (no gateway) by several client processes. A row is one dense row, one
+small graph (gnn) or one text (nlp). Read the ratios: on/off rows/s should be at least 0.95,
+and on's p50 at most 1.1x off's plus 0.2 ms; every row is printed, losses included.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import statistics
@@ -14,14 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
 
-from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.dense.v1 import dense_pb2
+from maas.gnn.v1 import gnn_pb2
+from maas.nlp.v1 import nlp_pb2
 from services.defaults import ensure_defaults
 from services.dense.architectures import MLP
 from services.dense.datasets import digits_split
@@ -32,12 +34,29 @@ from shared.onnx_session import OnnxConfig, OnnxSession
 from shared.settings import DenseSettings
 from shared.tensors import from_numpy
 from shared.training import ExportableClassifier
-from tests.bench.load import closed_loop
+from tests.bench.load import CallSpec, LoadResult, run_interleaved
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = [int(c) for c in os.environ.get("MAAS_BENCH_CONCURRENCY", "1,16,64").split(",")]
-MODELS = os.environ.get("MAAS_BENCH_MODELS", "wide-mlp,digits-cnn").split(",")
+MODELS = os.environ.get("MAAS_BENCH_MODELS", "wide-mlp,digits-cnn,digits-mlp,karate-gcn,sentiment").split(",")
 QUEUE_DELAY_US = os.environ.get("MAAS_BENCH_QUEUE_DELAY_US", str(DenseSettings().max_queue_delay_us))
+# Unset: the services' own default.
+CONCURRENT_BATCHES = os.environ.get("MAAS_BENCH_CONCURRENT_BATCHES")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str
+    method: str
+
+
+FAMILIES = {
+    "dense": Family("dense", "services.dense", "/maas.dense.v1.DenseService/Predict"),
+    "gnn": Family("gnn", "services.gnn", "/maas.gnn.v1.GnnService/Predict"),
+    "nlp": Family("nlp", "services.nlp", "/maas.nlp.v1.NlpService/Predict"),
+}
+FAMILY_OF = {"karate-gcn": "gnn", "sentiment": "nlp", "minilm-l6-v2": "nlp"}
 
 
 def build_wide_mlp(store: ModelStore) -> None:
@@ -59,65 +78,135 @@ def build_wide_mlp(store: ModelStore) -> None:
     )
 
 
-def model_input(name: str) -> tuple[str, np.ndarray]:
+def dense_input(name: str, rows: int = 1) -> tuple[str, np.ndarray]:
     _, x_test, _, _ = digits_split()
     if name == "digits-cnn":
-        return "image", x_test[:1].reshape(1, 1, 8, 8)
-    return "pixels", x_test[:1]
+        return "image", x_test[:rows].reshape(rows, 1, 8, 8)
+    return "pixels", x_test[:rows]
 
 
-def start_dense(store: Path, batching: bool) -> tuple[subprocess.Popen, str]:
-    """The dense service as its own process, as `make run` starts it."""
+def requests_for(model: str, count: int = 64) -> tuple[bytes, ...]:
+    """Distinct one-row calls: one dense row, one small graph, or one text."""
+    rng = np.random.default_rng(0)
+    family = FAMILY_OF.get(model, "dense")
+    if family == "gnn":
+        calls = []
+        for _ in range(count):
+            nodes = int(rng.integers(8, 16))
+            graph = gnn_pb2.Graph(
+                node_features=from_numpy(rng.random((nodes, 34), dtype=np.float32)),
+                edge_index=from_numpy(rng.integers(0, nodes, size=(2, nodes * 2)).astype(np.int64)),
+            )
+            calls.append(gnn_pb2.PredictRequest(model_name=model, graph=graph, node_ids=[0]))
+    elif family == "nlp":
+        words = "the service answered quickly and the results were good but slow on mondays".split()
+        calls = [
+            nlp_pb2.PredictRequest(model_name=model, texts=[" ".join(rng.choice(words, 8))]) for _ in range(count)
+        ]
+    else:
+        name, row = dense_input(model)
+        calls = [
+            dense_pb2.PredictRequest(model_name=model, inputs={name: from_numpy(row + i % 3)}) for i in range(count)
+        ]
+    return tuple(call.SerializeToString() for call in calls)
+
+
+def start_service(family: Family, store: Path, batching: bool, extra_env: dict[str, str] | None = None):
+    """A model service as its own process, as `make run` starts it."""
     port = free_port()
+    prefix = f"MAAS_{family.name.upper()}_"
     env = {
         **os.environ,
-        "MAAS_DENSE_PORT": str(port),
-        "MAAS_DENSE_MODEL_STORE": str(store),
-        "MAAS_DENSE_BATCHING": str(batching).lower(),
-        "MAAS_DENSE_MAX_QUEUE_DELAY_US": QUEUE_DELAY_US,
-        "MAAS_DENSE_STORE_POLL_S": "0",
-        "MAAS_DENSE_LOG_LEVEL": "WARNING",
+        f"{prefix}PORT": str(port),
+        f"{prefix}MODEL_STORE": str(store),
+        f"{prefix}BATCHING": str(batching).lower(),
+        f"{prefix}MAX_QUEUE_DELAY_US": QUEUE_DELAY_US,
+        f"{prefix}STORE_POLL_S": "0",
+        f"{prefix}LOG_LEVEL": "WARNING",
+        **({f"{prefix}MAX_CONCURRENT_BATCHES": CONCURRENT_BATCHES} if CONCURRENT_BATCHES else {}),
+        **(extra_env or {}),
     }
-    process = subprocess.Popen([sys.executable, "-m", "services.dense"], env=env)
+    process = subprocess.Popen([sys.executable, "-m", family.module], env=env)
     target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while health_status(target) != 1:  # SERVING
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the dense service did not start")
+            raise RuntimeError(f"the {family.name} service did not start")
         time.sleep(0.2)
     return process, target
 
 
-async def measure(target: str, model: str, concurrency: int):
-    name, array = model_input(model)
-    request = dense_pb2.PredictRequest(model_name=model, inputs={name: from_numpy(array)})
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = dense_pb2_grpc.DenseServiceStub(channel)
-        return await closed_loop(lambda: stub.Predict(request, timeout=30), concurrency, DURATION_S)
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(60)
 
 
-def in_process_rows_per_s(store: ModelStore, model: str, batch: int, threads: int) -> float:
-    """ONNX Runtime called directly in this process, `threads` callers, `batch` rows per call."""
+def in_process_rows_per_s(store: ModelStore, model: str, batch: int) -> float:
+    """ONNX Runtime called directly in this process, one thread, `batch` rows per call."""
     manifest = store.manifest(model, store.default_version(model))
     session = OnnxSession(store.verify(manifest) / manifest.config["onnx_file"], OnnxConfig(device="cpu"))
-    name, row = model_input(model)
-    feed = {name: np.repeat(row, batch, axis=0)}
+    name, rows = dense_input(model, batch)
+    feed = {name: rows}
     stop_at = time.monotonic() + DURATION_S / 2
-
-    def worker() -> int:
-        calls = 0
-        while time.monotonic() < stop_at:
-            session.run(feed)
-            calls += 1
-        return calls
-
-    start = time.monotonic()
-    with ThreadPoolExecutor(threads) as pool:
-        calls = sum(pool.map(lambda _: worker(), range(threads)))
+    calls, start = 0, time.monotonic()
+    while time.monotonic() < stop_at:
+        session.run(feed)
+        calls += 1
     return calls * batch / (time.monotonic() - start)
 
 
-async def main() -> None:
+def verdict(off: LoadResult, on: LoadResult) -> str:
+    ok = on.throughput >= 0.95 * off.throughput and on.percentile_ms(50) <= 1.1 * off.percentile_ms(50) + 0.2
+    return "ok" if ok else "LOSS"
+
+
+def bench_model(store: ModelStore, model: str) -> None:
+    family = FAMILIES[FAMILY_OF.get(model, "dense")]
+    spec_requests = requests_for(model)
+    results: dict[tuple[bool, int], LoadResult] = {}
+    # Both services run side by side (the idle one costs nothing) and the clients switch between
+    # them every slice, so drift on a shared machine hits both alike.
+    off_process, off_target = start_service(family, store.root, batching=False)
+    on_process, on_target = start_service(family, store.root, batching=True)
+    try:
+        for concurrency in CONCURRENCY:
+            specs = [CallSpec(target, family.method, spec_requests) for target in (off_target, on_target)]
+            off, on = run_interleaved(specs, concurrency, DURATION_S)
+            results[False, concurrency], results[True, concurrency] = off, on
+    finally:
+        stop(off_process)
+        stop(on_process)
+    print(
+        f"\n{family.name} service called directly, {model}, 1 row per call, max_queue_delay_us={QUEUE_DELAY_US}, "
+        f"max_concurrent_batches={CONCURRENT_BATCHES or 'default'}, {DURATION_S:.0f}s per cell, "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        f"{'conc':>4} | {'off rows/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'on rows/s':>9} {'p50 ms':>7} "
+        f"{'p99 ms':>7} | {'on/off':>6} | p50 on/off | verdict"
+    )
+    for concurrency in CONCURRENCY:
+        off, on = results[False, concurrency], results[True, concurrency]
+        print(
+            f"{concurrency:>4} | {off.throughput:>10.0f} {off.percentile_ms(50):>7.2f} {off.percentile_ms(99):>7.2f} | "
+            f"{on.throughput:>9.0f} {on.percentile_ms(50):>7.2f} {on.percentile_ms(99):>7.2f} | "
+            f"{on.throughput / off.throughput:>6.2f} | {on.percentile_ms(50) / off.percentile_ms(50):>10.2f} | "
+            f"{verdict(off, on)}",
+            flush=True,
+        )
+        if off.errors or on.errors:
+            print(f"     errors: off {off.errors}, on {on.errors}: {(off.error_examples + on.error_examples)[:2]}")
+    if family.name == "dense":
+        single = statistics.median(in_process_rows_per_s(store, model, 1) for _ in range(3))
+        batched = statistics.median(in_process_rows_per_s(store, model, 64) for _ in range(3))
+        best = max(results.values(), key=lambda r: r.throughput).throughput
+        print(
+            f"in-process ONNX Runtime, {model}, one thread: {single:.0f} rows/s at 1 row per call, {batched:.0f} "
+            f"rows/s at 64 rows per call; best served: {best / single:.2f}x the first, {best / batched:.2f}x the second"
+        )
+
+
+def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = ModelStore(Path(tmp) / "models")
         shutil.copytree(Path("var/models"), store.root)
@@ -125,45 +214,8 @@ async def main() -> None:
         if "wide-mlp" in MODELS:
             build_wide_mlp(store)
         for model in MODELS:
-            await bench_model(store, model)
-
-
-async def bench_model(store: ModelStore, model: str) -> None:
-    results = {}
-    for batching in (False, True):
-        process, target = start_dense(store.root, batching)
-        try:
-            for concurrency in CONCURRENCY:
-                results[batching, concurrency] = await measure(target, model, concurrency)
-        finally:
-            process.terminate()
-            process.wait(30)
-    print(
-        f"\ndynamic batching, dense service called directly, {model}, 1 row per call, max_queue_delay_us="
-        f"{QUEUE_DELAY_US}, {DURATION_S:.0f}s per cell, {os.cpu_count()} cores"
-    )
-    print(
-        f"{'conc':>4} | {'off rows/s':>10} {'p50 ms':>7} {'p99 ms':>7} | {'on rows/s':>9} {'p50 ms':>7} "
-        f"{'p99 ms':>7} | {'on/off':>6}"
-    )
-    for concurrency in CONCURRENCY:
-        off, on = results[False, concurrency], results[True, concurrency]
-        print(
-            f"{concurrency:>4} | {off.throughput:>10.0f} {off.percentile_ms(50):>7.2f} {off.percentile_ms(99):>7.2f} | "
-            f"{on.throughput:>9.0f} {on.percentile_ms(50):>7.2f} {on.percentile_ms(99):>7.2f} | "
-            f"{on.throughput / off.throughput:>6.2f}",
-            flush=True,
-        )
-        if off.errors or on.errors:
-            print(f"     errors: off {off.errors}, on {on.errors}")
-    single = statistics.median(in_process_rows_per_s(store, model, 1, 1) for _ in range(3))
-    batched = statistics.median(in_process_rows_per_s(store, model, 64, 1) for _ in range(3))
-    best = max(results.values(), key=lambda r: r.throughput).throughput
-    print(
-        f"in-process ONNX Runtime, {model}, one thread: {single:.0f} rows/s at 1 row per call, {batched:.0f} rows/s "
-        f"at 64 rows per call; best served: {best / single:.2f}x the first, {best / batched:.2f}x the second"
-    )
+            bench_model(store, model)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

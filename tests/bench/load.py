@@ -1,13 +1,36 @@
-"""A closed-loop gRPC load generator: C concurrent callers, each sending its next call when the last returns."""
+"""A closed-loop gRPC load generator: C callers, each sending its next call when the last returns.
+
+One Python client process tops out near 2k to 3k calls/s, so the callers are spread over several
+client processes (spawned, so no gRPC state is forked). Each process opens its own connections
+(local subchannel pools), so a server with several workers on one port gets calls on all of them.
+Calls are raw bytes on a method path: the generator pays no protobuf cost of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import multiprocessing
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+
+# Client processes per measurement (MAAS_BENCH_CLIENTS); the same for every cell of a table.
+DEFAULT_CLIENTS = int(os.environ.get("MAAS_BENCH_CLIENTS", "2"))
+CALLERS_PER_CHANNEL = 8
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """What every caller sends: `requests` (serialized) in turn, to `method` on `target`."""
+
+    target: str
+    method: str
+    requests: tuple[bytes, ...]
+    metadata: tuple[tuple[str, str], ...] = ()
+    timeout_s: float = 30.0
 
 
 @dataclass
@@ -15,7 +38,8 @@ class LoadResult:
     calls: int
     errors: int
     seconds: float
-    latencies_s: list[float]
+    latencies_s: list[float] = field(repr=False)
+    error_examples: list[str] = field(default_factory=list, repr=False)
 
     @property
     def throughput(self) -> float:
@@ -25,30 +49,96 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q) * 1000) if self.latencies_s else float("nan")
 
 
-async def closed_loop(
-    call: Callable[[], object], concurrency: int, duration_s: float, warmup_s: float = 0.5
+def run_load(
+    spec: CallSpec, concurrency: int, duration_s: float, clients: int | None = None, warmup_s: float = 0.5
 ) -> LoadResult:
-    """Runs `call` (an awaitable factory) from `concurrency` callers; measures after a warm-up."""
-    latencies: list[float] = []
-    errors = 0
-    measuring = False
-    stop_at = time.monotonic() + warmup_s + duration_s
+    """Runs `concurrency` callers over `clients` processes for `duration_s` after a warm-up."""
+    return run_interleaved([spec], concurrency, duration_s, clients, warmup_s, slices=1)[0]
 
-    async def caller() -> None:
-        nonlocal errors
-        while time.monotonic() < stop_at:
-            start = time.perf_counter()
+
+def run_interleaved(
+    specs: list[CallSpec],
+    concurrency: int,
+    duration_s: float,
+    clients: int | None = None,
+    warmup_s: float = 0.5,
+    slices: int = 8,
+) -> list[LoadResult]:
+    """Measures several targets in turn, `slices` times each, `duration_s` in all per target.
+
+    Every client switches target at the same instants, so a shared machine's drift (another
+    tenant's load, CPU frequency) falls on all the targets alike: compare them, not their
+    absolute figures.
+    """
+    clients = max(1, min(clients or DEFAULT_CLIENTS, concurrency))
+    shares = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ready = context.Barrier(clients + 1)
+    slice_s = duration_s / slices
+    schedule = (warmup_s, slice_s, slices)
+    processes = [
+        context.Process(target=_client, args=(specs, share, schedule, ready, results), daemon=True) for share in shares
+    ]
+    for process in processes:
+        process.start()
+    ready.wait(120)  # every client has imported grpc and opened its channels
+    parts = [results.get(timeout=120 + warmup_s + duration_s * len(specs)) for _ in processes]
+    for process in processes:
+        process.join(30)
+    return [
+        LoadResult(
+            calls=sum(len(p[i][0]) for p in parts),
+            errors=sum(p[i][1] for p in parts),
+            seconds=duration_s,
+            latencies_s=[latency for p in parts for latency in p[i][0]],
+            error_examples=[example for p in parts for example in p[i][2]][:3],
+        )
+        for i in range(len(specs))
+    ]
+
+
+def _client(specs, callers: int, schedule, ready, results) -> None:
+    results.put(asyncio.run(_closed_loop(specs, callers, schedule, ready)))
+
+
+async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
+    import grpc
+
+    warmup_s, slice_s, slices = schedule
+    count = max(1, -(-callers // CALLERS_PER_CHANNEL))
+    channels = [
+        [grpc.aio.insecure_channel(spec.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)]
+        for spec in specs
+    ]
+    for channel in itertools.chain.from_iterable(channels):
+        await channel.channel_ready()
+    methods = [
+        [c.unary_unary(spec.method, request_serializer=None, response_deserializer=None) for c in spec_channels]
+        for spec, spec_channels in zip(specs, channels, strict=True)
+    ]
+    requests = [itertools.cycle(spec.requests) for spec in specs]
+    measured: list[tuple[list[float], list[str]]] = [([], []) for _ in specs]
+    await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120)
+    begin = time.monotonic() + warmup_s
+    rounds = len(specs) * slices
+
+    async def caller(index: int) -> None:
+        while (start := time.monotonic()) < begin + rounds * slice_s:
+            turn = max(0, int((start - begin) // slice_s))
+            which = turn % len(specs)
+            spec, method = specs[which], methods[which][index % len(methods[which])]
             try:
-                await call()
-            except Exception:  # noqa: BLE001 - counted, the load goes on
-                errors += 1
+                await method(next(requests[which]), timeout=spec.timeout_s, metadata=spec.metadata or None)
+            except grpc.aio.AioRpcError as exc:
+                if start >= begin:
+                    measured[which][1].append(f"{exc.code().name}: {exc.details()}")
                 continue
-            if measuring:
-                latencies.append(time.perf_counter() - start)
+            # Counted only when the call started and ended within one measured slice of its target.
+            if start >= begin and (done := time.monotonic()) <= begin + (turn + 1) * slice_s:
+                measured[which][0].append(done - start)
 
-    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
-    await asyncio.sleep(warmup_s)
-    measuring = True
-    begin = time.monotonic()
-    await asyncio.gather(*tasks)
-    return LoadResult(len(latencies), errors, time.monotonic() - begin, latencies)
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    for channel in itertools.chain.from_iterable(channels):
+        await channel.close()
+    return [(latencies, len(errors), errors[:3]) for latencies, errors in measured]

@@ -159,3 +159,16 @@ def test_sigterm_drains_a_model_service_after_health_turns_not_serving(two_worke
     assert dense.wait(30) == 0
     cluster.start_process("dense")
     cluster.wait_serving("dense")
+
+
+def test_workers_stop_when_their_supervisor_is_killed(two_workers):
+    cluster = two_workers
+    orphans = workers(cluster)
+    cluster.processes["gateway"].send_signal(signal.SIGKILL)
+    cluster.processes["gateway"].wait(10)
+    try:
+        _, alive = psutil.wait_procs(orphans, timeout=15)
+        assert not alive, "workers outlived their supervisor"
+    finally:
+        cluster.start_process("gateway")
+        cluster.wait_serving("gateway")

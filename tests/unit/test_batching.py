@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from prometheus_client import REGISTRY
 
 from shared.batching import BatchPolicy, DynamicBatcher, concat_rows, split_rows
 from shared.errors import DeadlineExceededError, ResourceExhaustedError
@@ -28,8 +29,12 @@ class Recorder:
         return [item * 2 for item in items]
 
 
-def batcher(run, **policy):
-    return DynamicBatcher("test:1", run, lambda item: 1, BatchPolicy(**policy), ThreadPoolExecutor(1))
+def batcher(run, threads=1, name="test:1", **policy):
+    return DynamicBatcher(name, run, lambda item: 1, BatchPolicy(**policy), ThreadPoolExecutor(threads))
+
+
+def fast_path_count(name: str) -> float:
+    return REGISTRY.get_sample_value("maas_batcher_fast_path_total", {"model": name}) or 0.0
 
 
 async def test_concurrent_requests_run_as_one_batch_and_each_gets_its_own_result():
@@ -113,6 +118,57 @@ async def test_closing_lets_queued_requests_finish():
     await asyncio.sleep(0)
     b.close()
     assert [await p for p in pending] == [0, 2, 4]
+
+
+async def test_a_lone_request_runs_at_once_on_the_fast_path():
+    run = Recorder()
+    b = batcher(run, name="lone:1", max_batch_size=64, max_queue_delay_us=0)
+    before = fast_path_count("lone:1")
+    assert await b.submit(5) == 10
+    assert run.batches == [[5]]
+    assert fast_path_count("lone:1") == before + 1
+    assert b.worker is None  # no batcher task was involved
+
+
+async def test_requests_that_arrive_while_the_slot_is_busy_form_one_batch():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    b = batcher(run, name="busy:1", max_batch_size=64, max_queue_delay_us=0)
+    first = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.05)  # item 0 runs alone, holding the only slot
+    waiting = [asyncio.ensure_future(b.submit(i)) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    assert run.batches == []  # still blocked on the gate
+    gate.set()
+    assert await first == 0 and [await w for w in waiting] == [2, 4, 6, 8, 10]
+    assert run.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_batches_run_side_by_side_up_to_max_concurrent_batches():
+    together = threading.Barrier(2, timeout=5)  # passes only when two batches run at the same time
+
+    def run(items):
+        together.wait()
+        return [item * 2 for item in items]
+
+    b = batcher(run, threads=2, name="pair:1", max_batch_size=64, max_queue_delay_us=0, max_concurrent_batches=2)
+    assert await asyncio.gather(b.submit(1), b.submit(2)) == [2, 4]
+
+
+async def test_a_cancelled_caller_keeps_its_slot_until_its_batch_is_done():
+    gate = threading.Event()
+    run = Recorder(gate=gate)
+    b = batcher(run, name="cancel:1", max_batch_size=64, max_queue_delay_us=0)
+    first = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # it queued behind the batch still on the executor, not beside it
+    gate.set()
+    assert await second == 4
+    assert run.batches == [[1], [2]]
 
 
 def test_concat_and_split_keep_each_items_rows():

@@ -1,0 +1,30 @@
+"""`python -m tests.bench.echo_server PORT`: a bare grpc.aio server that answers every unary call
+with its request bytes. The floor of what one Python gRPC hop costs, for the gateway bench."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import grpc
+
+
+async def echo(request: bytes, context) -> bytes:
+    return request
+
+
+class EchoHandler(grpc.GenericRpcHandler):
+    def service(self, handler_call_details):
+        return grpc.unary_unary_rpc_method_handler(echo)
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([EchoHandler()])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve(int(sys.argv[1])))
