@@ -16,7 +16,7 @@ GPU_DEPS := $(VENV)/.gpu-deps-installed
 VENV_READY := $(DEPS) $(if $(filter 1,$(GPU)),$(GPU_DEPS))
 
 .PHONY: help venv protos models run test lint bench images manifests clean \
-	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java stubs-java-compile clients client-node client-go client-cpp proto-check
+	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java stubs-java-compile clients client-node client-go client-cpp proto-check proto-release
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
@@ -27,7 +27,8 @@ help:
 	@echo "make stubs  - generate TypeScript, Go, C++ and Java clients from protos/ into $(STUBS)"
 	@echo "make clients - build the Node, Go and C++ clients (tests/clients runs them against a gateway)"
 	@echo "make stubs-java-compile - compile the Java stubs against Debian's grpc-java"
-	@echo "make proto-check - buf lint, and buf breaking against the main branch"
+	@echo "make proto-check - buf lint, and buf breaking against the released contract (protos/released.json)"
+	@echo "make proto-release - record the current protos as the released contract"
 	@echo "make images - build the container images (VARIANT=gpu or cpu) where a Docker engine runs"
 	@echo "make manifests - render the Kubernetes overlay (VARIANT=gpu or cpu)"
 
@@ -145,11 +146,15 @@ client-go: stubs-go
 	cd $(GO_PKG)/clients/go/scenario && GO111MODULE=off GOPATH=$(GO_PATH):/usr/share/gocode \
 		go build -o $(GO_PATH)/bin/maas-scenario .
 
-# buf lint, then buf breaking against main (BREAKING_AGAINST overrides, e.g. a release tag).
-BREAKING_AGAINST ?= .git\#branch=main,subdir=protos
+# buf lint, then buf breaking against the released contract: protos/released.json, the image
+# `make proto-release` writes when a version is released (BREAKING_AGAINST overrides it).
+BREAKING_AGAINST ?= protos/released.json
 proto-check: $(NODE_STAMP)
 	$(NODE_BIN)/buf lint
 	$(NODE_BIN)/buf breaking --against '$(BREAKING_AGAINST)'
+
+proto-release: $(NODE_STAMP)
+	$(NODE_BIN)/buf build -o protos/released.json
 
 models: $(MODELS_STAMP)
 
@@ -164,8 +169,13 @@ run: $(MODELS_STAMP)
 test: lint $(MODELS_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV_READY)
+lint: $(PROTO_STAMP)
 	$(PY) -m ruff check .
+	# Layering contracts (pyproject.toml): shared imports nothing above it, no service imports another,
+	# the gateway imports no service.
+	$(VENV)/bin/lint-imports --no-cache
+	# Every import is a declared dependency.
+	$(VENV)/bin/deptry . --no-ansi
 
 bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching

@@ -13,17 +13,21 @@ from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.fanout import FanoutServicer
+from gateway.model_service import SERVICE_NAME as MODEL_SERVICE
+from gateway.model_service import GatewayModelService
 from gateway.open_inference import OpenInferenceServicer
 from gateway.proxy import ROUTES, GatewayProxy
 from gateway.rate_limit import RateLimiter, RateLimitInterceptor
+from gateway.settings import GatewaySettings
 from gateway.training import TrainingServicer
 from inference import open_inference_pb2, open_inference_pb2_grpc
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from maas.models.v1 import models_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
+from shared.model_events import ModelEvents
 from shared.server import NOT_SERVING, SERVING, GrpcServer
-from shared.settings import GatewaySettings
 from shared.workers import run_server_process
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -51,21 +55,25 @@ async def serve(settings: GatewaySettings) -> None:
         # Each family's health name follows its backend; the gateway's own ("") stays up.
         await server.set_health(SERVING if reachable else NOT_SERVING, [services[family]])
 
-    catalog = ModelCatalog(backends, settings.catalog_refresh_s, report)
+    # Model events travel on the job queue's Redis (AOF, never evicted), beside the jobs that make versions.
+    events = ModelEvents(settings.queue_redis_url)
+    catalog = ModelCatalog(backends, settings.catalog_refresh_s, report, events=events)
     proxy = GatewayProxy(backends, cache, catalog, settings)
+    model_service = GatewayModelService(backends, catalog, proxy.timeout)
     jobs = JobStore.from_url(settings.queue_redis_url) if settings.queue_redis_url else None
 
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(proxy.handlers())
+        models_pb2_grpc.add_ModelServiceServicer_to_server(model_service, server)
         open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OpenInferenceServicer(proxy, catalog), server
+            OpenInferenceServicer(proxy, catalog, model_service), server
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
         if jobs is not None:
             servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes, catalog)
             training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
-    names = [*services.values(), OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
+    names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
         [TRAINING_SERVICE] if jobs is not None else []
     )
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -96,6 +104,7 @@ async def serve(settings: GatewaySettings) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
         await cache.close()
+        await events.close()
         if jobs is not None:
             await jobs.close()
         for backend in backends.values():

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 
 import grpc
-from opentelemetry.trace import SpanKind
 
+from maas.models.v1 import models_pb2
 from shared import tracing
 from shared.errors import UpstreamError
 from shared.observability import REQUEST_ID_KEY, current_request_id
+
+MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
 # UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
 RETRY_SERVICE_CONFIG = json.dumps(
@@ -59,34 +61,40 @@ def _identity(value: bytes) -> bytes:
 
 
 class Backend:
-    """A model service: its channel and one pass-through callable per method."""
+    """A model service: its channel, and pass-through callables for its data plane and ModelService."""
 
     def __init__(self, family: str, service: str, target: str, max_message_bytes: int) -> None:
         self.family = family
         self.service = service
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self.channel = grpc.aio.insecure_channel(
+            target, options=channel_options(max_message_bytes), interceptors=tracing.client_interceptors()
+        )
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
 
-    def method(self, name: str) -> grpc.aio.UnaryUnaryMultiCallable:
-        if name not in self._methods:
-            self._methods[name] = self.channel.unary_unary(
-                f"/{self.service}/{name}", request_serializer=_identity, response_deserializer=_identity
+    def method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
+        if path not in self._methods:
+            self._methods[path] = self.channel.unary_unary(
+                path, request_serializer=_identity, response_deserializer=_identity
             )
-        return self._methods[name]
+        return self._methods[path]
 
-    async def call(self, method: str, request: bytes, timeout: float) -> bytes:
-        # The request id and trace context travel on, so the backend's logs and spans join the caller's.
+    async def predict(self, request: bytes, timeout: float) -> bytes:
+        return await self.call(f"/{self.service}/Predict", request, timeout)
+
+    async def models(self, method: str, request: bytes, timeout: float) -> bytes:
+        """A maas.models.v1.ModelService rpc, on this family's service."""
+        return await self.call(f"/{MODEL_SERVICE}/{method}", request, timeout)
+
+    async def call(self, path: str, request: bytes, timeout: float) -> bytes:
+        # The request id travels on (and the trace context, through the channel's interceptors),
+        # so the backend's logs and spans join the caller's.
         request_id = current_request_id()
-        metadata = ((REQUEST_ID_KEY, request_id),) if request_id else ()
-        if not tracing.enabled():
-            return await self._call(method, request, timeout, metadata or None)
-        with tracing.tracer.start_as_current_span(f"{self.family}/{method}", kind=SpanKind.CLIENT):
-            return await self._call(method, request, timeout, (*tracing.inject(), *metadata))
+        return await self._call(path, request, timeout, ((REQUEST_ID_KEY, request_id),) if request_id else None)
 
-    async def _call(self, method: str, request: bytes, timeout: float, metadata) -> bytes:
+    async def _call(self, path: str, request: bytes, timeout: float, metadata) -> bytes:
         try:
-            return await self.method(method)(request, timeout=timeout, metadata=metadata)
+            return await self.method(path)(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._upstream_error(exc) from None
 

@@ -1,31 +1,31 @@
-"""Which version of each model is the default, as the model services report it.
+"""What each family's service has loaded: models, their owners and default versions.
 
-The gateway needs this to build a cache key before it calls a backend; it re-reads the
-backends' ListModels every few seconds and at once when it meets a model it does not know.
+The gateway uses it to route model-management calls by name, to hide other tenants' private
+models, and to name the version in a cache key before it calls a backend. The model services
+decide; the catalog follows. It re-reads a family when a model event says something changed
+there (the job queue Redis's channel), when a call meets a name it does not know (at most once
+a second per family), and every `refresh_s` as a fallback for events missed while Redis was away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from gateway.backends import Backend
 from maas.common.v1 import model_pb2
-from maas.dense.v1 import dense_pb2
-from maas.gnn.v1 import gnn_pb2
-from maas.nlp.v1 import nlp_pb2
+from maas.models.v1 import models_pb2
 from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError
+from shared.model_events import ModelEvent, ModelEvents
 
 log = logging.getLogger(__name__)
 
-LIST_RESPONSES = {
-    "dense": dense_pb2.ListModelsResponse,
-    "gnn": gnn_pb2.ListModelsResponse,
-    "nlp": nlp_pb2.ListModelsResponse,
-}
 READY = model_pb2.ModelState.MODEL_STATE_READY
+# A name nobody has loaded makes the catalog look again at most this often per family.
+MISS_REFRESH_S = 1.0
 
 
 class ModelCatalog:
@@ -35,39 +35,61 @@ class ModelCatalog:
         refresh_s: float,
         on_reachability: Callable[[str, bool], Awaitable[None]] | None = None,
         call_timeout_s: float = 2.0,
+        events: ModelEvents | None = None,
     ) -> None:
         self.backends = backends
         self.on_reachability = on_reachability
         self.reachable: dict[str, bool] = {}
         self.refresh_s = refresh_s
         self.call_timeout_s = call_timeout_s
+        self.events = events or ModelEvents(None)
         self._defaults: dict[str, dict[str, int]] = {family: {} for family in backends}
         self.models: dict[str, dict[str, model_pb2.Model]] = {family: {} for family in backends}
         self._last_refresh: dict[str, float] = {family: 0.0 for family in backends}
         self._refreshing: dict[str, asyncio.Task] = {}
 
     def default_version(self, family: str, model: str) -> int | None:
-        version = self._defaults[family].get(model)
-        if version is None:
-            self.refresh_soon(family)
-        return version
+        """The default version the family's service last reported, or None for a model it has not."""
+        return self._defaults[family].get(model)
 
     async def refresh(self, family: str) -> None:
+        """Reads the family's models from its service now (one read at a time per family)."""
+        task = self._refreshing.get(family)
+        if task is None or task.done():
+            task = self._refreshing[family] = asyncio.get_running_loop().create_task(self._refresh(family))
+        await asyncio.shield(task)
+
+    async def _refresh(self, family: str) -> None:
         backend = self.backends[family]
         self._last_refresh[family] = time.monotonic()
+        request = models_pb2.ListModelsRequest(family=family).SerializeToString()
         try:
-            raw = await backend.call("ListModels", b"", timeout=self.call_timeout_s)
+            raw = await backend.models("ListModels", request, timeout=self.call_timeout_s)
         except MaasError as exc:
             await self._set_reachable(family, False, exc.message)
             return
         await self._set_reachable(family, True)
-        models = LIST_RESPONSES[family].FromString(raw).models
+        models = models_pb2.ListModelsResponse.FromString(raw).models
         self.models[family] = {model.name: model for model in models}
         self._defaults[family] = {
             model.name: model.default_version
             for model in models
             if any(v.version == model.default_version and v.state == READY for v in model.versions)
         }
+
+    async def refresh_if_stale(self, family: str, min_age_s: float = MISS_REFRESH_S) -> None:
+        """Refreshes unless the family was read within `min_age_s`: unknown names cannot flood a backend."""
+        if time.monotonic() - self._last_refresh[family] >= min_age_s:
+            await self.refresh(family)
+        elif (task := self._refreshing.get(family)) is not None and not task.done():
+            await asyncio.shield(task)
+
+    def refresh_soon(self, family: str) -> None:
+        """Refreshes in the background, at most once a second per family."""
+        if time.monotonic() - self._last_refresh[family] >= MISS_REFRESH_S:
+            task = self._refreshing.get(family)
+            if task is None or task.done():
+                self._refreshing[family] = asyncio.get_running_loop().create_task(self._refresh(family))
 
     async def _set_reachable(self, family: str, reachable: bool, why: str = "") -> None:
         if self.reachable.get(family) == reachable:
@@ -83,22 +105,15 @@ class ModelCatalog:
     def all_reachable(self) -> bool:
         return all(self.reachable.get(family) for family in self.backends)
 
-    def refresh_soon(self, family: str) -> None:
-        """Refreshes in the background, at most once a second per family."""
-        task = self._refreshing.get(family)
-        if (task is None or task.done()) and time.monotonic() - self._last_refresh[family] > 1.0:
-            self._refreshing[family] = asyncio.get_running_loop().create_task(self.refresh(family))
-
     async def find(self, name: str) -> tuple[str, model_pb2.Model]:
-        """(family, model) for a model name; looks again at every backend before saying NOT_FOUND."""
+        """(family, model) for a loaded model's name; looks again at stale families before saying NOT_FOUND."""
         for attempt in range(2):
             for family, models in self.models.items():
                 if name in models:
                     return family, models[name]
             if attempt == 0:
-                await asyncio.gather(*(self.refresh(family) for family in self.backends))
-        known = sorted(n for models in self.models.values() for n in models)
-        raise NotFoundError(f"model {name!r} not found; the cluster serves {known}")
+                await asyncio.gather(*(self.refresh_if_stale(family) for family in self.backends))
+        raise NotFoundError(f"model {name!r} not found")
 
     @staticmethod
     def owner(model: model_pb2.Model) -> str:
@@ -112,7 +127,7 @@ class ModelCatalog:
         """NOT_FOUND, exactly as for a model that does not exist, when the model is another tenant's."""
         model = self.models[family].get(name)
         if model is None:
-            await self.refresh(family)
+            await self.refresh_if_stale(family)
             model = self.models[family].get(name)
         if model is not None and not self.visible(model, tenant):
             raise NotFoundError(f"model {name!r} not found")
@@ -141,10 +156,21 @@ class ModelCatalog:
             )
 
     async def run(self) -> None:
-        while True:
-            await asyncio.gather(*(self.refresh(family) for family in self.backends))
-            # Until every backend has answered once, look again sooner.
-            await asyncio.sleep(self.refresh_s if self.all_reachable() else min(self.refresh_s, 0.2))
+        """Follows model events, and reads every family again each `refresh_s` in case one was missed."""
+        listener = asyncio.create_task(self.events.listen(self.on_event))
+        try:
+            while True:
+                await asyncio.gather(*(self.refresh(family) for family in self.backends))
+                # Until every backend has answered once, look again sooner.
+                await asyncio.sleep(self.refresh_s if self.all_reachable() else min(self.refresh_s, 0.2))
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def on_event(self, event: ModelEvent) -> None:
+        if event.family in self.backends:
+            await self.refresh(event.family)
 
     async def wait_all_reachable(self) -> bool:
         while not self.all_reachable():

@@ -10,19 +10,20 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-import grpc
 import numpy as np
 
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
+from gateway.model_service import GatewayModelService
 from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
 from inference import open_inference_pb2 as oip
 from inference import open_inference_pb2_grpc
 from maas.common.v1 import model_pb2, tensor_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
+from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
-from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError
+from shared.errors import InvalidArgumentError, NotFoundError
 from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES
 
 SERVER_NAME = "maas"
@@ -194,9 +195,10 @@ def platform(version: model_pb2.ModelVersion) -> tuple[str, str]:
 
 
 class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, proxy: GatewayProxy, catalog: ModelCatalog) -> None:
+    def __init__(self, proxy: GatewayProxy, catalog: ModelCatalog, models: GatewayModelService) -> None:
         self.proxy = proxy
         self.catalog = catalog
+        self.models = models
 
     async def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=True)
@@ -317,27 +319,10 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return oip.RepositoryIndexResponse(models=sorted(entries, key=lambda e: (e.name, int(e.version))))
 
     async def RepositoryModelLoad(self, request, context):
-        """Every service reads the same store; the one whose family the model is loads it."""
-        refusals = []
-        for family in self.proxy.backends:
-            message = ROUTE_BY_FAMILY[family].family_pb2.LoadModelRequest(model_name=request.model_name)
-            try:
-                await self.proxy.backends[family].call("LoadModel", message.SerializeToString(),
-                                                       self.proxy.timeout(context))  # fmt: skip
-            except MaasError as exc:
-                if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
-                    refusals.append(exc)
-                    continue
-                raise
-            await self.catalog.refresh(family)
-            return oip.RepositoryModelLoadResponse()
-        if all(exc.code == grpc.StatusCode.NOT_FOUND for exc in refusals):
-            raise NotFoundError(f"model {request.model_name!r} is not in the model store")
-        raise FailedPreconditionError(refusals[0].message)
+        """The same path as ModelService.LoadModel: the service that has the model in its store loads it."""
+        await self.models.LoadModel(models_pb2.LoadModelRequest(model_name=request.model_name), context)
+        return oip.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        family, _ = await self.catalog.find_visible(request.model_name, current_tenant())
-        message = ROUTE_BY_FAMILY[family].family_pb2.UnloadModelRequest(model_name=request.model_name)
-        await self.proxy.backends[family].call("UnloadModel", message.SerializeToString(), self.proxy.timeout(context))
-        await self.catalog.refresh(family)
+        await self.models.UnloadModel(models_pb2.UnloadModelRequest(model_name=request.model_name), context)
         return oip.RepositoryModelUnloadResponse()

@@ -1,8 +1,16 @@
-"""Routes each family's rpcs to its model service, caching Predict results.
+"""Routes each family's Predict to its model service, caching results.
 
-Requests are parsed once, for routing and the cache key; the bytes the caller sent are
-forwarded unchanged (with the resolved version appended, which protobuf merges), and the
-backend's response bytes go back to the caller and into the cache as they are.
+Requests are parsed once, for routing and the cache key; the bytes the caller sent go to the
+backend unchanged, and the backend's response bytes go back to the caller and into the cache
+as they are.
+
+Versions travel in one direction. The model service decides which version a request without
+`model_version` gets (its store pin, else its latest ready version). The gateway looks the
+cache up under the version its catalog last heard was the default, and stores a fresh result
+under the version the response says ran, so an entry always belongs to the version its key
+names. The two views differ only until a model event reaches the catalog (milliseconds), or
+for one catalog refresh interval when Redis is down: in that window a hit may still return
+the previous default's cached result.
 """
 
 from __future__ import annotations
@@ -10,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from types import ModuleType
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,15 +27,13 @@ from google.protobuf.message import DecodeError
 from gateway.auth import current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
-from gateway.cache_key import dense_digest, gnn_digest, nlp_digest, result_key
+from gateway.cache_key import request_digest, result_key
 from gateway.catalog import ModelCatalog
 from gateway.model_stats import ModelStats
-from maas.dense.v1 import dense_pb2
-from maas.gnn.v1 import gnn_pb2
-from maas.nlp.v1 import nlp_pb2
-from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
+from gateway.settings import GatewaySettings
+from shared.errors import DeadlineExceededError, InvalidArgumentError
+from shared.families import FAMILIES
 from shared.observability import add_trailing_metadata
-from shared.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -41,32 +45,17 @@ CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, coalesced, bypass,
 class FamilyRoute:
     family: str
     service: str
-    family_pb2: ModuleType
-    digest: Callable[[object], str]
+    predict_request: type
+    predict_response: type
 
-    @property
-    def predict_request(self) -> type:
-        return self.family_pb2.PredictRequest
-
-    @property
-    def predict_response(self) -> type:
-        return self.family_pb2.PredictResponse
+    def digest(self, request) -> str:
+        return request_digest(self.family, request)
 
 
 ROUTES = [
-    FamilyRoute("dense", "maas.dense.v1.DenseService", dense_pb2, dense_digest),
-    FamilyRoute("gnn", "maas.gnn.v1.GnnService", gnn_pb2, gnn_digest),
-    FamilyRoute("nlp", "maas.nlp.v1.NlpService", nlp_pb2, nlp_digest),
+    FamilyRoute(f.name, f.service, f.pb2().PredictRequest, f.pb2().PredictResponse) for f in FAMILIES
 ]
 ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
-PASS_THROUGH_METHODS = (
-    "ListModels",
-    "GetModel",
-    "ListModelVersions",
-    "LoadModel",
-    "UnloadModel",
-    "SetDefaultVersion",
-)
 
 
 class GatewayProxy:
@@ -82,13 +71,13 @@ class GatewayProxy:
         self._in_flight: dict[str, asyncio.Future] = {}
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        handlers = []
-        for route in ROUTES:
-            methods = {"Predict": grpc.unary_unary_rpc_method_handler(partial(self.predict, route))}
-            for name in PASS_THROUGH_METHODS:
-                methods[name] = grpc.unary_unary_rpc_method_handler(partial(self.forward, route, name))
-            handlers.append(grpc.method_handlers_generic_handler(route.service, methods))
-        return handlers
+        """Each family's data plane; model management is the gateway's ModelService."""
+        return [
+            grpc.method_handlers_generic_handler(
+                route.service, {"Predict": grpc.unary_unary_rpc_method_handler(partial(self.predict, route))}
+            )
+            for route in ROUTES
+        ]
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
@@ -99,19 +88,6 @@ class GatewayProxy:
         if timeout <= 0:
             raise DeadlineExceededError("the deadline passed before the gateway could forward the call")
         return timeout
-
-    async def forward(self, route: FamilyRoute, method: str, raw: bytes, context) -> bytes:
-        """Model and admin rpcs, with other tenants' private models hidden."""
-        tenant = current_tenant()
-        if method == "ListModels":
-            reply = route.family_pb2.ListModelsResponse.FromString(
-                await self.backends[route.family].call(method, raw, self.timeout(context))
-            )
-            visible = [model for model in reply.models if self.catalog.visible(model, tenant)]
-            return route.family_pb2.ListModelsResponse(models=visible).SerializeToString()
-        request = getattr(route.family_pb2, f"{method}Request").FromString(raw)
-        await self.catalog.check_visible(route.family, request.model_name, tenant)
-        return await self.backends[route.family].call(method, raw, self.timeout(context))
 
     async def predict(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -144,21 +120,22 @@ class GatewayProxy:
         backend = self.backends[route.family]
         timeout = self.timeout(context)
         control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
+        # The version the key names: the one asked for, else the default the catalog last heard of.
         version = request.model_version or self.catalog.default_version(route.family, request.model_name)
         if version is None:
-            CACHE_RESULTS.labels(route.family, "off").inc()
-            return await backend.call("Predict", raw, timeout), "off"
-        key = result_key(route.family, request.model_name, version, route.digest(request))
+            self.catalog.refresh_soon(route.family)
         policy = self.settings.cache_policy.get(request.model_name, {})
         use_cache = self.cache.enabled and policy.get("enabled", True) and control != "no-store"
-        if use_cache and control != "no-cache" and (local := self.cache.get_local(route.family, key)) is not None:
+        digest = route.digest(request)
+        key = result_key(route.family, request.model_name, version, digest) if version else None
+        if use_cache and key and control != "no-cache" and (local := self.cache.get_local(route.family, key)):
             return local, "hit"
 
         if not use_cache:
             outcome = "off" if not self.cache.enabled or not policy.get("enabled", True) else "bypass"
         elif not self.cache.available():
             outcome = "error"  # Redis failed moments ago: serve uncached until the retry interval ends
-        elif control == "no-cache":
+        elif control == "no-cache" or key is None:
             outcome = "bypass"
         else:
             cached = await self.cache.get(route.family, key, policy.get("ttl_s"))
@@ -168,36 +145,28 @@ class GatewayProxy:
         if outcome != "miss":
             CACHE_RESULTS.labels(route.family, outcome).inc()
 
-        shared = self._in_flight.get(key)
+        # Identical calls in flight share one backend call; without a known version, they share
+        # whatever the backend's default is.
+        flight = key or result_key(route.family, request.model_name, 0, digest)
+        shared = self._in_flight.get(flight)
         if shared is not None:
             CACHE_RESULTS.labels(route.family, "coalesced").inc()
             return await asyncio.shield(shared), "coalesced"
-        shared = self._in_flight[key] = asyncio.get_running_loop().create_future()
+        shared = self._in_flight[flight] = asyncio.get_running_loop().create_future()
         shared.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
         try:
-            response, pinned = await self._call_pinned(route, request, raw, version, context, timeout)
+            response = await backend.predict(raw, timeout)
             shared.set_result(response)
         except BaseException as exc:
             shared.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
             raise
         finally:
-            del self._in_flight[key]
-        if not pinned:
-            return response, "bypass"  # another version answered: it must not be cached under this key
-        if outcome in ("miss", "bypass") and use_cache:
-            if not await self.cache.put(route.family, key, response, policy.get("ttl_s")):
+            del self._in_flight[flight]
+        if use_cache and outcome in ("miss", "bypass"):
+            ran = route.predict_response.FromString(response).model_version
+            if not request.model_version and ran != version:
+                self.catalog.refresh_soon(route.family)  # the default moved: the catalog is behind
+            if not await self.cache.put(route.family, result_key(route.family, request.model_name, ran, digest),
+                                        response, policy.get("ttl_s")):  # fmt: skip
                 outcome = "error"
         return response, outcome
-
-    async def _call_pinned(self, route: FamilyRoute, request, raw: bytes, version: int, context, timeout):
-        """(response, whether the pinned version answered)."""
-        # Appending a message merges it: the backend runs exactly the version the key names.
-        pinned = raw + route.predict_request(model_version=version).SerializeToString()
-        try:
-            return await self.backends[route.family].call("Predict", pinned, timeout), True
-        except UpstreamError as exc:
-            if request.model_version or exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                raise
-            # The default moved since the catalog last looked: let the backend choose.
-            self.catalog.refresh_soon(route.family)
-            return await self.backends[route.family].call("Predict", raw, self.timeout(context)), False

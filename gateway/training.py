@@ -3,32 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import tempfile
 
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
+from gateway.job_spec import normalize
 from maas.training.v1 import training_pb2, training_pb2_grpc
-from shared.datasets import BUILTIN, DatasetStore
-from shared.errors import InvalidArgumentError, ResourceExhaustedError
-from shared.job_spec import normalize
+from shared.datasets import DatasetStore
+from shared.errors import InvalidArgumentError
+from shared.families import BY_NAME, BY_TRAINING_CODE
+from shared.families import FAMILIES as FAMILY_ENTRIES
 from shared.jobs import TERMINAL, JobStore
 
-FAMILIES = {
-    training_pb2.FAMILY_DENSE: "dense",
-    training_pb2.FAMILY_GNN: "gnn",
-    training_pb2.FAMILY_NLP: "nlp",
-}
+FAMILIES = {code: family.name for code, family in BY_TRAINING_CODE.items()}
 FAMILY_CODES = {name: code for code, name in FAMILIES.items()}
 
 
 def family_name(code: int, field: str) -> str:
     if code not in FAMILIES:
-        raise InvalidArgumentError(f"{field}: must be FAMILY_DENSE, FAMILY_GNN or FAMILY_NLP")
+        choices = ", ".join(training_pb2.Family.Name(c) for c in sorted(FAMILIES))
+        raise InvalidArgumentError(f"{field}: must be one of {choices}")
     return FAMILIES[code]
 
 
@@ -104,26 +100,20 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if first.info.format == training_pb2.DATASET_FORMAT_UNSPECIFIED:
             raise InvalidArgumentError("info.format: required (NPZ, CSV, JSON or JSONL)")
         fmt = training_pb2.DatasetFormat.Name(first.info.format).removeprefix("DATASET_FORMAT_").lower()
-        self.datasets.root.mkdir(parents=True, exist_ok=True)
-        handle, path = tempfile.mkstemp(prefix=".upload-", dir=self.datasets.root)
+        if fmt not in BY_NAME[family].dataset_formats:
+            allowed = ", ".join(sorted(BY_NAME[family].dataset_formats))
+            raise InvalidArgumentError(f"info.format: {fmt!r} is not a {family} format; use one of: {allowed}")
+        # Streamed to the store as it arrives: size and sha256 checked on the way, never parsed here.
+        writer = await asyncio.to_thread(self.datasets.writer, self.max_dataset_bytes)
         try:
-            size = 0
-            with os.fdopen(handle, "wb") as out:
-                async for message in request_iterator:
-                    if message.WhichOneof("part") != "chunk":
-                        raise InvalidArgumentError("only the first message may carry info; send chunks after it")
-                    size += len(message.chunk)
-                    if size > self.max_dataset_bytes:
-                        raise ResourceExhaustedError(
-                            f"data set larger than the limit of {self.max_dataset_bytes} bytes (max_dataset_bytes)"
-                        )
-                    out.write(message.chunk)
-            if size == 0:
-                raise InvalidArgumentError("the upload carried no data: send the file in chunk messages")
-            meta = await asyncio.to_thread(self.datasets.save, first.info.name, family, fmt, path, current_tenant())
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgumentError("only the first message may carry info; send chunks after it")
+                await asyncio.to_thread(writer.write, message.chunk)
+            meta = await asyncio.to_thread(writer.commit, first.info.name, family, fmt, current_tenant())
+        except BaseException:
+            await asyncio.to_thread(writer.discard)
+            raise
         return training_pb2.UploadDatasetResponse(dataset=to_dataset(meta))
 
     async def GetDataset(self, request, context):
@@ -134,10 +124,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         family = FAMILIES.get(request.family, "")
         uploaded = await asyncio.to_thread(self.datasets.list, current_tenant(), family)
         builtin = [
-            training_pb2.BuiltinDataset(name=name, family=FAMILY_CODES[name_family])
-            for name_family, names in BUILTIN.items()
-            if not family or name_family == family
-            for name in names
+            training_pb2.BuiltinDataset(name=name, family=entry.training_code)
+            for entry in FAMILY_ENTRIES
+            if not family or entry.name == family
+            for name in entry.builtin_datasets
         ]
         return training_pb2.ListDatasetsResponse(datasets=[to_dataset(m) for m in uploaded], builtin_datasets=builtin)
 
@@ -145,7 +135,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         family = family_name(request.family, "family")
         dataset = None
         if request.WhichOneof("data") == "dataset_id":
-            dataset = await asyncio.to_thread(self.datasets.meta, request.dataset_id, current_tenant())
+            # The framing of its format is checked now; the trainer parses the whole file.
+            dataset = await asyncio.to_thread(self.datasets.check, request.dataset_id, current_tenant())
         spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
         if self.catalog is not None:
             await self.catalog.check_writable(spec["output_model"], family, current_tenant(), request.private)

@@ -6,10 +6,12 @@ Every model trains offline, from data that ships with the installed packages or 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.families import FAMILIES
 from shared.logs import configure_logging
 from shared.model_store import Manifest, ModelStore
 
@@ -17,25 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def builders() -> dict[str, Callable[[ModelStore], Manifest]]:
-    from services.dense.defaults import (
-        DIGITS_CNN,
-        DIGITS_MLP,
-        SINE_GRU,
-        build_digits_cnn,
-        build_digits_mlp,
-        build_sine_gru,
-    )
-    from services.gnn.defaults import KARATE_GCN, build_karate_gcn
-    from services.nlp.defaults import MINILM, SENTIMENT, build_minilm, build_sentiment
-
-    # Order matters: the sentiment head is trained on the MiniLM encoder's embeddings.
+    """Every family's default models, in the registry's order, each family's in its own order."""
     return {
-        DIGITS_MLP: build_digits_mlp,
-        DIGITS_CNN: build_digits_cnn,
-        SINE_GRU: build_sine_gru,
-        KARATE_GCN: build_karate_gcn,
-        MINILM: build_minilm,
-        SENTIMENT: build_sentiment,
+        name: build
+        for family in FAMILIES
+        for name, build in importlib.import_module(family.defaults_module).DEFAULT_MODELS.items()
     }
 
 

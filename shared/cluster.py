@@ -14,16 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.families import FAMILIES
 from shared.redis_server import CACHE_CONFIG, QUEUE_CONFIG, RedisServer
 from shared.workers import default_workers, free_port, ready_file
-
-FAMILIES = ("dense", "gnn", "nlp")
 
 
 @dataclass
@@ -46,32 +45,51 @@ class ProcessSpec:
         return f"127.0.0.1:{self.port}"
 
 
-@dataclass
 class ClusterPorts:
-    gateway: int = 50051
-    dense: int = 50061
-    gnn: int = 50062
-    nlp: int = 50063
-    redis: int = 6390
-    gateway_metrics: int = 9464
-    redis_queue: int = 6391
-    dense_metrics: int = 9465
-    gnn_metrics: int = 9466
-    nlp_metrics: int = 9467
-    dense_trainer_metrics: int = 9468
-    gnn_trainer_metrics: int = 9469
-    nlp_trainer_metrics: int = 9470
-    # Free ports for extra replicas instead of the fixed +10 steps (tests set it).
-    pick_free: bool = False
-    _extra: dict = field(default_factory=dict, repr=False)
+    """Every port the local cluster uses: the gateway's, the two Redis', and per family (from the
+    registry) the service's, its metrics' and its trainer's metrics' (`ports.dense`,
+    `ports.dense_metrics`, `ports.dense_trainer_metrics`)."""
+
+    def __init__(
+        self,
+        gateway: int = 50051,
+        gateway_metrics: int = 9464,
+        redis: int = 6390,
+        redis_queue: int = 6391,
+        families: dict[str, int] | None = None,
+        pick_free: bool = False,
+    ) -> None:
+        self.gateway = gateway
+        self.gateway_metrics = gateway_metrics
+        self.redis = redis
+        self.redis_queue = redis_queue
+        self.families = families or {
+            name: port
+            for family in FAMILIES
+            for name, port in (
+                (family.name, family.port),
+                (f"{family.name}_metrics", family.metrics_port),
+                (f"{family.name}_trainer_metrics", family.trainer_metrics_port),
+            )
+        }
+        # Free ports for extra replicas instead of the fixed +10 steps (tests set it).
+        self.pick_free = pick_free
+        self._extra: dict[tuple[str, int], int] = {}
+
+    def __getattr__(self, name: str) -> int:
+        families = self.__dict__.get("families", {})
+        if name in families:
+            return families[name]
+        raise AttributeError(name)
 
     @classmethod
     def free(cls) -> ClusterPorts:
-        ports = [f for f in fields(cls) if f.type == "int"]
-        return cls(*(free_port() for _ in ports), pick_free=True)
+        defaults = cls()
+        return cls(free_port(), free_port(), free_port(), free_port(),
+                   {name: free_port() for name in defaults.families}, pick_free=True)  # fmt: skip
 
     def replica(self, name: str, index: int) -> int:
-        """The port of replica `index` (0 is the first) for a port field such as "dense" or "dense_metrics"."""
+        """The port of replica `index` (0 is the first) for a port name such as "dense" or "dense_metrics"."""
         if index == 0:
             return getattr(self, name)
         if self.pick_free:
@@ -93,7 +111,7 @@ def process_table(
     The gateway runs `gateway_workers` processes on its port (default: MAAS_GATEWAY_WORKERS, else one per core).
     """
     store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
-    counts = {family: (replicas or {}).get(family, 1) for family in FAMILIES}
+    counts = {family.name: (replicas or {}).get(family.name, 1) for family in FAMILIES}
     gateway_workers = gateway_workers or int(os.environ.get("MAAS_GATEWAY_WORKERS") or 0) or default_workers()
     gateway_run_dir = var_dir / "run" / "gateway"
     gateway_env = {
@@ -104,33 +122,36 @@ def process_table(
         "MAAS_GATEWAY_WORKERS": str(gateway_workers),
     }
     for family in FAMILIES:
-        addresses = [f"127.0.0.1:{ports.replica(family, i)}" for i in range(counts[family])]
+        addresses = [f"127.0.0.1:{ports.replica(family.name, i)}" for i in range(counts[family.name])]
         # Several replicas: one static target listing them all, balanced round robin like dns:/// in Kubernetes.
         target = addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
-        gateway_env[f"MAAS_GATEWAY_{family.upper()}_TARGET"] = target
+        gateway_env[f"MAAS_GATEWAY_{family.name.upper()}_TARGET"] = target
     if redis_url:
         gateway_env["MAAS_GATEWAY_REDIS_URL"] = redis_url
     specs = []
     for family in FAMILIES:
-        prefix = f"MAAS_{family.upper()}"
-        for i in range(counts[family]):
-            port = ports.replica(family, i)
+        prefix = family.env_prefix
+        for i in range(counts[family.name]):
+            port = ports.replica(family.name, i)
             env = {
-                f"{prefix}_PORT": str(port),
-                f"{prefix}_METRICS_PORT": str(ports.replica(f"{family}_metrics", i)),
-                f"{prefix}_MODEL_STORE": store,
+                f"{prefix}PORT": str(port),
+                f"{prefix}METRICS_PORT": str(ports.replica(f"{family.name}_metrics", i)),
+                f"{prefix}MODEL_STORE": store,
+                # Model events (new versions, loads, pins) travel on the job queue's Redis.
+                f"{prefix}EVENTS_REDIS_URL": queue_redis_url,
             }
-            specs.append(ProcessSpec(family if i == 0 else f"{family}-{i + 1}", f"services.{family}", port, env))
+            name = family.name if i == 0 else f"{family.name}-{i + 1}"
+            specs.append(ProcessSpec(name, family.module, port, env))
     for family in FAMILIES:
-        prefix = f"MAAS_{family.upper()}_TRAINER"
+        prefix = f"{family.env_prefix}TRAINER"
         env = {
             f"{prefix}_QUEUE_REDIS_URL": queue_redis_url,
             f"{prefix}_MODEL_STORE": store,
             f"{prefix}_DATASET_DIR": datasets,
             f"{prefix}_CHECKPOINT_DIR": checkpoints,
-            f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family}_trainer_metrics")),
+            f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family.name}_trainer_metrics")),
         }
-        specs.append(ProcessSpec(f"{family}-trainer", f"services.{family}.trainer", 0, env))
+        specs.append(ProcessSpec(f"{family.name}-trainer", family.trainer_module, 0, env))
     specs.append(
         ProcessSpec(
             "gateway", "gateway", ports.gateway, gateway_env, gateway_workers, gateway_run_dir,
@@ -261,7 +282,7 @@ def main() -> None:
         args.var_dir,
         os.environ.get("REDIS_URL"),
         queue_redis_url=os.environ.get("QUEUE_REDIS_URL"),
-        replicas={family: args.replicas for family in FAMILIES},
+        replicas={family.name: args.replicas for family in FAMILIES},
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -269,9 +290,8 @@ def main() -> None:
     try:
         cluster.start()
         print_endpoints(cluster)
-        from clients.example import run_examples
-
-        run_examples(cluster.specs["gateway"].target)
+        # The example is a client like any other: its own process, not an import of the client code.
+        subprocess.run([sys.executable, "-m", "clients.example", cluster.specs["gateway"].target], check=False)
         print(f"\nmaasctl: .venv/bin/maasctl --target {cluster.specs['gateway'].target} models list", flush=True)
         print("\nCluster is up. Ctrl-C stops every process it started.", flush=True)
         stop.wait()
@@ -291,7 +311,9 @@ def print_endpoints(cluster: LocalCluster) -> None:
         role = "public endpoint" if name == "gateway" else "internal"
         workers = f", {spec.workers} workers" if spec.workers > 1 else ""
         print(f"  {name:<13} grpc://{spec.target}  ({role}{workers})")
-    metrics = ", ".join(f"{name} :{getattr(cluster.ports, f'{name}_metrics')}" for name in ("gateway", *FAMILIES))
+    metrics = ", ".join(
+        f"{name} :{getattr(cluster.ports, f'{name}_metrics')}" for name in ("gateway", *(f.name for f in FAMILIES))
+    )
     print(f"  metrics       http://127.0.0.1:<port>/metrics  (Prometheus: {metrics})")
     print(f"  redis         {cluster.redis_url}  (result cache: LRU)")
     print(f"  redis         {cluster.queue_redis_url}  (job queue: AOF, noeviction)", flush=True)

@@ -5,6 +5,11 @@ Knows nothing of gRPC: it raises `MaasError`s and returns plain objects and mess
 Hot swap: a version becomes visible to requests only once it is loaded and warmed up, and the
 default moves to it in one step on the event loop; requests already running keep the
 predictor they resolved, so loading, unloading or switching the default fails none of them.
+
+This repository decides each model's default version: the store's pin, else the latest ready
+version that passed its gate. It hears of changes made elsewhere (a trainer's new version,
+another replica's pin) through model events, and polls the store as a fallback. Store reads,
+checksums and loads run on the executor, never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from maas.common.v1 import model_pb2
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
+from shared.model_events import ModelEvent, ModelEvents
 from shared.model_info import to_model_version
 from shared.model_store import Manifest, ModelStore
 from shared.observability import MODEL_STATE
@@ -82,6 +88,7 @@ class ModelRepository:
         executor: Executor,
         batch_policy: Callable[[Manifest], BatchPolicy] = lambda manifest: BatchPolicy(),
         poll_s: float = 0.0,
+        events: ModelEvents | None = None,
     ) -> None:
         self.store = store
         self.family = family
@@ -89,6 +96,7 @@ class ModelRepository:
         self.executor = executor
         self.batch_policy = batch_policy
         self.poll_s = poll_s
+        self.events = events or ModelEvents(None)
         self._entries: dict[str, dict[int, ModelEntry]] = {}
         self._pins: dict[str, int] = {}
         # Versions an operator unloaded: the store poll must not load them back.
@@ -99,23 +107,24 @@ class ModelRepository:
 
     async def serve(self, server: GrpcServer) -> None:
         """Serves until SIGTERM; health turns SERVING once the models have loaded."""
-        poller: asyncio.Task | None = None
+        watchers: list[asyncio.Task] = []
 
         async def become_ready() -> bool:
-            nonlocal poller
+            watchers.append(asyncio.create_task(self.events.listen(self.on_event)))
             ready = await self.load_for_serving()
             if self.poll_s > 0:
-                poller = asyncio.create_task(self.poll_store())
+                watchers.append(asyncio.create_task(self.poll_store()))
             return ready
 
         try:
             await server.run(become_ready)
         finally:
-            if poller is not None:
-                poller.cancel()
+            for watcher in watchers:
+                watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await poller
+                    await watcher
             await self.close()
+            await self.events.close()
 
     async def close(self) -> None:
         """Lets every batcher finish what is queued, then stops their workers."""
@@ -135,15 +144,28 @@ class ModelRepository:
 
     async def sync_with_store(self) -> None:
         """Loads versions that appeared in the store and follows its default pins."""
-        for name in self.store.model_names(self.family):
-            for version in self.store.versions(name):
-                if version not in self._entries.get(name, {}) and (name, version) not in self._unloaded:
-                    await self.load(name, version)
-            pinned = self.store.pinned_version(name)
-            if pinned is None:
-                self._pins.pop(name, None)
-            else:
-                self._pins[name] = pinned
+        for name in await self.run(self.store.model_names, self.family):
+            await self.sync_model(name)
+
+    async def sync_model(self, name: str) -> None:
+        """Loads a model's new versions and follows its pin, as the store has them now."""
+        versions, pinned = await self.run(lambda: (self.store.versions(name), self.store.pinned_version(name)))
+        for version in versions:
+            if version not in self._entries.get(name, {}) and (name, version) not in self._unloaded:
+                await self.load(name, version)
+        if pinned is None:
+            self._pins.pop(name, None)
+        else:
+            self._pins[name] = pinned
+
+    async def on_event(self, event: ModelEvent) -> None:
+        """Another process changed a model: look at the store again now rather than at the next poll."""
+        if event.family != self.family:
+            return
+        try:
+            await self.sync_model(event.model)
+        except Exception:  # noqa: BLE001 - a bad store entry must not stop the listener
+            log.exception("could not follow %s", event)
 
     async def poll_store(self) -> None:
         while True:
@@ -160,7 +182,7 @@ class ModelRepository:
         if not name:
             raise InvalidArgumentError("model_name: required")
         if version == 0:
-            versions = self.store.versions(name)
+            versions = await self.run(self.store.versions, name)
             if not versions:
                 raise NotFoundError(f"model {name!r} not found in the model store")
             version = versions[-1]
@@ -177,7 +199,7 @@ class ModelRepository:
                 self._loading.pop(key, None)
 
     async def _load(self, name: str, version: int) -> ModelEntry:
-        manifest = self.store.manifest(name, version)
+        manifest = await self.run(self.store.manifest, name, version)
         if manifest.family != self.family:
             raise InvalidArgumentError(
                 f"model {name!r} is a {manifest.family} model; this is the {self.family} service"
@@ -188,8 +210,7 @@ class ModelRepository:
         if previous is None:
             versions[version] = entry  # visible as LOADING; requests still go to ready versions
         try:
-            directory = self.store.verify(manifest)
-            predictor = await self.run(self._load_and_warm, manifest, directory)
+            predictor = await self.run(self._load_and_warm, manifest)
         except Exception as exc:  # noqa: BLE001 - a bad version must not stop the others loading
             entry.state, entry.reason = State.MODEL_STATE_FAILED, str(exc)
             log.error("could not load %s v%d: %s", name, version, exc)
@@ -206,9 +227,11 @@ class ModelRepository:
         _report_state(name, version, entry.state)
         self._unloaded.discard((name, version))
         log.info("loaded %s v%d on %s", name, version, predictor.device)
+        await self.events.publish(ModelEvent(self.family, name, "loaded", version))
         return entry
 
-    def _load_and_warm(self, manifest: Manifest, directory: Path) -> Predictor:
+    def _load_and_warm(self, manifest: Manifest) -> Predictor:
+        directory = self.store.verify(manifest)  # every artifact's sha256, before anything opens it
         predictor = self.loader(manifest, directory)
         predictor.warm_up(self.batch_policy(manifest).max_batch_size)
         return predictor
@@ -235,6 +258,7 @@ class ModelRepository:
             log.info("unloaded %s v%d", name, target)
         if not versions:
             del self._entries[name]
+        await self.events.publish(ModelEvent(self.family, name, "unloaded", version))
 
     async def set_default(self, name: str, version: int) -> model_pb2.Model:
         """Pins the default version in the store (0 unpins); every replica's poll follows the pin."""
@@ -242,23 +266,23 @@ class ModelRepository:
         if versions is None:
             raise NotFoundError(f"model {name!r} is not loaded")
         if version == 0:
-            self.store.unpin_default(name)
+            await self.run(self.store.unpin_default, name)
             self._pins.pop(name, None)
         else:
             entry = versions.get(version)
-            if entry is None and version not in self.store.versions(name):
-                raise NotFoundError(
-                    f"model {name!r} has no version {version}; the store has {self.store.versions(name)}"
-                )
+            stored = await self.run(self.store.versions, name)
+            if entry is None and version not in stored:
+                raise NotFoundError(f"model {name!r} has no version {version}; the store has {stored}")
             if entry is None or entry.state != State.MODEL_STATE_READY:
                 state = "not loaded" if entry is None else State.Name(entry.state)
                 raise FailedPreconditionError(
                     f"{name!r} v{version} is {state}; only a READY version can be the default "
                     f"(ready: {self._ready_versions(name)})"
                 )
-            self.store.pin_default(name, version)
+            await self.run(self.store.pin_default, name, version)
             self._pins[name] = version
         log.info("default of %s is now %s", name, f"v{version} (pinned)" if version else "the latest ready version")
+        await self.events.publish(ModelEvent(self.family, name, "default", version))
         return self.describe(name)
 
     # Resolution
@@ -327,25 +351,28 @@ class ModelRepository:
     def describe_all(self) -> list[model_pb2.Model]:
         return [self.describe(name) for name in sorted(self._entries)]
 
-    def list_versions(self, name: str) -> tuple[int, bool, list[model_pb2.ModelVersion]]:
+    async def list_versions(self, name: str) -> tuple[int, bool, list[model_pb2.ModelVersion]]:
         """Every version in the store, loaded or not: (default, pinned?, versions)."""
         if not name:
             raise InvalidArgumentError("model_name: required")
-        stored = self.store.versions(name)
         loaded = self._entries.get(name, {})
+        stored = await self.run(self._stored_manifests, name, set(loaded))
         if not stored and not loaded:
-            raise NotFoundError(f"model {name!r} not found in the model store")
-        if stored and not loaded and (family := self.store.manifest(name, stored[-1]).family) != self.family:
+            raise NotFoundError(f"model {name!r} not found")
+        if stored and not loaded and next(reversed(stored.values())).family != self.family:
             # The store is shared by every family; each service answers for its own models only.
-            raise NotFoundError(f"model {name!r} is a {family} model; this is the {self.family} service")
+            raise NotFoundError(f"model {name!r} not found")
         described = []
         for version in sorted(set(stored) | set(loaded)):
             entry = loaded.get(version)
             if entry is not None:
                 described.append(entry.describe())
             else:
-                described.append(to_model_version(self.store.manifest(name, version), State.MODEL_STATE_UNLOADED))
+                described.append(to_model_version(stored[version], State.MODEL_STATE_UNLOADED))
         return self.default_version(name), name in self._pins, described
+
+    def _stored_manifests(self, name: str, skip: set[int]) -> dict[int, Manifest]:
+        return {v: self.store.manifest(name, v) for v in self.store.versions(name) if v not in skip}
 
 
 def _report_state(name: str, version: int, state: int) -> None:

@@ -7,7 +7,6 @@ counts the call by service, method, model, version and status code, with its lat
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import logging
@@ -16,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from shared import tracing
@@ -113,6 +112,8 @@ def _begin(context):
     request_id = incoming or uuid.uuid4().hex
     token = REQUEST_ID.set(request_id)
     add_trailing_metadata(context, REQUEST_ID_KEY, request_id)
+    if tracing.enabled():  # on the span opentelemetry-instrumentation-grpc opened for this call
+        trace.get_current_span().set_attribute("maas.request_id", request_id)
     return token
 
 
@@ -128,26 +129,12 @@ def _record(service, method, request, response, context, started) -> None:
                  elapsed * 1000)  # fmt: skip
 
 
-def _span(service, method, context):
-    if not tracing.enabled():
-        return contextlib.nullcontext(None)
-    return tracing.tracer.start_as_current_span(
-        f"{service}/{method}",
-        context=tracing.extract(context.invocation_metadata()),
-        kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-    )
-
-
 def _observed(behavior, service, method):
     async def wrapped(request, context):
         token, started, response = _begin(context), time.perf_counter(), None
         try:
-            with _span(service, method, context) as span:
-                if span is not None:
-                    span.set_attribute("maas.request_id", REQUEST_ID.get())
-                response = await behavior(request, context)
-                return response
+            response = await behavior(request, context)
+            return response
         finally:
             _record(service, method, request, response, context, started)
             REQUEST_ID.reset(token)
@@ -159,9 +146,8 @@ def _observed_stream(behavior, service, method):
     async def wrapped(request, context):
         token, started = _begin(context), time.perf_counter()
         try:
-            with _span(service, method, context):
-                async for item in behavior(request, context):
-                    yield item
+            async for item in behavior(request, context):
+                yield item
         finally:
             _record(service, method, request, None, context, started)
             REQUEST_ID.reset(token)

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared import tracing
 from shared.error_interceptor import ErrorInterceptor
 from shared.errors import UnavailableError
 from shared.handler_wrapping import wrap_handler
@@ -103,7 +104,13 @@ class GrpcServer:
         self.gate = StartupGate("this server")
         # Outermost first: observability sees every call's final status, auth failures included.
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(), *interceptors, ErrorInterceptor(), self.gate],
+            interceptors=[
+                *tracing.server_interceptors(),
+                ObservabilityInterceptor(),
+                *interceptors,
+                ErrorInterceptor(),
+                self.gate,
+            ],
             options=server_options(settings),
         )
         register(self.server)

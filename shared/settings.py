@@ -1,7 +1,9 @@
 """Typed settings for every maas process, read from the environment in `main()`.
 
-Each process has its own prefix (`MAAS_DENSE_`, `MAAS_GNN_`, `MAAS_NLP_`, `MAAS_GATEWAY_`).
-Every default is what `make run` uses on one laptop.
+What every server and every model service shares lives here; each process's own class, with
+its prefix (`MAAS_DENSE_`, `MAAS_GNN_`, `MAAS_NLP_`, `MAAS_GATEWAY_`), lives with its owner
+(`services/<family>/settings.py`, `gateway/settings.py`). Every default is what `make run`
+uses on one laptop.
 """
 
 from __future__ import annotations
@@ -46,7 +48,14 @@ class ModelServiceSettings(ServerSettings):
 
     model_store: Path = Field(Path("var/models"), description="Root of the model store.")
     store_poll_s: float = Field(
-        2.0, description="How often the store is re-read for new versions and default pins; 0 turns it off."
+        30.0,
+        description="How often the store is re-read for new versions and default pins, as a fallback for model "
+        "events missed while Redis was away; 0 turns it off.",
+    )
+    events_redis_url: str | None = Field(
+        None,
+        description="The Redis whose channel carries model events (new versions, loads, pins); make run and the "
+        "manifests use the job queue's. Unset: the store poll alone.",
     )
     inference_threads: int = Field(2, description="Threads that run model compute off the event loop.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -100,96 +109,6 @@ class ModelServiceSettings(ServerSettings):
     )
 
 
-class DenseSettings(ModelServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MAAS_DENSE_", extra="ignore")
-
-    port: int = 50061
-
-
-class GnnSettings(ModelServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MAAS_GNN_", extra="ignore")
-
-    port: int = 50062
-    max_batch_size: int = Field(4096, description="Most nodes, over all merged graphs, in one batch.")
-
-
-class NlpSettings(ModelServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MAAS_NLP_", extra="ignore")
-
-    port: int = 50063
-    max_batch_texts: int = Field(256, description="Most texts one request may carry.")
-    max_sequence_length: int = Field(128, description="Tokens kept per text; the rest is cut.")
-
-
-class GatewaySettings(ServerSettings):
-    model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore")
-
-    port: int = 50051
-    workers: int = Field(
-        0,
-        description="Gateway processes sharing the port (SO_REUSEPORT); 0 means one per usable core, at most 8. "
-        "The Kubernetes manifests set it from the pod's CPU limit.",
-    )
-    dense_target: str = Field("127.0.0.1:50061", description="gRPC target of the dense service.")
-    gnn_target: str = Field("127.0.0.1:50062", description="gRPC target of the gnn service.")
-    nlp_target: str = Field("127.0.0.1:50063", description="gRPC target of the nlp service.")
-    redis_url: str | None = Field(
-        None,
-        validation_alias=AliasChoices("MAAS_GATEWAY_REDIS_URL", "REDIS_URL"),
-        description="Cache Redis; unset disables the result cache.",
-    )
-    cache_ttl_s: float = Field(300.0, description="Lifetime of a cached result.")
-    cache_policy: dict[str, dict[str, float | bool]] = Field(
-        default_factory=dict,
-        description="Per-model cache settings, as JSON: "
-        '{"sentiment": {"enabled": false}, "minilm-l6-v2": {"ttl_s": 3600}}.',
-    )
-    rate_limit_per_s: float = Field(0.0, description="Calls per second each tenant may make; 0 turns limits off.")
-    rate_limit_burst: int = Field(0, description="Calls a tenant may make at once; 0 means one second's worth.")
-    rate_limits: dict[str, dict[str, float]] = Field(
-        default_factory=dict,
-        description='Per-tenant overrides, as JSON: {"batch-jobs": {"rate_per_s": 5, "burst": 10}}.',
-    )
-    cache_ttl_jitter: float = Field(
-        0.1, description="Fraction of the TTL added at random, so entries don't expire together."
-    )
-    cache_timeout_s: float = Field(
-        0.25, description="Longest a cache read or write may take before the call goes uncached."
-    )
-    cache_retry_after_s: float = Field(1.0, description="After a Redis failure, how long the cache stays bypassed.")
-    local_cache_mb: int = Field(
-        64,
-        description="Each worker's in-memory cache in front of Redis, in MiB; a hit there never leaves the process. "
-        "0 turns it off.",
-    )
-    default_deadline_s: float = Field(30.0, description="Deadline for backend calls when the caller sets none.")
-    deadline_margin_s: float = Field(
-        0.005, description="Taken off the caller's remaining time for the gateway's own work."
-    )
-    catalog_refresh_s: float = Field(2.0, description="How often default model versions are re-read from the backends.")
-    queue_redis_url: str | None = Field(
-        None,
-        validation_alias=AliasChoices("MAAS_GATEWAY_QUEUE_REDIS_URL", "QUEUE_REDIS_URL"),
-        description="The job queue's Redis (AOF, noeviction); unset turns the training API off.",
-    )
-    dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are stored.")
-    tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with the key, turns TLS on.")
-    tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")
-    tls_client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)."
-    )
-    health_port: int = Field(
-        0, description="Plaintext port serving only grpc.health.v1, for probes when TLS is on; 0: none."
-    )
-    api_keys_file: Path | None = Field(
-        None, description="JSON file of sha256-hashed API keys and their tenants; when set, every call needs a key."
-    )
-    max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest data set UploadDataset accepts.")
-
-    def backend_targets(self) -> dict[str, str]:
-        return {"dense": self.dense_target, "gnn": self.gnn_target, "nlp": self.nlp_target}
-
-
 class TrainerSettings(BaseSettings):
     """Settings of a trainer process; each family's trainer has its own prefix (MAAS_DENSE_TRAINER_, ...)."""
 
@@ -207,6 +126,9 @@ class TrainerSettings(BaseSettings):
         30_000, description="A job whose trainer went silent this long is taken over by another trainer."
     )
     max_attempts: int = Field(3, description="Deliveries before a job is moved to the dead-letter stream.")
+    max_dataset_bytes: int = Field(
+        512 * 1024 * 1024, description="Largest uploaded data set this trainer reads and parses."
+    )
     block_ms: int = Field(1000, description="How long one read of the queue waits for a job.")
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines, or text.")

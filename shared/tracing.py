@@ -1,6 +1,10 @@
 """OpenTelemetry tracing, off by default: the gateway's span for a call is the parent of the
 model service's, through W3C `traceparent` metadata.
 
+Spans and propagation come from opentelemetry-instrumentation-grpc's aio interceptors (server
+and client); maas adds only its own attributes (the request id). With tracing off, no
+interceptor is installed and calls pay nothing for it.
+
 `MAAS_<PROCESS>_TRACING` chooses the exporter: `off`, `console`, `otlp` (to
 `MAAS_<PROCESS>_OTLP_ENDPOINT`, gRPC) or `file:<path>` (JSON lines, one span each).
 """
@@ -12,7 +16,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -65,13 +69,19 @@ def configure_tracing(process: str, exporter: str, otlp_endpoint: str = "localho
     _enabled = True
 
 
-def extract(metadata) -> object:
-    """The trace context a caller sent in its metadata."""
-    return propagate.extract({key: value for key, value in metadata or () if isinstance(value, str)})
+def server_interceptors() -> list:
+    """The OpenTelemetry server interceptor, outermost, when this process exports spans."""
+    if not _enabled:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+    return [aio_server_interceptor()]
 
 
-def inject() -> tuple[tuple[str, str], ...]:
-    """Metadata carrying the current trace context to the next hop."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return tuple(carrier.items())
+def client_interceptors() -> list | None:
+    """OpenTelemetry client interceptors for an outgoing channel (they pass the trace context on)."""
+    if not _enabled:
+        return None
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return aio_client_interceptors()

@@ -11,10 +11,29 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, mean_squared_error
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
+
+
+class MLP(nn.Module):
+    """Fully connected layers with ReLU (and dropout) between them; returns logits. Dense models and
+    text-classifier heads share it."""
+
+    def __init__(self, in_features: int, hidden: list[int], out_features: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, out_features))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 def make_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:

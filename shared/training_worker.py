@@ -30,8 +30,10 @@ import redis.asyncio as redis
 import torch
 from prometheus_client import Counter
 
-from shared.datasets import DatasetStore, load_builtin
+from shared.datasets import DatasetStore
+from shared.errors import InvalidArgumentError
 from shared.jobs import GROUP, TERMINAL, JobStore, dead_letter_key, queue_key
+from shared.model_events import ModelEvent, ModelEvents
 from shared.model_store import Manifest, ModelStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,16 @@ class JobResult:
     gate_result: str
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """How a family's trainer reads data sets: its parser, what it reports of one, and its built-in sets."""
+
+    parse: Callable[[str, bytes], Any]
+    describe: Callable[[Any], dict[str, Any]]
+    load_builtin: Callable[[str], Any]
+    max_bytes: int = 512 * 1024 * 1024
+
+
 @dataclass
 class JobContext:
     """What a family's training function gets: the spec, data, store, checkpoints and progress hooks.
@@ -73,6 +85,7 @@ class JobContext:
     device: torch.device
     loop: asyncio.AbstractEventLoop
     jobs: JobStore
+    data: DataSource
     stopping: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
 
@@ -84,9 +97,15 @@ class JobContext:
         return self.checkpoint_dir / self.job_id / "checkpoint.pt"
 
     def dataset(self):
-        if self.spec.get("dataset_id"):
-            return self.datasets.load(self.spec["dataset_id"])
-        return load_builtin(self.family, self.spec["builtin_dataset"])
+        """The job's data, parsed and checked here in the trainer; a bad data set fails the job."""
+        dataset_id = self.spec.get("dataset_id")
+        if not dataset_id:
+            return self.data.load_builtin(self.spec["builtin_dataset"])
+        meta, raw = self.datasets.read(dataset_id, self.data.max_bytes)
+        parsed = self.data.parse(meta["format"], raw)
+        if not meta.get("task"):
+            self.datasets.describe(dataset_id, self.data.describe(parsed))
+        return parsed
 
     def dataset_name(self) -> str:
         if self.spec.get("dataset_id"):
@@ -183,13 +202,17 @@ class TrainingWorker:
         store: ModelStore,
         datasets: DatasetStore,
         checkpoint_dir: Path,
+        data: DataSource,
         device: torch.device | None = None,
         claim_idle_ms: int = 30_000,
         max_attempts: int = 3,
         block_ms: int = 1000,
         consumer: str | None = None,
+        events: ModelEvents | None = None,
     ) -> None:
         self.family = family
+        self.data = data
+        self.events = events or ModelEvents(None)
         self.jobs = jobs
         self.run_job = run_job
         self.store = store
@@ -270,13 +293,20 @@ class TrainingWorker:
         await self.jobs.update(job_id, f"attempt {attempt} on {self.consumer}", state="RUNNING", attempts=attempt)
         heartbeat = asyncio.create_task(self._keep_claimed(entry_id))
         context = JobContext(job_id, self.family, record["spec"], self.store, self.datasets, self.checkpoint_dir,
-                             self.device, asyncio.get_running_loop(), self.jobs, self.stopping)  # fmt: skip
+                             self.device, asyncio.get_running_loop(), self.jobs, self.data, self.stopping)  # fmt: skip
         try:
             result = await asyncio.to_thread(self.run_job, context)
         except TrainerStopping:
             JOBS.labels(self.family, "interrupted").inc()
             # Not acknowledged: another trainer takes the entry over and resumes from the checkpoint.
             await self.jobs.update(job_id, "trainer stopping; the job resumes from its checkpoint", state="QUEUED")
+            return
+        except InvalidArgumentError as exc:  # the job's input is wrong: retrying cannot help
+            JOBS.labels(self.family, "failed").inc()
+            error = f"INVALID_ARGUMENT: {exc.message}"
+            await self.jobs.update(job_id, error, state="FAILED", error=error)
+            await self.redis.xack(self.stream, GROUP, entry_id)
+            self._drop_checkpoint(job_id)
             return
         except JobCancelled:
             JOBS.labels(self.family, "cancelled").inc()
@@ -306,6 +336,9 @@ class TrainingWorker:
         await self.redis.xack(self.stream, GROUP, entry_id)
         self._drop_checkpoint(job_id)
         JOBS.labels(self.family, "succeeded").inc()
+        # The family's services load the new version now, not at their next poll of the store.
+        await self.events.publish(ModelEvent(self.family, record["spec"]["output_model"], "published",
+                                             result.model_version))  # fmt: skip
         log.info("job %s succeeded: %s v%d", job_id, record["spec"].get("output_model"), result.model_version)
 
     async def dead_letter(self, entry_id: str, record: dict[str, Any], failed_attempts: int) -> None:
@@ -334,7 +367,9 @@ def _entry(raw: tuple[bytes, dict[bytes, bytes]]) -> tuple[str, str]:
     return entry_id.decode(), fields[b"job_id"].decode()
 
 
-async def serve_trainer(family: str, run_job: Callable[[JobContext], JobResult], settings: Any) -> None:
+async def serve_trainer(
+    family: str, run_job: Callable[[JobContext], JobResult], settings: Any, data: DataSource
+) -> None:
     """Runs one family's trainer until SIGTERM; a job in progress stops at its next epoch boundary."""
     from shared.observability import start_metrics_server
     from shared.torch_device import resolve_torch_device
@@ -349,10 +384,12 @@ async def serve_trainer(family: str, run_job: Callable[[JobContext], JobResult],
         ModelStore(settings.model_store),
         DatasetStore(settings.dataset_dir),
         Path(settings.checkpoint_dir),
+        DataSource(data.parse, data.describe, data.load_builtin, settings.max_dataset_bytes),
         device=resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb),
         claim_idle_ms=settings.claim_idle_ms,
         max_attempts=settings.max_attempts,
         block_ms=settings.block_ms,
+        events=ModelEvents(settings.queue_redis_url),
     )
     stop = asyncio.Event()
 

@@ -1,10 +1,18 @@
-"""The offline data sets the default dense models train and are evaluated on."""
+"""Dense data sets: the offline ones the default models train on, and the parsers of uploaded ones."""
 
 from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from shared.datasets import labels_or_targets, load_npz, parse_with
+from shared.errors import InvalidArgumentError
 
 # Digits pixels run 0..16; exported graphs divide by this, so clients send raw pixels.
 PIXEL_MAX = 16.0
@@ -48,3 +56,124 @@ def held_out(dataset: str) -> tuple[np.ndarray, np.ndarray]:
         _, x_test, _, y_test = sine_windows()
         return x_test, y_test
     raise ValueError(f"unknown data set {dataset!r}")
+
+
+# Parsing uploaded data sets, in the dense trainer (never in the gateway).
+
+@dataclass
+class TabularData:
+    """dense: features (any shape per example) and integer labels or float targets."""
+
+    x: np.ndarray
+    y: np.ndarray
+    task: str
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.y)
+
+
+def parse_npz(data: bytes) -> TabularData:
+    arrays = load_npz(data)
+    if "x" not in arrays:
+        raise InvalidArgumentError(f"npz: missing array 'x' (features); it has {sorted(arrays)}")
+    label_key = "labels" if "labels" in arrays else "targets" if "targets" in arrays else None
+    if label_key is None:
+        raise InvalidArgumentError("npz: needs an array 'labels' (integers, classification) or 'targets' (floats)")
+    x = arrays["x"]
+    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
+        raise InvalidArgumentError(f"npz: 'x' must be numeric with shape [N, ...], got {x.dtype} {list(x.shape)}")
+    values = arrays[label_key]
+    if label_key == "labels" and not np.issubdtype(values.dtype, np.integer):
+        raise InvalidArgumentError(f"npz: 'labels' must be integer class ids, got {values.dtype}; use 'targets'")
+    if label_key == "targets":
+        values = values.astype(np.float32)
+    y, task, classes = labels_or_targets(values, f"npz: '{label_key}'")
+    if len(y) != len(x):
+        raise InvalidArgumentError(f"npz: 'x' has {len(x)} examples but '{label_key}' has {len(y)}")
+    if not np.all(np.isfinite(x)):
+        raise InvalidArgumentError("npz: 'x' holds NaN or infinite values")
+    return TabularData(x.astype(np.float32), y, task, classes)
+
+
+def parse_csv(data: bytes) -> TabularData:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgumentError(f"csv: not UTF-8 ({exc})") from None
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, None)
+    if not header or len(header) < 2:
+        raise InvalidArgumentError("csv line 1: expected a header with feature columns and a last column")
+    last = header[-1].strip().lower()
+    if last not in ("label", "target"):
+        raise InvalidArgumentError(f"csv line 1: the last column must be named 'label' or 'target', got {header[-1]!r}")
+    features, values = [], []
+    for line_no, row in enumerate(rows, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise InvalidArgumentError(f"csv line {line_no}: {len(row)} columns, the header has {len(header)}")
+        try:
+            numbers = [float(cell) for cell in row]
+        except ValueError:
+            bad = next(cell for cell in row if not _is_float(cell))
+            raise InvalidArgumentError(f"csv line {line_no}: {bad!r} is not a number") from None
+        if not all(math.isfinite(n) for n in numbers):
+            raise InvalidArgumentError(f"csv line {line_no}: NaN or infinite value")
+        features.append(numbers[:-1])
+        values.append(numbers[-1])
+    if not features:
+        raise InvalidArgumentError("csv: no data rows after the header")
+    x = np.array(features, dtype=np.float32)
+    raw = np.array(values, dtype=np.float64)
+    if last == "label":
+        if not np.all(raw == np.round(raw)):
+            raise InvalidArgumentError("csv: a 'label' column must hold whole numbers; use 'target' for regression")
+        y, task, classes = labels_or_targets(raw.astype(np.int64), "csv column 'label'")
+    else:
+        y, task, classes = raw.astype(np.float32), "regression", []
+    return TabularData(x, y, task, classes)
+
+
+def _is_float(cell: str) -> bool:
+    try:
+        float(cell)
+        return True
+    except ValueError:
+        return False
+
+
+PARSERS = {"npz": parse_npz, "csv": parse_csv}
+
+
+def parse(fmt: str, data: bytes) -> TabularData:
+    """An uploaded dense data set, checked field by field; the message names what is wrong."""
+    return parse_with(PARSERS, "dense", fmt, data)
+
+
+def describe(parsed: TabularData) -> dict:
+    return {"num_examples": parsed.num_examples, "feature_shape": list(parsed.x.shape[1:]), "task": parsed.task,
+            "class_names": parsed.class_names}  # fmt: skip
+
+
+def load_builtin(name: str) -> TabularData:
+    """A built-in dense data set, by the name the training API knows it by."""
+    if name == "sine":
+        series = sine_series()
+        windows = np.lib.stride_tricks.sliding_window_view(series[:-1], SINE_WINDOW)[..., None]
+        return TabularData(windows.astype(np.float32), series[SINE_WINDOW:].astype(np.float32), "regression")
+    import sklearn.datasets
+
+    loader = {"digits": "load_digits", "digits-images": "load_digits"}.get(name, f"load_{name}")
+    if not hasattr(sklearn.datasets, loader):
+        raise InvalidArgumentError(f"builtin_dataset: {name!r} is not a built-in dense data set")
+    bunch = getattr(sklearn.datasets, loader)()
+    x = bunch.data.astype(np.float32)
+    if name == "digits-images":
+        x = x.reshape(-1, 1, 8, 8)
+    if name == "diabetes":
+        return TabularData(x, bunch.target.astype(np.float32), "regression")
+    names = [str(n) for n in getattr(bunch, "target_names", range(int(bunch.target.max()) + 1))]
+    return TabularData(x, bunch.target.astype(np.int64), "classification", names)

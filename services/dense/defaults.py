@@ -147,3 +147,7 @@ def evaluate_onnx(path: Path, dataset: str, input_name: str) -> dict[str, float]
     if "label" in outputs:
         return classification_metrics(y_test, outputs["label"])
     return regression_metrics(y_test, np.asarray(next(iter(outputs.values()))))
+
+
+# What `python -m services.defaults` builds for this family, in order.
+DEFAULT_MODELS = {DIGITS_MLP: build_digits_mlp, DIGITS_CNN: build_digits_cnn, SINE_GRU: build_sine_gru}

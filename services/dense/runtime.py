@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services.dense.signature import check_inputs
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Manifest
 from shared.onnx_session import OnnxConfig, OnnxModel
-from shared.signature import check_inputs
 
 
 def onnx_loader(config: OnnxConfig):

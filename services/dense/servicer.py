@@ -7,13 +7,11 @@ import grpc
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from services.dense.runtime import DenseRuntime
 from shared.batching import deadline_from
-from shared.model_admin import ModelAdminServicer
 from shared.tensors import decode_inputs, encode_outputs
 
 
-class DenseServicer(ModelAdminServicer, dense_pb2_grpc.DenseServiceServicer):
+class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     def __init__(self, runtime: DenseRuntime) -> None:
-        super().__init__(dense_pb2, runtime.repository)
         self.runtime = runtime
 
     async def Predict(self, request: dense_pb2.PredictRequest, context: grpc.aio.ServicerContext):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.training import (
     ExportableClassifier,
@@ -45,9 +46,18 @@ class Regressor(nn.Module):
         return self.net(x)
 
 
+def check_fit(architecture: str, shape: list[int]) -> None:
+    """An architecture that cannot take the data set's examples fails the job at once, saying why."""
+    if architecture == "cnn" and len(shape) != 3:
+        raise InvalidArgumentError(f"architecture: cnn needs image-shaped examples [C, H, W], the data has {shape}")
+    if architecture == "gru" and len(shape) != 2:
+        raise InvalidArgumentError(f"architecture: gru needs sequences [T, F], the data has {shape}")
+
+
 def run_job(context: JobContext) -> JobResult:
     spec = context.spec
     data = context.dataset()
+    check_fit(spec["architecture"], list(data.x.shape[1:]))
     torch.manual_seed(spec["seed"])
     classification = data.task == "classification"
     labels = data.y if classification else None

@@ -86,3 +86,7 @@ def build_karate_gcn(store: ModelStore, seed: int = 0) -> Manifest:
         )
     log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
     return manifest
+
+
+# What `python -m services.defaults` builds for this family, in order.
+DEFAULT_MODELS = {KARATE_GCN: build_karate_gcn}

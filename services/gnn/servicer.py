@@ -7,7 +7,6 @@ import grpc
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from services.gnn.runtime import GnnRuntime, GraphInput
 from shared.batching import deadline_from
-from shared.model_admin import ModelAdminServicer
 from shared.tensors import encode_outputs, to_numpy
 
 
@@ -19,9 +18,8 @@ def to_graph_input(graph: gnn_pb2.Graph) -> GraphInput:
     )
 
 
-class GnnServicer(ModelAdminServicer, gnn_pb2_grpc.GnnServiceServicer):
+class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
     def __init__(self, runtime: GnnRuntime) -> None:
-        super().__init__(gnn_pb2, runtime.repository)
         self.runtime = runtime
 
     async def Predict(self, request: gnn_pb2.PredictRequest, context: grpc.aio.ServicerContext):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
+from services.gnn import datasets
 from services.gnn.training import run_job
 from shared.logs import configure_logging
 from shared.settings import trainer_settings
-from shared.training_worker import serve_trainer
+from shared.training_worker import DataSource, serve_trainer
 
 
 def main() -> None:
     settings = trainer_settings("gnn")
     configure_logging("gnn-trainer", settings.log_level, settings.log_format)
-    asyncio.run(serve_trainer("gnn", run_job, settings))
+    data = DataSource(datasets.parse, datasets.describe, datasets.load_builtin)
+    asyncio.run(serve_trainer("gnn", run_job, settings, data))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from services.dense.architectures import MLP
 from services.nlp.runtime import TextEncoder
 from shared.model_store import Manifest, ModelStore
 from shared.onnx_session import OnnxConfig
-from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit
+from shared.training import MLP, ExportableClassifier, classification_metrics, export_onnx, fit
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +159,8 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
         )
     log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
     return manifest
+
+
+# What `python -m services.defaults` builds for this family, in order: the sentiment head is
+# trained on the MiniLM encoder's embeddings.
+DEFAULT_MODELS = {MINILM: build_minilm, SENTIMENT: build_sentiment}

@@ -7,18 +7,16 @@ import logging
 import grpc
 
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
+from services.nlp.redaction import redact
 from services.nlp.runtime import NlpRuntime
 from shared.batching import deadline_from
-from shared.model_admin import ModelAdminServicer
-from shared.redaction import redact
 from shared.tensors import encode_outputs
 
 log = logging.getLogger(__name__)
 
 
-class NlpServicer(ModelAdminServicer, nlp_pb2_grpc.NlpServiceServicer):
+class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
     def __init__(self, runtime: NlpRuntime) -> None:
-        super().__init__(nlp_pb2, runtime.repository)
         self.runtime = runtime
 
     async def Predict(self, request: nlp_pb2.PredictRequest, context: grpc.aio.ServicerContext):

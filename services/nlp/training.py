@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from services.dense.architectures import MLP
 from services.nlp.defaults import EMBEDDING_DIM, MINILM, TEXT_INPUT
 from services.nlp.runtime import TextEncoder
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.onnx_session import OnnxConfig
 from shared.training import (
+    MLP,
     ExportableClassifier,
     export_onnx,
     loss_and_targets,

@@ -28,10 +28,10 @@ from services.defaults import ensure_defaults
 from services.dense.architectures import MLP
 from services.dense.datasets import digits_split
 from services.dense.defaults import CLASS_OUTPUTS, publish_onnx
+from services.dense.settings import DenseSettings
 from shared.cluster import free_port, health_status
 from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig, OnnxSession
-from shared.settings import DenseSettings
 from shared.tensors import from_numpy
 from shared.training import ExportableClassifier
 from tests.bench.load import CallSpec, LoadResult, run_interleaved

@@ -100,7 +100,7 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
     dataset_id = upload.stdout.split()[1].rstrip(":")
     assert dataset_id.startswith("ds-")
     assert dataset_id in maasctl("datasets", "list", "--family", "dense").stdout
-    assert "classification" in maasctl("datasets", "show", dataset_id).stdout
+    assert "not parsed yet" in maasctl("datasets", "show", dataset_id).stdout
 
     plot = tmp_path / "curves.png"
     trained = maasctl("train", "submit", "--family", "dense", "--arch", "mlp", "--dataset-id", dataset_id,
@@ -108,6 +108,7 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
     job_id = trained.stdout.split()[1]
     assert "5/5" in trained.stderr and "loss=" in trained.stderr  # the live progress bar
     assert "succeeded: ctl-iris v1" in trained.stdout
+    assert "classification" in maasctl("datasets", "show", dataset_id).stdout  # what the trainer found
     metrics = {line.split()[0] for line in trained.stdout.splitlines() if line[:1].isalpha()}
     assert {"accuracy", "f1_macro"} <= metrics
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,8 +12,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.settings import GatewaySettings
+from services.dense.settings import DenseSettings
+from services.gnn.settings import GnnSettings
+from services.nlp.settings import NlpSettings
 from shared.cluster import ClusterPorts, process_table
-from shared.settings import DenseSettings, GatewaySettings, GnnSettings, NlpSettings, trainer_settings
+from shared.families import FAMILIES
+from shared.settings import trainer_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ("cpu", "gpu", "production")
@@ -212,6 +217,7 @@ def test_every_manifest_setting_is_one_the_process_reads(gpu):
         prefix = f"MAAS_{name.upper()}_"
         fields = {f"{prefix}{field.upper()}" for field in settings.model_fields}
         fields |= {"MAAS_GATEWAY_REDIS_URL", "MAAS_GATEWAY_QUEUE_REDIS_URL"}
+        fields |= {f"MAAS_GATEWAY_{family.name.upper()}_TARGET" for family in FAMILIES}  # read per registry family
         unknown = {k for k in container_env(gpu, containers[name]) if k.startswith(prefix)} - fields
         assert not unknown, f"{name}: {sorted(unknown)} are not settings"
     for family in ("dense", "gnn", "nlp"):

@@ -9,6 +9,7 @@ from torch_geometric.datasets import KarateClub
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
+from maas.models.v1 import models_pb2, models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from services.dense.datasets import digits_split, sine_windows
 from shared.cluster import health_status
@@ -125,20 +126,22 @@ def test_sentiment_gets_the_obvious_cases_right(gateway_channel, text, label):
 
 
 def test_list_and_get_model_describe_signature_metrics_and_device(gateway_channel):
-    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
-    names = [m.name for m in stub.ListModels(dense_pb2.ListModelsRequest(), timeout=10).models]
-    assert "digits-mlp" in names
-    model = stub.GetModel(dense_pb2.GetModelRequest(model_name="digits-mlp"), timeout=10).model
+    stub = models_pb2_grpc.ModelServiceStub(gateway_channel)
+    names = [m.name for m in stub.ListModels(models_pb2.ListModelsRequest(family="dense"), timeout=10).models]
+    assert "digits-mlp" in names and "sentiment" not in names
+    model = stub.GetModel(models_pb2.GetModelRequest(model_name="digits-mlp"), timeout=10).model
     version = model.versions[-1]
+    assert version.family == "dense"
     assert version.inputs[0].name == "pixels" and list(version.inputs[0].shape) == [-1, 64]
     assert version.metrics["accuracy"] >= 0.9
     assert len(version.sha256["model.onnx"]) == 64
     assert version.device == ("CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider")
-    nlp_models = nlp_pb2_grpc.NlpServiceStub(gateway_channel).ListModels(nlp_pb2.ListModelsRequest(), timeout=10)
-    assert {"minilm-l6-v2", "sentiment"} <= {m.name for m in nlp_models.models}
+    every = {m.name for m in stub.ListModels(models_pb2.ListModelsRequest(), timeout=10).models}
+    assert {"digits-mlp", "karate-gcn", "minilm-l6-v2", "sentiment"} <= every
     with pytest.raises(grpc.RpcError) as err:
-        stub.GetModel(dense_pb2.GetModelRequest(model_name="nope"), timeout=10)
+        stub.GetModel(models_pb2.GetModelRequest(model_name="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details() == "model 'nope' not found"
 
 
 def test_digits_cnn_and_sine_gru_are_served(gateway_channel):
@@ -191,19 +194,13 @@ def test_concurrent_calls_each_get_their_own_answer(gateway_channel):
             )
 
 
-@pytest.mark.parametrize(
-    ("stub", "pb2", "model"),
-    [
-        (dense_pb2_grpc.DenseServiceStub, dense_pb2, "digits-cnn"),
-        (gnn_pb2_grpc.GnnServiceStub, gnn_pb2, "karate-gcn"),
-        (nlp_pb2_grpc.NlpServiceStub, nlp_pb2, "sentiment"),
-    ],
-)
-def test_admin_rpcs_pass_through_the_gateway(gateway_channel, stub, pb2, model):
-    reply = stub(gateway_channel).ListModelVersions(pb2.ListModelVersionsRequest(model_name=model), timeout=10)
+@pytest.mark.parametrize("model", ["digits-cnn", "karate-gcn", "sentiment"])
+def test_model_management_reaches_each_family_through_the_gateway(gateway_channel, model):
+    stub = models_pb2_grpc.ModelServiceStub(gateway_channel)
+    reply = stub.ListModelVersions(models_pb2.ListModelVersionsRequest(model_name=model), timeout=10)
     assert reply.default_version >= 1
     assert reply.versions[0].state == model_pb2.MODEL_STATE_READY
     with pytest.raises(grpc.RpcError) as err:
-        stub(gateway_channel).SetDefaultVersion(pb2.SetDefaultVersionRequest(model_name=model, model_version=99))
+        stub.SetDefaultVersion(models_pb2.SetDefaultVersionRequest(model_name=model, model_version=99), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no version 99" in err.value.details()

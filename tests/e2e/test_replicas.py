@@ -122,7 +122,10 @@ def test_a_trace_runs_from_the_gateway_into_the_model_service(replicated):
         assert time.monotonic() < deadline, "the trace did not reach the dense service"
         time.sleep(0.2)
     server, client, backend = found
-    assert server["name"] == "maas.dense.v1.DenseService/Predict" and server["kind"] == "SpanKind.SERVER"
-    assert client[0]["parent_id"] == server["context"]["span_id"] and client[0]["name"] == "dense/Predict"
+    assert server["name"].endswith("maas.dense.v1.DenseService/Predict") and server["kind"] == "SpanKind.SERVER"
+    assert server["attributes"]["rpc.method"] == "Predict"
+    assert client[0]["parent_id"] == server["context"]["span_id"]
+    assert client[0]["name"].endswith("maas.dense.v1.DenseService/Predict")
     assert backend[0]["parent_id"] == client[0]["context"]["span_id"]
+    assert backend[0]["attributes"]["maas.request_id"] == "traced-call-1"
     assert backend[0]["resource"]["attributes"]["service.name"] == "maas-dense"

@@ -11,6 +11,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from gateway.auth import hash_key
+from maas.models.v1 import models_pb2, models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
@@ -65,26 +66,26 @@ def test_the_owner_uses_its_private_model(secured, private_model):
     _, channel = secured
     reply, _ = wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
     assert list(reply.labels) == ["positive"]
-    listed = nlp_pb2_grpc.NlpServiceStub(channel).ListModels(nlp_pb2.ListModelsRequest(), timeout=10,
-                                                             metadata=key("alpha"))  # fmt: skip
+    listed = models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10,
+                                                                  metadata=key("alpha"))  # fmt: skip
     assert private_model in {m.name for m in listed.models}
 
 
 def test_another_tenant_cannot_see_or_use_it(secured, private_model):
     cluster, channel = secured
     wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
-    stub = nlp_pb2_grpc.NlpServiceStub(channel)
+    stub = models_pb2_grpc.ModelServiceStub(channel)
     for call in (
         lambda: predict(channel, private_model, "beta"),
-        lambda: stub.GetModel(nlp_pb2.GetModelRequest(model_name=private_model), timeout=10, metadata=key("beta")),
-        lambda: stub.ListModelVersions(nlp_pb2.ListModelVersionsRequest(model_name=private_model), timeout=10,
+        lambda: stub.GetModel(models_pb2.GetModelRequest(model_name=private_model), timeout=10, metadata=key("beta")),
+        lambda: stub.ListModelVersions(models_pb2.ListModelVersionsRequest(model_name=private_model), timeout=10,
                                        metadata=key("beta")),
     ):  # fmt: skip
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert err.value.details() == f"model {private_model!r} not found"
-    listed = stub.ListModels(nlp_pb2.ListModelsRequest(), timeout=10, metadata=key("beta"))
+    listed = stub.ListModels(models_pb2.ListModelsRequest(), timeout=10, metadata=key("beta"))
     names = {m.name for m in listed.models}
     assert private_model not in names and "sentiment" in names  # public models stay visible
 
@@ -108,6 +109,6 @@ def test_another_tenant_cannot_see_or_use_it(secured, private_model):
 def test_calls_without_a_key_are_refused_but_health_is_open(secured):
     cluster, channel = secured
     with pytest.raises(grpc.RpcError) as err:
-        nlp_pb2_grpc.NlpServiceStub(channel).ListModels(nlp_pb2.ListModelsRequest(), timeout=10)
+        models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert health_status(cluster.specs["gateway"].target) == 1  # SERVING

@@ -9,18 +9,21 @@ import numpy as np
 import pytest
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
-from services.dense.__main__ import SERVICE_NAME
+from maas.models.v1 import models_pb2, models_pb2_grpc
+from services.dense.__main__ import FAMILY
 from services.dense.datasets import digits_split
 from services.dense.quantize import quantize_version
 from services.dense.runtime import DenseRuntime, onnx_loader
 from services.dense.servicer import DenseServicer
+from services.dense.settings import DenseSettings
 from shared.batching import BATCH_SIZE, SKIPPED
 from shared.model_repository import State
 from shared.model_service import build_repository
+from shared.model_servicer import SERVICE_NAME as MODEL_SERVICE
+from shared.model_servicer import ModelServicer
 from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig, cuda_usable
 from shared.server import GrpcServer
-from shared.settings import DenseSettings
 from shared.tensors import from_numpy, to_numpy
 
 _, X_TEST, _, Y_TEST = digits_split()
@@ -41,11 +44,11 @@ def versioned_store(model_store, tmp_path_factory):
 async def start_dense(store: ModelStore, **overrides):
     settings = DenseSettings(port=0, model_store=store.root, store_poll_s=0.2, **overrides)
     repository = build_repository(settings, "dense", onnx_loader(OnnxConfig.from_settings(settings)))
-    server = GrpcServer(
-        settings,
-        lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(DenseRuntime(repository)), s),
-        [SERVICE_NAME],
-    )
+    def register(server: grpc.aio.Server) -> None:
+        dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(DenseRuntime(repository)), server)
+        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository), server)
+
+    server = GrpcServer(settings, register, [FAMILY.service, MODEL_SERVICE])
     await server.start()
     assert await repository.load_for_serving()
     poller = asyncio.create_task(repository.poll_store())
@@ -58,10 +61,21 @@ async def dense(versioned_store, tmp_path):
     shutil.copytree(versioned_store.root, store.root)
     server, repository, poller = await start_dense(store)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield dense_pb2_grpc.DenseServiceStub(channel), store, repository
+        yield Stubs(channel), store, repository
     poller.cancel()
     await server.server.stop(0)
     await repository.close()
+
+
+class Stubs:
+    """The dense data plane (Predict) and ModelService (the rest) of one server, as one stub."""
+
+    def __init__(self, channel) -> None:
+        self.dense = dense_pb2_grpc.DenseServiceStub(channel)
+        self.models = models_pb2_grpc.ModelServiceStub(channel)
+
+    def __getattr__(self, method: str):
+        return getattr(self.dense if method == "Predict" else self.models, method)
 
 
 def batches_run(model: str) -> float:
@@ -79,7 +93,7 @@ def digits_request(version=0, rows=slice(0, 4)):
 
 
 async def versions(stub):
-    reply = await stub.ListModelVersions(dense_pb2.ListModelVersionsRequest(model_name="digits-mlp"), timeout=10)
+    reply = await stub.ListModelVersions(models_pb2.ListModelVersionsRequest(model_name="digits-mlp"), timeout=10)
     return reply.default_version, reply.default_pinned, {v.version: v for v in reply.versions}
 
 
@@ -99,28 +113,28 @@ async def test_two_versions_side_by_side_then_switch_and_roll_back(dense):
 
     assert (await stub.Predict(digits_request(), timeout=10)).model_version == 1
     switched = await stub.SetDefaultVersion(
-        dense_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=2), timeout=10
+        models_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=2), timeout=10
     )
     assert switched.model.default_version == 2
     assert (await stub.Predict(digits_request(), timeout=10)).model_version == 2
     # Roll back.
     await stub.SetDefaultVersion(
-        dense_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=1), timeout=10
+        models_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=1), timeout=10
     )
     assert (await stub.Predict(digits_request(), timeout=10)).model_version == 1
     # Unpinned, the latest ready version is the default.
-    await stub.SetDefaultVersion(dense_pb2.SetDefaultVersionRequest(model_name="digits-mlp"), timeout=10)
+    await stub.SetDefaultVersion(models_pb2.SetDefaultVersionRequest(model_name="digits-mlp"), timeout=10)
     assert (await versions(stub))[:2] == (2, False)
 
 
 async def test_unload_and_load_again(dense):
     stub, _, _ = dense
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.UnloadModel(dense_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=1), timeout=10)
+        await stub.UnloadModel(models_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=1), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "pinned default" in err.value.details()
 
-    await stub.UnloadModel(dense_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=2), timeout=10)
+    await stub.UnloadModel(models_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=2), timeout=10)
     assert (await versions(stub))[2][2].state == State.MODEL_STATE_UNLOADED
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Predict(digits_request(2), timeout=10)
@@ -128,7 +142,7 @@ async def test_unload_and_load_again(dense):
     await asyncio.sleep(0.5)  # the store poll must not bring back a version an operator unloaded
     assert (await versions(stub))[2][2].state == State.MODEL_STATE_UNLOADED
 
-    loaded = await stub.LoadModel(dense_pb2.LoadModelRequest(model_name="digits-mlp", model_version=2), timeout=30)
+    loaded = await stub.LoadModel(models_pb2.LoadModelRequest(model_name="digits-mlp", model_version=2), timeout=30)
     assert loaded.version.state == State.MODEL_STATE_READY
     assert (await stub.Predict(digits_request(2), timeout=10)).model_version == 2
 
@@ -146,7 +160,7 @@ async def test_a_tampered_version_is_refused_while_the_old_one_keeps_serving(den
     )
     (store.root / "digits-mlp" / ".incoming").rename(store.root / "digits-mlp" / "3")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.LoadModel(dense_pb2.LoadModelRequest(model_name="digits-mlp", model_version=3), timeout=30)
+        await stub.LoadModel(models_pb2.LoadModelRequest(model_name="digits-mlp", model_version=3), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "model.onnx has sha256" in err.value.details()
     listed = (await versions(stub))[2]
@@ -155,7 +169,7 @@ async def test_a_tampered_version_is_refused_while_the_old_one_keeps_serving(den
     assert reply.model_version == 1
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SetDefaultVersion(
-            dense_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=3), timeout=10
+            models_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=3), timeout=10
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -184,11 +198,11 @@ async def test_hot_swap_under_load_fails_no_request(dense):
         await asyncio.sleep(0.1)
     for version in (3, 2, 1, 3):
         await stub.SetDefaultVersion(
-            dense_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=version), timeout=10
+            models_pb2.SetDefaultVersionRequest(model_name="digits-mlp", model_version=version), timeout=10
         )
         await asyncio.sleep(0.2)
-    await stub.UnloadModel(dense_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=2), timeout=10)
-    await stub.LoadModel(dense_pb2.LoadModelRequest(model_name="digits-mlp", model_version=2), timeout=30)
+    await stub.UnloadModel(models_pb2.UnloadModelRequest(model_name="digits-mlp", model_version=2), timeout=10)
+    await stub.LoadModel(models_pb2.LoadModelRequest(model_name="digits-mlp", model_version=2), timeout=30)
     await asyncio.sleep(0.3)
     stop.set()
     await asyncio.gather(*callers)
@@ -199,7 +213,7 @@ async def test_hot_swap_under_load_fails_no_request(dense):
 
 async def test_get_model_reports_the_provider_it_runs_on(dense):
     stub, _, _ = dense
-    model = (await stub.GetModel(dense_pb2.GetModelRequest(model_name="digits-mlp"), timeout=10)).model
+    model = (await stub.GetModel(models_pb2.GetModelRequest(model_name="digits-mlp"), timeout=10)).model
     expected = "CUDAExecutionProvider" if cuda_usable() else "CPUExecutionProvider"
     assert {v.device for v in model.versions} == {expected}
 

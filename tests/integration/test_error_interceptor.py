@@ -16,10 +16,9 @@ class FailingServicer(dense_pb2_grpc.DenseServiceServicer):
             raise InvalidArgumentError("inputs['x']: dtype must be FP32, got FP64")
         if request.model_name == "missing":
             raise NotFoundError("model 'missing' not found")
-        raise RuntimeError("secret internal detail")
-
-    async def ListModels(self, request, context):
-        return dense_pb2.ListModelsResponse()
+        if request.model_name == "boom":
+            raise RuntimeError("secret internal detail")
+        return dense_pb2.PredictResponse(model_name=request.model_name)
 
 
 @pytest.fixture
@@ -50,4 +49,5 @@ async def test_status_and_message(server, model, code, details):
         assert err.value.code() == code
         assert err.value.details() == details
         # The server keeps serving after every failure.
-        assert await stub.ListModels(dense_pb2.ListModelsRequest(), timeout=5) == dense_pb2.ListModelsResponse()
+        reply = await stub.Predict(dense_pb2.PredictRequest(model_name="fine"), timeout=5)
+        assert reply.model_name == "fine"

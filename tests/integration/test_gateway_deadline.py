@@ -8,9 +8,10 @@ from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
+from gateway.settings import GatewaySettings
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.server import GrpcServer
-from shared.settings import GatewaySettings, ServerSettings
+from shared.settings import ServerSettings
 from shared.tensors import from_numpy
 
 

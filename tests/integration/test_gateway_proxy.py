@@ -18,11 +18,12 @@ from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
 from gateway.rate_limit import RateLimiter, RateLimitInterceptor
+from gateway.settings import GatewaySettings
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.cluster import free_port
 from shared.redis_server import CACHE_CONFIG, RedisServer
 from shared.server import GrpcServer
-from shared.settings import GatewaySettings, ServerSettings
+from shared.settings import ServerSettings
 from shared.tensors import from_numpy
 
 

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.auth import ApiKeys, AuthInterceptor, hash_key, server_credentials
+from gateway.settings import GatewaySettings
 from gateway.training import TrainingServicer
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
@@ -23,7 +24,6 @@ from shared.datasets import DatasetStore
 from shared.jobs import JobStore
 from shared.redis_server import QUEUE_CONFIG, RedisServer
 from shared.server import GrpcServer
-from shared.settings import GatewaySettings
 
 KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-9876543210"}
 

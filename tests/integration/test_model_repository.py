@@ -69,7 +69,7 @@ async def test_resolve_errors_name_what_exists(store_copy):
 async def test_a_service_lists_versions_of_its_own_family_only(store_copy):
     # The store is shared: a gnn service must not answer for the dense digits-mlp.
     gnn = ModelRepository(store_copy, "gnn", onnx_loader(OnnxConfig(device="cpu")), ThreadPoolExecutor(1))
-    with pytest.raises(NotFoundError, match="is a dense model; this is the gnn service"):
-        gnn.list_versions("digits-mlp")
-    _, _, versions = repository(store_copy).list_versions("digits-mlp")  # unloaded, listed from the store
+    with pytest.raises(NotFoundError, match="model 'digits-mlp' not found"):
+        await gnn.list_versions("digits-mlp")
+    _, _, versions = await repository(store_copy).list_versions("digits-mlp")  # unloaded, listed from the store
     assert [v.version for v in versions] == [1, 2]

@@ -1,10 +1,22 @@
 import numpy as np
 
-from gateway.cache_key import dense_digest, gnn_digest, nlp_digest, result_key
+from gateway.cache_key import request_digest, result_key
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.tensors import from_numpy
+
+
+def dense_digest(request):
+    return request_digest("dense", request)
+
+
+def gnn_digest(request):
+    return request_digest("gnn", request)
+
+
+def nlp_digest(request):
+    return request_digest("nlp", request)
 
 
 def dense_request(**inputs):
@@ -50,3 +62,32 @@ def test_gnn_stored_graph_and_node_ids_are_part_of_the_key():
 
 def test_key_names_family_model_and_version():
     assert result_key("dense", "digits-mlp", 3, "abc") == "maas:v1:result:dense:digits-mlp:3:abc"
+
+
+def test_the_model_is_named_by_the_key_not_the_digest():
+    x = np.zeros((1, 4), np.float32)
+    one = dense_pb2.PredictRequest(model_name="a", model_version=1, inputs={"x": from_numpy(x)})
+    two = dense_pb2.PredictRequest(model_name="b", model_version=2, inputs={"x": from_numpy(x)})
+    assert dense_digest(one) == dense_digest(two)
+
+
+def test_output_names_and_an_inline_graph_are_part_of_the_key():
+    x = np.zeros((1, 4), np.float32)
+    assert dense_digest(dense_request(x=x)) != dense_digest(
+        dense_pb2.PredictRequest(inputs={"x": from_numpy(x)}, output_names=["label"])
+    )
+    features = from_numpy(np.ones((2, 3), np.float32))
+    edges = from_numpy(np.array([[0], [1]], np.int64))
+    inline = gnn_pb2.PredictRequest(graph=gnn_pb2.Graph(node_features=features, edge_index=edges), node_ids=[0])
+    weighted = gnn_pb2.PredictRequest(
+        graph=gnn_pb2.Graph(node_features=features, edge_index=edges, edge_weight=from_numpy(np.ones(1, np.float32))),
+        node_ids=[0],
+    )
+    assert gnn_digest(inline) != gnn_digest(weighted)
+    assert gnn_digest(inline) != gnn_digest(gnn_pb2.PredictRequest(stored_graph="karate", node_ids=[0]))
+
+
+def test_the_same_request_serialized_differently_has_one_key():
+    request = dense_request(a=np.ones((2, 2), np.float32), b=np.zeros((1, 1), np.int64))
+    reparsed = dense_pb2.PredictRequest.FromString(request.SerializeToString(deterministic=True))
+    assert dense_digest(request) == dense_digest(reparsed)

@@ -6,9 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from shared.datasets import parse, parse_dense_csv, parse_gnn_json, parse_nlp_jsonl
+from gateway.job_spec import normalize
+from services.dense import datasets as dense_data
+from services.dense.datasets import parse_csv as parse_dense_csv
+from services.gnn.datasets import parse_json as parse_gnn_json
+from services.nlp.datasets import parse_jsonl as parse_nlp_jsonl
+from shared.datasets import sniff
 from shared.errors import InvalidArgumentError
-from shared.job_spec import normalize
 from shared.model_store import Manifest
 from shared.training_worker import evaluate_gate
 
@@ -42,21 +46,21 @@ def test_bad_csv_names_the_line(body, fragment):
 
 
 def test_npz_needs_x_and_labels_or_targets_of_matching_length():
-    assert parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.arange(5) % 2)).task == "classification"
-    assert parse("dense", "npz", npz(x=np.zeros((5, 3)), targets=np.ones(5))).task == "regression"
+    assert dense_data.parse("npz", npz(x=np.zeros((5, 3)), labels=np.arange(5) % 2)).task == "classification"
+    assert dense_data.parse("npz", npz(x=np.zeros((5, 3)), targets=np.ones(5))).task == "regression"
     with pytest.raises(InvalidArgumentError, match="'x' has 5 examples but 'labels' has 4"):
-        parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.arange(4)))
+        dense_data.parse("npz", npz(x=np.zeros((5, 3)), labels=np.arange(4)))
     with pytest.raises(InvalidArgumentError, match="'labels' must be integer"):
-        parse("dense", "npz", npz(x=np.zeros((5, 3)), labels=np.ones(5) * 0.5))
+        dense_data.parse("npz", npz(x=np.zeros((5, 3)), labels=np.ones(5) * 0.5))
     with pytest.raises(InvalidArgumentError, match="at least 4 examples"):
-        parse("dense", "npz", npz(x=np.zeros((2, 3)), labels=np.arange(2)))
+        dense_data.parse("npz", npz(x=np.zeros((2, 3)), labels=np.arange(2)))
 
 
 def test_pickled_npz_is_refused():
     buffer = io.BytesIO()
     np.savez(buffer, x=np.array([object()], dtype=object), labels=np.arange(1))
     with pytest.raises(InvalidArgumentError, match="pickled"):
-        parse("dense", "npz", buffer.getvalue())
+        dense_data.parse("npz", buffer.getvalue())
 
 
 def test_graph_json_is_checked_field_by_field():
@@ -122,3 +126,38 @@ def test_gates():
         True,
         "gate passed: no current default to beat",
     )
+
+
+def test_a_deflated_npz_that_would_expand_past_the_cap_is_refused_before_it_is_read():
+    from shared.datasets import load_npz
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((1000, 1000)), labels=np.zeros(1000, np.int64))  # 8 MB of zeros
+    data = buffer.getvalue()
+    assert len(data) < 100_000
+    with pytest.raises(InvalidArgumentError, match="decompressed; the limit is 1000000"):
+        load_npz(data, max_bytes=1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "head", "fragment"),
+    [
+        ("npz", b"not a zip", "not a zip archive"),
+        ("csv", b"a,b,c\n1,2,3\n", "last column named 'label' or 'target'"),
+        ("csv", b"\xff\xfe\x00garbage" * 10, "not UTF-8"),
+        ("jsonl", b"{not json}\n", "jsonl line 1: not valid JSON"),
+        ("jsonl", b'{"text": "no label"}\n', "jsonl line 1: expected"),
+        ("json", b"[1, 2, 3]", "json: expected an object"),
+        ("csv", b"", "empty"),
+    ],
+)
+def test_the_framing_check_at_upload_names_what_is_wrong(fmt, head, fragment):
+    with pytest.raises(InvalidArgumentError, match=fragment):
+        sniff(head, fmt)
+
+
+def test_a_well_framed_head_passes_the_framing_check():
+    sniff(b"PK\x03\x04rest", "npz")
+    sniff(b"a,b,label\n1,2,0\n", "csv")
+    sniff(b'{"text": "ok", "label": "pos"}\n{"te', "jsonl")  # a line cut at the end of the sample is fine
+    sniff(b'  {"node_features": [[1]]', "json")

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
+from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from maas.training.v1 import training_pb2
 from maas_client import errors
@@ -32,10 +33,10 @@ SERVICES = {
     "dense": "maas.dense.v1.DenseService",
     "gnn": "maas.gnn.v1.GnnService",
     "nlp": "maas.nlp.v1.NlpService",
+    "models": "maas.models.v1.ModelService",
     "training": "maas.training.v1.TrainingService",
     "health": "grpc.health.v1.Health",
 }
-_FAMILY_MODULES = {"dense": dense_pb2, "gnn": gnn_pb2, "nlp": nlp_pb2}
 _DATASET_FORMATS = {
     ".npz": training_pb2.DATASET_FORMAT_NPZ,
     ".csv": training_pb2.DATASET_FORMAT_CSV,
@@ -210,63 +211,52 @@ def embedding(call: Call[Prediction]) -> Call[np.ndarray]:
 
 
 def models_list(lookups: Lookups, family: str | None) -> Call[list[tuple[str, model_pb2.Model]]]:
+    """(family, model) for every loaded model the caller may see: one rpc to the gateway's ModelService."""
+    reply = yield Rpc("models", "ListModels", models_pb2.ListModelsRequest(family=family or ""))
     found = []
-    for name in [family] if family else FAMILIES:
-        reply = yield Rpc(name, "ListModels", _FAMILY_MODULES[name].ListModelsRequest())
-        for model in sorted(reply.models, key=lambda m: m.name):
-            lookups.families[model.name] = name
-            found.append((name, model))
-    return found
+    for model in reply.models:
+        name = model_family(model)
+        lookups.families[model.name] = name
+        found.append((name, model))
+    return sorted(found, key=lambda pair: (FAMILIES.index(pair[0]) if pair[0] in FAMILIES else 99, pair[1].name))
+
+
+def model_family(model: model_pb2.Model) -> str:
+    return next((v.family for v in model.versions if v.family), "")
 
 
 def family_of(lookups: Lookups, model: str) -> Call[str]:
-    """The family serving `model`. A version just written by a job is in the store before its
-    service has loaded it, so the store's manifests are asked when the listing misses it."""
+    """The family serving `model`, from the store's manifests through the gateway (loaded or not)."""
     if model not in lookups.families:
-        yield from models_list(lookups, None)
-    for family in FAMILIES if model not in lookups.families else ():
-        request = _FAMILY_MODULES[family].ListModelVersionsRequest(model_name=model)
-        try:
-            listing = yield Rpc(family, "ListModelVersions", request)
-        except errors.NotFound:
-            continue
-        if any(version.family == family for version in listing.versions):
-            lookups.families[model] = family
-            break
-    if model not in lookups.families:
-        raise errors.NotFound(f"no model named {model!r} in any family (dense, gnn, nlp)")
+        listing = yield from models_versions(lookups, model)
+        lookups.families[model] = next((v.family for v in listing.versions if v.family), "")
     return lookups.families[model]
 
 
-def _model_rpc(lookups: Lookups, model: str, method: str, message: str, **fields: Any) -> Call[Any]:
-    family = yield from family_of(lookups, model)
-    request = getattr(_FAMILY_MODULES[family], message)(model_name=model, **fields)
-    return (yield Rpc(family, method, request))
-
-
 def models_get(lookups: Lookups, model: str) -> Call[model_pb2.Model]:
-    return (yield from _model_rpc(lookups, model, "GetModel", "GetModelRequest")).model
+    reply = yield Rpc("models", "GetModel", models_pb2.GetModelRequest(model_name=model))
+    lookups.families[model] = model_family(reply.model)
+    return reply.model
 
 
-def models_versions(lookups: Lookups, model: str) -> Call[Any]:
-    return (yield from _model_rpc(lookups, model, "ListModelVersions", "ListModelVersionsRequest"))
+def models_versions(lookups: Lookups, model: str) -> Call[models_pb2.ListModelVersionsResponse]:
+    return (yield Rpc("models", "ListModelVersions", models_pb2.ListModelVersionsRequest(model_name=model)))
 
 
 def models_load(lookups: Lookups, model: str, version: int) -> Call[model_pb2.ModelVersion]:
-    return (yield from _model_rpc(lookups, model, "LoadModel", "LoadModelRequest", model_version=version)).version
+    request = models_pb2.LoadModelRequest(model_name=model, model_version=version)
+    return (yield Rpc("models", "LoadModel", request)).version
 
 
 def models_unload(lookups: Lookups, model: str, version: int) -> Call[None]:
-    yield from _model_rpc(lookups, model, "UnloadModel", "UnloadModelRequest", model_version=version)
+    yield Rpc("models", "UnloadModel", models_pb2.UnloadModelRequest(model_name=model, model_version=version))
 
 
 def models_promote(lookups: Lookups, model: str, version: int) -> Call[model_pb2.Model]:
     # Only a ready version can be the default: load it first (a no-op when it is loaded).
     yield from models_load(lookups, model, version)
-    reply = yield from _model_rpc(
-        lookups, model, "SetDefaultVersion", "SetDefaultVersionRequest", model_version=version
-    )
-    return reply.model
+    request = models_pb2.SetDefaultVersionRequest(model_name=model, model_version=version)
+    return (yield Rpc("models", "SetDefaultVersion", request)).model
 
 
 def models_rollback(lookups: Lookups, model: str) -> Call[model_pb2.Model]:

@@ -346,7 +346,11 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:
     finally:
         for bar in bars:
             bar.close()
-    print(f"dataset {dataset.dataset_id}: {dataset.name}, {dataset.num_examples} examples, {dataset.task}")
+    if dataset.task:
+        print(f"dataset {dataset.dataset_id}: {dataset.name}, {dataset.num_examples} examples, {dataset.task}")
+    else:  # a trainer parses it, and records what it found, when a job first uses it
+        stored = f"{dataset.size_bytes} bytes, sha256 {dataset.sha256[:12]}…"
+        print(f"dataset {dataset.dataset_id}: {dataset.name}, {stored}; checked in full by the first job")
     if dataset.class_names:
         print(f"classes: {', '.join(dataset.class_names)}")
 
@@ -354,7 +358,8 @@ def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:
 def cmd_datasets_list(client: Client, args: argparse.Namespace) -> None:
     listing = client.datasets.list(args.family)
     rows = [
-        [d.dataset_id, d.name, family_name(d.family), d.num_examples, d.task, d.size_bytes, d.created_at]
+        [d.dataset_id, d.name, family_name(d.family), d.num_examples if d.task else "-", d.task or "not parsed yet",
+         d.size_bytes, d.created_at]  # fmt: skip
         for d in listing.datasets
     ]
     print_table(["dataset", "name", "family", "examples", "task", "bytes", "created"], rows)
@@ -375,7 +380,7 @@ def cmd_datasets_show(client: Client, args: argparse.Namespace) -> None:
         ["format", fmt],
         ["examples", dataset.num_examples],
         ["feature shape", list(dataset.feature_shape)],
-        ["task", dataset.task],
+        ["task", dataset.task or "not parsed yet (the first job that uses it checks it in full)"],
         ["classes", ", ".join(dataset.class_names)],
         ["bytes", dataset.size_bytes],
         ["sha256", dataset.sha256],

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2_grpc
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2_grpc
 from maas.gnn.v1 import gnn_pb2_grpc
+from maas.models.v1 import models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from maas_client import calls, errors
@@ -58,6 +59,7 @@ STUBS = {
     "dense": dense_pb2_grpc.DenseServiceStub,
     "gnn": gnn_pb2_grpc.GnnServiceStub,
     "nlp": nlp_pb2_grpc.NlpServiceStub,
+    "models": models_pb2_grpc.ModelServiceStub,
     "training": training_pb2_grpc.TrainingServiceStub,
     "health": health_pb2_grpc.HealthStub,
 }

@@ -9,14 +9,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from shared.datasets import BUILTIN
 from shared.errors import InvalidArgumentError
+from shared.families import BY_NAME
 
-ARCHITECTURES = {
-    "dense": {"mlp": [128, 64], "cnn": [16], "gru": [32]},
-    "gnn": {"gcn": [16]},
-    "nlp": {"linear": [], "mlp": [128]},
-}
+ARCHITECTURES = {name: family.architectures for name, family in BY_NAME.items()}
+BUILTIN = {name: family.builtin_datasets for name, family in BY_NAME.items()}
 METRICS = {"classification": {"accuracy", "f1_macro"}, "regression": {"mse", "rmse"}}
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
@@ -71,13 +68,15 @@ def normalize(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None)
         )
     spec["seed"] = int(spec.get("seed", 0))
     task, shape = _data_task_and_shape(spec, family, dataset)
-    _check_fit(architecture, task, shape, family)
+    if task:  # an upload no trainer has parsed yet is checked by the trainer that parses it
+        _check_fit(architecture, task, shape, family)
     spec["task"] = task
     gate = spec.get("gate") or {}
     metric = gate.get("metric")
-    if metric and metric not in METRICS[task]:
+    known = METRICS[task] if task else METRICS["classification"] | METRICS["regression"]
+    if metric and metric not in known:
         raise InvalidArgumentError(
-            f"gate.metric: {metric!r} is not a {task} metric; choose from {sorted(METRICS[task])}"
+            f"gate.metric: {metric!r} is not a {task or 'known'} metric; choose from {sorted(known)}"
         )
     if gate.get("min_value") is not None and gate.get("max_value") is not None:
         raise InvalidArgumentError("gate: set min_value or max_value, not both")
@@ -90,7 +89,7 @@ def _data_task_and_shape(spec: dict[str, Any], family: str, dataset: dict[str, A
             raise InvalidArgumentError(
                 f"dataset_id: {dataset['dataset_id']} is a {dataset['family']} data set, not {family}"
             )
-        return dataset["task"], dataset["feature_shape"]
+        return dataset.get("task", ""), dataset.get("feature_shape", [])
     name = spec.get("builtin_dataset", "")
     if not name:
         raise InvalidArgumentError("data: set dataset_id (from UploadDataset) or builtin_dataset")

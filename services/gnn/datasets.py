@@ -1,0 +1,96 @@
+"""Graph data sets for the gnn trainer: parsers of uploaded graphs, and the built-in ones."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.datasets import labels_or_targets, load_npz, parse_with
+from shared.errors import InvalidArgumentError
+
+
+@dataclass
+class GraphData:
+    node_features: np.ndarray
+    edge_index: np.ndarray
+    labels: np.ndarray
+    train_mask: np.ndarray | None
+    task: str = "classification"
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+
+def graph(node_features: Any, edge_index: Any, labels: Any, train_mask: Any, where: str) -> GraphData:
+    try:
+        x = np.asarray(node_features, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{where}: 'node_features' must be an N x F list of numbers") from None
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise InvalidArgumentError(f"{where}: 'node_features' must be N x F with N > 0, got shape {list(x.shape)}")
+    try:
+        edges = np.asarray(edge_index, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{where}: 'edge_index' must be two lists of node ids") from None
+    if edges.ndim != 2 or edges.shape[0] != 2:
+        raise InvalidArgumentError(f"{where}: 'edge_index' must be 2 x E, got shape {list(edges.shape)}")
+    if edges.size and (edges.min() < 0 or edges.max() >= len(x)):
+        bad = int(edges.min() if edges.min() < 0 else edges.max())
+        raise InvalidArgumentError(f"{where}: 'edge_index' names node {bad}, but there are {len(x)} nodes")
+    y = np.asarray(labels)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise InvalidArgumentError(f"{where}: 'labels' must be {len(x)} integers, one per node")
+    y, _, classes = labels_or_targets(y, f"{where}: 'labels'")
+    mask = None
+    if train_mask is not None:
+        mask = np.asarray(train_mask, dtype=bool)
+        if mask.shape != (len(x),) or not mask.any() or mask.all():
+            raise InvalidArgumentError(f"{where}: 'train_mask' must be {len(x)} booleans with both true and false")
+    return GraphData(x, edges, y, mask, class_names=classes)
+
+
+def parse_json(data: bytes) -> GraphData:
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgumentError(f"json: not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise InvalidArgumentError("json: expected an object with node_features, edge_index and labels")
+    for key in ("node_features", "edge_index", "labels"):
+        if key not in record:
+            raise InvalidArgumentError(f"json: missing field {key!r}")
+    return graph(record["node_features"], record["edge_index"], record["labels"], record.get("train_mask"), "json")
+
+
+def parse_npz(data: bytes) -> GraphData:
+    arrays = load_npz(data)
+    for key in ("node_features", "edge_index", "labels"):
+        if key not in arrays:
+            raise InvalidArgumentError(f"npz: missing array {key!r}; it has {sorted(arrays)}")
+    return graph(arrays["node_features"], arrays["edge_index"], arrays["labels"], arrays.get("train_mask"), "npz")
+
+
+PARSERS = {"json": parse_json, "npz": parse_npz}
+
+
+def parse(fmt: str, data: bytes) -> GraphData:
+    return parse_with(PARSERS, "gnn", fmt, data)
+
+
+def describe(parsed: GraphData) -> dict:
+    return {"num_examples": parsed.num_examples, "feature_shape": [parsed.node_features.shape[1]],
+            "task": parsed.task, "class_names": parsed.class_names}  # fmt: skip
+
+
+def load_builtin(name: str) -> GraphData:
+    if name != "karate":
+        raise InvalidArgumentError(f"builtin_dataset: {name!r} is not a built-in gnn data set")
+    from torch_geometric.datasets import KarateClub
+
+    data = KarateClub()[0]
+    return graph(data.x.numpy(), data.edge_index.numpy(), data.y.numpy(), None, "karate")
