@@ -8,7 +8,7 @@ import contextlib
 import grpc
 import redis.asyncio as redis
 
-from gateway.auth import ApiKeys, AuthInterceptor, server_credentials
+from gateway.auth import AuthInterceptor, KeysFile, server_credentials
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
@@ -78,7 +78,7 @@ async def serve(settings: GatewaySettings) -> None:
     )
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.api_keys_file:
-        interceptors.append(AuthInterceptor(ApiKeys.from_file(settings.api_keys_file)))
+        interceptors.append(AuthInterceptor(KeysFile(settings.api_keys_file)))
     if settings.redis_url and (settings.rate_limit_per_s or settings.rate_limits):
         limiter_redis = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.cache_timeout_s,
                                              socket_connect_timeout=settings.cache_timeout_s)  # fmt: skip
