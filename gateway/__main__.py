@@ -70,7 +70,10 @@ async def serve(settings: GatewaySettings) -> None:
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
         if jobs is not None:
-            servicer = TrainingServicer(jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes, catalog)
+            servicer = TrainingServicer(
+                jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes, catalog,
+                settings.max_watch_streams_per_tenant,
+            )  # fmt: skip
             training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
     names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
@@ -87,7 +90,10 @@ async def serve(settings: GatewaySettings) -> None:
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    server = GrpcServer(settings, register, names, interceptors, credentials, settings.health_port)
+    server = GrpcServer(
+        settings, register, names, interceptors, credentials, settings.health_port,
+        known_model=lambda name: any(catalog.knows(family, name) for family in backends),
+    )  # fmt: skip
     refresher: asyncio.Task | None = None
 
     async def become_ready() -> bool:

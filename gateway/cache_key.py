@@ -106,5 +106,10 @@ def request_digest(family: str, request) -> str:
     return CanonicalHasher().text(family).message(request, KEY_FIELDS).hexdigest()
 
 
-def result_key(family: str, model: str, version: int, digest: str) -> str:
+def result_key(family: str, model: str, version: int, digest: str, owner: str = "") -> str:
+    """The cache key of a result. A private model's keys also name its owner (hashed, since a tenant
+    name may hold any character), so no two tenants' entries ever share a key."""
+    if owner:
+        tenant = hashlib.sha256(owner.encode()).hexdigest()[:16]
+        return f"{KEY_PREFIX}:{family}:{model}:{version}:t-{tenant}:{digest}"
     return f"{KEY_PREFIX}:{family}:{model}:{version}:{digest}"

@@ -15,10 +15,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from gateway.auth import current_principal
 from gateway.backends import Backend
 from maas.common.v1 import model_pb2
 from maas.models.v1 import models_pb2
-from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError
+from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError, PermissionDeniedError
 from shared.model_events import ModelEvent, ModelEvents
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,14 @@ class ModelCatalog:
                 await asyncio.gather(*(self.refresh_if_stale(family) for family in self.backends))
         raise NotFoundError(f"model {name!r} not found")
 
+    def knows(self, family: str, name: str) -> bool:
+        return name in self.models.get(family, {})
+
+    def owner_of(self, family: str, name: str) -> str:
+        """The tenant owning a private model; "" for a public one, or one the catalog does not know."""
+        model = self.models.get(family, {}).get(name)
+        return self.owner(model) if model is not None else ""
+
     @staticmethod
     def owner(model: model_pb2.Model) -> str:
         """A private model's tenant; every version of a model has the same owner."""
@@ -139,7 +148,13 @@ class ModelCatalog:
         return family, model
 
     async def check_writable(self, name: str, family: str, tenant: str, private: bool) -> None:
-        """A training job may add versions only to a model of its family that the same owner holds."""
+        """A training job may add versions only to a model of its family that the same owner holds;
+        a public model's versions (new or not) need the admin role."""
+        if not private and not current_principal().admin:
+            raise PermissionDeniedError(
+                f"output_model: training into a public model ({name!r}) needs an API key with the admin role; "
+                "set private=true to train a model of your own"
+            )
         try:
             owned_by_family, model = await self.find(name)
         except NotFoundError:

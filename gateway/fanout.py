@@ -11,10 +11,14 @@ from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError
 
+MAX_STEPS = 64
+
 
 def check_plan(steps) -> None:
     if not steps:
         raise InvalidArgumentError("steps: at least one step is needed")
+    if len(steps) > MAX_STEPS:
+        raise InvalidArgumentError(f"steps: {len(steps)} steps; at most {MAX_STEPS} per call")
     seen: set[str] = set()
     for i, step in enumerate(steps):
         if not step.name:
@@ -71,8 +75,13 @@ class FanoutServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 done[step.name].set_result(response)
                 return gateway_pb2.FanoutResult(name=step.name, code=0, **{family: response})
             except MaasError as exc:
-                done[step.name].set_result(None)
                 return gateway_pb2.FanoutResult(name=step.name, code=exc.code.value[0], message=exc.message)
+            finally:
+                if not done[step.name].done():  # failed, or cancelled: steps that need it stop waiting
+                    done[step.name].set_result(None)
 
-        results = await asyncio.gather(*(run(step) for step in request.steps))
-        return gateway_pb2.FanoutResponse(results=results)
+        # A TaskGroup: a step failing in a way no status covers cancels the others, and the call
+        # ends INTERNAL, rather than leaving the steps that need it waiting forever.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run(step)) for step in request.steps]
+        return gateway_pb2.FanoutResponse(results=[task.result() for task in tasks])

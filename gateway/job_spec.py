@@ -7,10 +7,12 @@ need no generated code to read it.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import InvalidArgumentError
 from shared.families import BY_NAME
+from shared.job_limits import JobLimits, check_job_size
 
 ARCHITECTURES = {name: family.architectures for name, family in BY_NAME.items()}
 BUILTIN = {name: family.builtin_datasets for name, family in BY_NAME.items()}
@@ -19,8 +21,35 @@ MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
 
 
-def normalize(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None) -> dict[str, Any]:
-    """Checks a job spec against its family and data set; returns it with every default filled in.
+@dataclass(frozen=True)
+class BuiltinData:
+    """What the gateway knows of a built-in data set as its trainer sees it: task, the shape of one
+    example (None where the trainer derives it, as nlp's embeddings), rows and classes (1: regression)."""
+
+    task: str
+    shape: list[int] | None
+    rows: int
+    classes: int
+
+
+BUILTIN_DATA = {
+    "digits": BuiltinData("classification", [64], 1797, 10),
+    "digits-images": BuiltinData("classification", [1, 8, 8], 1797, 10),
+    "iris": BuiltinData("classification", [4], 150, 3),
+    "wine": BuiltinData("classification", [13], 178, 3),
+    "breast_cancer": BuiltinData("classification", [30], 569, 2),
+    "diabetes": BuiltinData("regression", [10], 442, 1),
+    "sine": BuiltinData("regression", [24, 1], 2976, 1),
+    "karate": BuiltinData("classification", [34], 34, 4),
+    "sentiment": BuiltinData("classification", None, 120, 2),
+}
+
+
+def normalize(
+    spec: dict[str, Any], family: str, dataset: dict[str, Any] | None, limits: JobLimits | None = None
+) -> dict[str, Any]:
+    """Checks a job spec against its family, its data set and the trainers' size limits; returns it
+    with every default filled in.
 
     `dataset` is the uploaded data set's metadata, or None for a built-in one.
     """
@@ -36,7 +65,10 @@ def normalize(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None)
     if any(size < 1 or size > 16384 for size in hidden):
         raise InvalidArgumentError(f"hidden_sizes: each size must be 1..16384, got {hidden}")
     spec["hidden_sizes"] = list(hidden)
-    optimizer = (spec.get("optimizer") or "OPTIMIZER_ADAM").removeprefix("OPTIMIZER_").lower()
+    optimizer = spec.get("optimizer") or "OPTIMIZER_ADAM"
+    if not isinstance(optimizer, str):  # an enum value this server does not know arrives as a number
+        raise InvalidArgumentError(f"optimizer: must be SGD or ADAM, got {optimizer!r}")
+    optimizer = optimizer.removeprefix("OPTIMIZER_").lower()
     if optimizer not in ("sgd", "adam"):
         raise InvalidArgumentError(f"optimizer: must be SGD or ADAM, got {spec.get('optimizer')!r}")
     spec["optimizer"] = optimizer
@@ -71,6 +103,7 @@ def normalize(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None)
     if task:  # an upload no trainer has parsed yet is checked by the trainer that parses it
         _check_fit(architecture, task, shape, family)
     spec["task"] = task
+    _check_size(spec, family, dataset, limits or JobLimits.defaults())
     gate = spec.get("gate") or {}
     metric = gate.get("metric")
     known = METRICS[task] if task else METRICS["classification"] | METRICS["regression"]
@@ -97,9 +130,25 @@ def _data_task_and_shape(spec: dict[str, Any], family: str, dataset: dict[str, A
         raise InvalidArgumentError(
             f"builtin_dataset: {name!r} is not a built-in {family} data set; choose from {list(BUILTIN[family])}"
         )
-    task = "regression" if name in ("diabetes", "sine") else "classification"
-    shape = {"digits-images": [1, 8, 8], "sine": [24, 1]}.get(name, [0])
-    return task, shape
+    builtin = BUILTIN_DATA[name]
+    return builtin.task, builtin.shape or [0]
+
+
+def _check_size(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None, limits: JobLimits) -> None:
+    """The size limits, with what is known now: an upload no trainer has parsed yet has no width, classes or
+    rows, so only the layers are checked (and their parameters as a lower bound) until its trainer parses it."""
+    if dataset is None:
+        builtin = BUILTIN_DATA[spec["builtin_dataset"]]
+        in_shape, outputs, rows = builtin.shape, builtin.classes, builtin.rows
+    elif dataset.get("task"):
+        # An nlp model reads the encoder's embeddings, whose width the trainer knows, not the texts' shape.
+        in_shape = list(dataset.get("feature_shape") or []) or None
+        in_shape = None if family == "nlp" else in_shape
+        outputs = len(dataset.get("class_names") or []) or 1
+        rows = int(dataset.get("num_examples") or 0) or None
+    else:
+        in_shape, outputs, rows = None, 1, None
+    check_job_size(spec, limits, in_shape, outputs, rows)
 
 
 def _check_fit(architecture: str, task: str, shape: list[int], family: str) -> None:

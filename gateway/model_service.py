@@ -3,7 +3,9 @@
 Each call goes to the service of the family that owns the model, found through the catalog
 (loaded models) or, for a model no service has loaded, by asking every service which one has
 it in the store. Other tenants' private models are NOT_FOUND, exactly like models that do not
-exist. After a change (load, unload, default) the family's catalog is read again at once.
+exist. Changing a model (load, unload, default) needs the admin role, or owning the model (a
+private one): a tenant cannot unload a public model for everyone. After a change the family's
+catalog is read again at once.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ import asyncio
 
 import grpc
 
-from gateway.auth import current_tenant
+from gateway.auth import current_principal, current_tenant
 from gateway.backends import Backend
 from gateway.catalog import ModelCatalog
 from maas.common.v1 import model_pb2
 from maas.models.v1 import models_pb2, models_pb2_grpc
-from shared.errors import InvalidArgumentError, NotFoundError, UpstreamError
+from shared.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError, UpstreamError
 from shared.families import BY_NAME
 
 SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
@@ -58,15 +60,18 @@ class GatewayModelService(models_pb2_grpc.ModelServiceServicer):
         return reply
 
     async def LoadModel(self, request, context):
-        family, _ = await self.stored(request.model_name, self.timeout(context))
+        family, versions = await self.stored(request.model_name, self.timeout(context))
+        _may_change(request.model_name, _owner(versions.versions), "LoadModel")
         return await self._change(family, "LoadModel", request, models_pb2.LoadModelResponse, context)
 
     async def UnloadModel(self, request, context):
         family = await self.loaded_family(request.model_name)
+        _may_change(request.model_name, self.catalog.owner_of(family, request.model_name), "UnloadModel")
         return await self._change(family, "UnloadModel", request, models_pb2.UnloadModelResponse, context)
 
     async def SetDefaultVersion(self, request, context):
         family = await self.loaded_family(request.model_name)
+        _may_change(request.model_name, self.catalog.owner_of(family, request.model_name), "SetDefaultVersion")
         return await self._change(family, "SetDefaultVersion", request, models_pb2.SetDefaultVersionResponse, context)
 
     async def _change(self, family: str, method: str, request, response_type, context):
@@ -103,9 +108,21 @@ class GatewayModelService(models_pb2_grpc.ModelServiceServicer):
 
     @staticmethod
     def _check_visible(name: str, versions: list[model_pb2.ModelVersion]) -> None:
-        owner = next((v.owner for v in versions if v.owner), "")
-        if owner not in ("", current_tenant()):
+        if _owner(versions) not in ("", current_tenant()):
             raise NotFoundError(f"model {name!r} not found")
+
+
+def _owner(versions) -> str:
+    return next((v.owner for v in versions if v.owner), "")
+
+
+def _may_change(name: str, owner: str, what: str) -> None:
+    """Admins change any model; a tenant only its own private ones (others' are NOT_FOUND before this)."""
+    if current_principal().admin or (owner and owner == current_tenant()):
+        return
+    raise PermissionDeniedError(
+        f"{what}: {name!r} is a public model; changing it needs an API key with the admin role"
+    )
 
 
 def _require_name(name: str) -> None:

@@ -24,7 +24,7 @@ from maas.gnn.v1 import gnn_pb2
 from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.errors import InvalidArgumentError, NotFoundError
-from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES
+from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape
 
 SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
@@ -46,6 +46,8 @@ CONFIG_TYPES = {name: oip.DataType.Value(f"TYPE_{'STRING' if name == 'BYTES' els
                 [*DTYPE_NAMES.values(), "BYTES"] if name != "STRING"}  # fmt: skip
 BATCHED_FAMILIES = ("dense", "nlp")  # their first dimension is the batch; gnn inputs have none
 MAX_BATCH_SIZE = 64
+# BYTES elements one request may carry; the nlp service's own, smaller limit applies after this.
+MAX_TEXTS = 100_000
 
 
 def datatype_name(dtype: int) -> str:
@@ -53,18 +55,25 @@ def datatype_name(dtype: int) -> str:
     return "BYTES" if name == "STRING" else name
 
 
+MAX_VERSION = 2**63 - 1
+
+
 def parse_version(version: str) -> int:
+    """A version string as its number; "" is the default (0)."""
     if not version:
         return 0
-    if not version.isdigit():
-        raise InvalidArgumentError(f"model_version: must be a whole number, got {version!r}")
+    if len(version) > 19 or not (version.isascii() and version.isdigit()) or int(version) > MAX_VERSION:
+        shown = version if len(version) <= 40 else version[:40] + "…"
+        raise InvalidArgumentError(f"model_version: must be a whole number from 1 to {MAX_VERSION}, got {shown!r}")
     return int(version)
 
 
-def decode_bytes_elements(raw: bytes, field: str) -> list[bytes]:
-    """BYTES elements in raw form: each a 4-byte little-endian length, then the bytes."""
+def decode_bytes_elements(raw: bytes, field: str, limit: int | None = None) -> list[bytes]:
+    """BYTES elements in raw form: each a 4-byte little-endian length, then the bytes; at most `limit`."""
     items, offset = [], 0
     while offset < len(raw):
+        if limit is not None and len(items) == limit:
+            raise InvalidArgumentError(f"{field}: more than the {limit} elements its shape declares")
         if offset + 4 > len(raw):
             raise InvalidArgumentError(f"{field}: truncated length prefix at byte {offset}")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -103,6 +112,7 @@ class InferInputs:
         tensor, raw, field = self._get(name)
         if tensor.datatype not in DTYPE_CODES or tensor.datatype == "STRING":
             raise InvalidArgumentError(f"{field}: datatype {tensor.datatype!r} is not a numeric datatype")
+        check_shape(tensor.shape, field)
         if raw is None:
             if tensor.datatype not in CONTENTS_FIELD:
                 raise InvalidArgumentError(f"{field}: {tensor.datatype} travels only in raw_input_contents")
@@ -114,8 +124,14 @@ class InferInputs:
         tensor, raw, field = self._get(name)
         if tensor.datatype != "BYTES":
             raise InvalidArgumentError(f"{field}: texts must be BYTES, got {tensor.datatype}")
-        items = decode_bytes_elements(raw, field) if raw is not None else list(tensor.contents.bytes_contents)
-        expected = int(np.prod(tensor.shape)) if len(tensor.shape) else 0
+        # The shape is checked first: nothing below does work per element beyond what it declares.
+        expected = check_shape(tensor.shape, field, MAX_TEXTS) if len(tensor.shape) else 0
+        if raw is not None:
+            items = decode_bytes_elements(raw, field, limit=expected)
+        elif len(tensor.contents.bytes_contents) != expected:
+            items = tensor.contents.bytes_contents
+        else:
+            items = list(tensor.contents.bytes_contents)
         if len(items) != expected:
             raise InvalidArgumentError(
                 f"{field}: shape {list(tensor.shape)} needs {expected} elements, got {len(items)}"

@@ -29,9 +29,10 @@ from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
 from gateway.catalog import ModelCatalog
+from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
-from shared.errors import DeadlineExceededError, InvalidArgumentError
+from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
 from shared.families import FAMILIES
 from shared.observability import add_trailing_metadata
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CACHE_CONTROL = "cache-control"  # request metadata: "no-cache" skips the read, "no-store" both
 CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, coalesced, bypass, off or error
+OFF_LOOP_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ class GatewayProxy:
         self.catalog = catalog
         self.settings = settings
         self.stats = ModelStats()
+        self.limits = RequestLimits.from_settings(settings)
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
-        self._in_flight: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, asyncio.Task] = {}
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """Each family's data plane; model management is the gateway's ModelService."""
@@ -90,6 +93,7 @@ class GatewayProxy:
         return timeout
 
     async def predict(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.limits.check_size(raw)  # before parsing: nothing grows with a request past its limits
         try:
             request = route.predict_request.FromString(raw)
         except DecodeError as exc:
@@ -104,13 +108,18 @@ class GatewayProxy:
         With `trailing`, the caller's trailing metadata says what the cache did.
         """
         started = time.perf_counter_ns()
+        known = False
         try:
+            self.limits.check(request)
             await self.catalog.check_visible(route.family, request.model_name, current_tenant())
+            known = self.catalog.knows(route.family, request.model_name)
             response, outcome = await self._predict(route, request, raw, context)
         except Exception:
-            self.stats.failed(request.model_name, time.perf_counter_ns() - started)
+            if known:  # statistics only for models that exist: a caller's random names cost nothing
+                self.stats.failed(request.model_name, time.perf_counter_ns() - started)
             raise
-        self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
+        if known or self.catalog.knows(route.family, request.model_name):
+            self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
         if trailing:
             add_trailing_metadata(context, CACHE_OUTCOME, outcome)
         return response
@@ -126,8 +135,10 @@ class GatewayProxy:
             self.catalog.refresh_soon(route.family)
         policy = self.settings.cache_policy.get(request.model_name, {})
         use_cache = self.cache.enabled and policy.get("enabled", True) and control != "no-store"
-        digest = route.digest(request)
-        key = result_key(route.family, request.model_name, version, digest) if version else None
+        # Large requests are hashed off the event loop (hashlib releases the GIL on big buffers).
+        digest = await asyncio.to_thread(route.digest, request) if len(raw) > OFF_LOOP_BYTES else route.digest(request)
+        owner = self.catalog.owner_of(route.family, request.model_name)
+        key = result_key(route.family, request.model_name, version, digest, owner) if version else None
         if use_cache and key and control != "no-cache" and (local := self.cache.get_local(route.family, key)):
             return local, "hit"
 
@@ -146,27 +157,39 @@ class GatewayProxy:
             CACHE_RESULTS.labels(route.family, outcome).inc()
 
         # Identical calls in flight share one backend call; without a known version, they share
-        # whatever the backend's default is.
-        flight = key or result_key(route.family, request.model_name, 0, digest)
+        # whatever the backend's default is. The call runs in its own task, under the first caller's
+        # deadline: a follower survives that caller going away, and calls alone if that deadline,
+        # shorter than its own, ran out.
+        flight = key or result_key(route.family, request.model_name, 0, digest, owner)
         shared = self._in_flight.get(flight)
         if shared is not None:
             CACHE_RESULTS.labels(route.family, "coalesced").inc()
-            return await asyncio.shield(shared), "coalesced"
-        shared = self._in_flight[flight] = asyncio.get_running_loop().create_future()
-        shared.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception never retrieved"
-        try:
-            response = await backend.predict(raw, timeout)
-            shared.set_result(response)
-        except BaseException as exc:
-            shared.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-            raise
-        finally:
-            del self._in_flight[flight]
+            try:
+                return await asyncio.shield(shared), "coalesced"
+            except UpstreamError as exc:
+                if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+            timeout = self.timeout(context)
+        response = await asyncio.shield(self._share(flight, backend.predict(raw, timeout)))
         if use_cache and outcome in ("miss", "bypass"):
             ran = route.predict_response.FromString(response).model_version
             if not request.model_version and ran != version:
                 self.catalog.refresh_soon(route.family)  # the default moved: the catalog is behind
-            if not await self.cache.put(route.family, result_key(route.family, request.model_name, ran, digest),
+            if not await self.cache.put(route.family, result_key(route.family, request.model_name, ran, digest, owner),
                                         response, policy.get("ttl_s")):  # fmt: skip
                 outcome = "error"
         return response, outcome
+
+    def _share(self, flight: str, call) -> asyncio.Task:
+        """Runs `call` as the one in-flight call for `flight`, until it ends."""
+        task = asyncio.get_running_loop().create_task(call)
+        self._in_flight[flight] = task
+
+        def done(finished: asyncio.Task) -> None:
+            if self._in_flight.get(flight) is finished:
+                del self._in_flight[flight]
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a call nobody waits for any more must not warn
+
+        task.add_done_callback(done)
+        return task

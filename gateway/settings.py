@@ -82,6 +82,18 @@ class GatewaySettings(ServerSettings):
         None, description="JSON file of sha256-hashed API keys and their tenants; when set, every call needs a key."
     )
     max_dataset_bytes: int = Field(512 * 1024 * 1024, description="Largest data set UploadDataset accepts.")
+    max_watch_streams_per_tenant: int = Field(
+        16,
+        description="WatchJob streams one tenant may have open at once on each gateway worker; beyond it, "
+        "RESOURCE_EXHAUSTED. All of a worker's streams share one Redis connection.",
+    )
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024, description="Largest Predict request, checked before it is parsed (RESOURCE_EXHAUSTED)."
+    )
+    max_repeated: int = Field(
+        65_536, description="Most entries of any repeated field of a request: texts, node ids, output names."
+    )
+    max_tensor_elements: int = Field(1 << 24, description="Most elements of any tensor of a request.")
 
     @model_validator(mode="before")
     @classmethod

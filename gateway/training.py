@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
@@ -10,12 +11,13 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
 from gateway.job_spec import normalize
+from gateway.settings import GatewaySettings
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
-from shared.errors import InvalidArgumentError
+from shared.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
 from shared.families import BY_NAME, BY_TRAINING_CODE
 from shared.families import FAMILIES as FAMILY_ENTRIES
-from shared.jobs import TERMINAL, JobStore
+from shared.jobs import TERMINAL, JobEventFeed, JobStore
 
 FAMILIES = {code: family.name for code, family in BY_TRAINING_CODE.items()}
 FAMILY_CODES = {name: code for code, name in FAMILIES.items()}
@@ -85,20 +87,32 @@ def to_event(event: dict) -> training_pb2.JobEvent:
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(
-        self, jobs: JobStore, datasets: DatasetStore, max_dataset_bytes: int, catalog: ModelCatalog | None = None
+        self,
+        jobs: JobStore,
+        datasets: DatasetStore,
+        max_dataset_bytes: int,
+        catalog: ModelCatalog | None = None,
+        max_watches_per_tenant: int | None = None,
     ) -> None:
         self.jobs = jobs
         self.datasets = datasets
         self.max_dataset_bytes = max_dataset_bytes
         self.catalog = catalog
+        # Unset: MAAS_GATEWAY_MAX_WATCH_STREAMS_PER_TENANT, or its default.
+        if max_watches_per_tenant is None:
+            max_watches_per_tenant = GatewaySettings().max_watch_streams_per_tenant
+        self.max_watches_per_tenant = max_watches_per_tenant
+        # Every WatchJob of this worker shares one blocking Redis read.
+        self.feed = JobEventFeed(jobs.redis)
+        self.watching: Counter[str] = Counter()
 
     async def UploadDataset(self, request_iterator, context: grpc.aio.ServicerContext):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "info":
             raise InvalidArgumentError("the first message must carry info (name, family, format); chunks follow")
         family = family_name(first.info.family, "info.family")
-        if first.info.format == training_pb2.DATASET_FORMAT_UNSPECIFIED:
-            raise InvalidArgumentError("info.format: required (NPZ, CSV, JSON or JSONL)")
+        if first.info.format not in training_pb2.DatasetFormat.values() or not first.info.format:
+            raise InvalidArgumentError(f"info.format: {first.info.format} is not a format; use NPZ, CSV, JSON or JSONL")
         fmt = training_pb2.DatasetFormat.Name(first.info.format).removeprefix("DATASET_FORMAT_").lower()
         if fmt not in BY_NAME[family].dataset_formats:
             allowed = ", ".join(sorted(BY_NAME[family].dataset_formats))
@@ -137,7 +151,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         if request.WhichOneof("data") == "dataset_id":
             # The framing of its format is checked now; the trainer parses the whole file.
             dataset = await asyncio.to_thread(self.datasets.check, request.dataset_id, current_tenant())
-        spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset)
+        limits = await self.jobs.limits(family)  # the ones the family's trainers enforce
+        spec = normalize(MessageToDict(request, preserving_proto_field_name=True), family, dataset, limits)
         if self.catalog is not None:
             await self.catalog.check_writable(spec["output_model"], family, current_tenant(), request.private)
         spec["tenant"] = current_tenant()
@@ -157,13 +172,31 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.CancelJobResponse(job=to_job(record))
 
     async def WatchJob(self, request, context):
-        await self.jobs.get(request.job_id, current_tenant())  # NOT_FOUND for an unknown job
-        events = await self.jobs.history(request.job_id)  # the history first, for late watchers
-        last = "0-0"
-        while True:
-            for entry_id, event in events:
+        tenant = current_tenant()
+        if self.watching[tenant] >= self.max_watches_per_tenant:
+            raise ResourceExhaustedError(
+                f"WatchJob: {self.watching[tenant]} streams of this tenant are open on this gateway worker, the "
+                f"most allowed (max_watch_streams_per_tenant={self.max_watches_per_tenant}); close one, or poll GetJob"
+            )
+        self.watching[tenant] += 1
+        try:
+            await self.jobs.get(request.job_id, tenant)  # NOT_FOUND for an unknown job
+            last = "0-0"
+            for entry_id, event in await self.jobs.history(request.job_id):  # the history first, for late watchers
                 last = entry_id
                 yield training_pb2.WatchJobResponse(event=to_event(event))
                 if event.get("state") in TERMINAL:
                     return
-            events = await self.jobs.history(request.job_id, last, block_ms=1000)
+            async with self.feed.follow(request.job_id, last) as updates:
+                while True:
+                    events = await updates.get()
+                    if isinstance(events, Exception):
+                        raise UnavailableError(f"the job queue is unavailable; watch again: {events}")
+                    for _, event in events:
+                        yield training_pb2.WatchJobResponse(event=to_event(event))
+                        if event.get("state") in TERMINAL:
+                            return
+        finally:
+            self.watching[tenant] -= 1
+            if not self.watching[tenant]:
+                del self.watching[tenant]

@@ -20,7 +20,6 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from maas.common.v1 import model_pb2
@@ -28,7 +27,7 @@ from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from shared.model_events import ModelEvent, ModelEvents
 from shared.model_info import to_model_version
-from shared.model_store import Manifest, ModelStore
+from shared.model_store import Artifacts, Manifest, ModelStore
 from shared.observability import MODEL_STATE
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class Predictor(Protocol):
         """What an item counts against max_batch_size: rows, nodes or texts."""
 
 
-Loader = Callable[[Manifest, Path], Predictor]
+Loader = Callable[[Manifest, Artifacts], Predictor]
 
 
 @dataclass
@@ -184,7 +183,7 @@ class ModelRepository:
         if version == 0:
             versions = await self.run(self.store.versions, name)
             if not versions:
-                raise NotFoundError(f"model {name!r} not found in the model store")
+                raise NotFoundError(f"model {name!r} not found")
             version = versions[-1]
         current = self._entries.get(name, {}).get(version)
         if current is not None and current.state == State.MODEL_STATE_READY:
@@ -231,8 +230,7 @@ class ModelRepository:
         return entry
 
     def _load_and_warm(self, manifest: Manifest) -> Predictor:
-        directory = self.store.verify(manifest)  # every artifact's sha256, before anything opens it
-        predictor = self.loader(manifest, directory)
+        predictor = self.loader(manifest, self.store.artifacts(manifest).check_all())
         predictor.warm_up(self.batch_policy(manifest).max_batch_size)
         return predictor
 
@@ -240,7 +238,7 @@ class ModelRepository:
         """Stops serving a version (0: every version). Requests already queued still run."""
         versions = self._entries.get(name)
         if not versions:
-            raise NotFoundError(f"model {name!r} is not loaded")
+            raise NotFoundError(f"model {name!r} not found")
         targets = sorted(versions) if version == 0 else [version]
         if version and version not in versions:
             raise NotFoundError(f"model {name!r} has no loaded version {version}; loaded: {sorted(versions)}")
@@ -264,7 +262,7 @@ class ModelRepository:
         """Pins the default version in the store (0 unpins); every replica's poll follows the pin."""
         versions = self._entries.get(name)
         if versions is None:
-            raise NotFoundError(f"model {name!r} is not loaded")
+            raise NotFoundError(f"model {name!r} not found")
         if version == 0:
             await self.run(self.store.unpin_default, name)
             self._pins.pop(name, None)
@@ -302,6 +300,10 @@ class ModelRepository:
         ready = [v for v in self._ready_versions(name) if entries[v].manifest.promotable]
         return ready[-1] if ready else 0
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a model this service has (loaded, loading or failed)."""
+        return name in self._entries
+
     def ready(self) -> bool:
         return any(self._ready_versions(name) for name in self._entries)
 
@@ -311,7 +313,7 @@ class ModelRepository:
             raise InvalidArgumentError("model_name: required; call ListModels to see the models")
         versions = self._entries.get(name)
         if versions is None:
-            raise NotFoundError(f"model {name!r} not found; this {self.family} service serves {sorted(self._entries)}")
+            raise NotFoundError(f"model {name!r} not found")
         if version < 0:
             raise InvalidArgumentError(f"model_version: must be 0 (default) or positive, got {version}")
         if version == 0:
@@ -341,7 +343,7 @@ class ModelRepository:
             raise InvalidArgumentError("model_name: required")
         versions = self._entries.get(name)
         if versions is None:
-            raise NotFoundError(f"model {name!r} not found; this service serves {sorted(self._entries)}")
+            raise NotFoundError(f"model {name!r} not found")
         return model_pb2.Model(
             name=name,
             default_version=self.default_version(name),

@@ -39,5 +39,5 @@ async def serve_models(
         getattr(family.pb2_grpc(), f"add_{family.service_name}Servicer_to_server")(servicer, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository), server)
 
-    server = GrpcServer(settings, register, [family.service, MODEL_SERVICE])
+    server = GrpcServer(settings, register, [family.service, MODEL_SERVICE], known_model=repository.knows)
     await repository.serve(server)

@@ -88,7 +88,15 @@ def _model_and_version(request, response) -> tuple[str, str]:
     return model or "", str(version or "")
 
 
+# The `model` label of a call naming no model this process has: labels are kept for models that
+# exist, so a caller cycling through random names cannot grow the metrics without bound.
+OTHER_MODEL = "other"
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, known_model: Callable[[str], bool] | None = None) -> None:
+        self.known_model = known_model
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -100,10 +108,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith("/grpc."):
             return handler
         service, _, method = details.method.strip("/").rpartition("/")
+        known = self.known_model
         return wrap_handler(
             handler,
-            lambda behavior: _observed(behavior, service, method),
-            lambda behavior: _observed_stream(behavior, service, method),
+            lambda behavior: _observed(behavior, service, method, known),
+            lambda behavior: _observed_stream(behavior, service, method, known),
         )
 
 
@@ -117,8 +126,10 @@ def _begin(context):
     return token
 
 
-def _record(service, method, request, response, context, started) -> None:
+def _record(service, method, request, response, context, started, known) -> None:
     model, version = _model_and_version(request, response)
+    if model and known is not None and not known(model):
+        model, version = OTHER_MODEL, ""
     code = context.code()
     name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code in (None, 0) else str(code))
     elapsed = time.perf_counter() - started
@@ -129,27 +140,27 @@ def _record(service, method, request, response, context, started) -> None:
                  elapsed * 1000)  # fmt: skip
 
 
-def _observed(behavior, service, method):
+def _observed(behavior, service, method, known):
     async def wrapped(request, context):
         token, started, response = _begin(context), time.perf_counter(), None
         try:
             response = await behavior(request, context)
             return response
         finally:
-            _record(service, method, request, response, context, started)
+            _record(service, method, request, response, context, started, known)
             REQUEST_ID.reset(token)
 
     return wrapped
 
 
-def _observed_stream(behavior, service, method):
+def _observed_stream(behavior, service, method, known):
     async def wrapped(request, context):
         token, started = _begin(context), time.perf_counter()
         try:
             async for item in behavior(request, context):
                 yield item
         finally:
-            _record(service, method, request, None, context, started)
+            _record(service, method, request, None, context, started, known)
             REQUEST_ID.reset(token)
 
     return wrapped

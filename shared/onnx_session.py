@@ -220,13 +220,16 @@ def check_device(config: OnnxConfig) -> str:
 class OnnxSession:
     """One InferenceSession; `device` names the provider that really runs it."""
 
-    def __init__(self, path: Path, config: OnnxConfig | None = None) -> None:
+    def __init__(self, path: Path | bytes, config: OnnxConfig | None = None) -> None:
         config = config or OnnxConfig()
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
         options.graph_optimization_level = OPTIMIZATION_LEVELS[config.graph_optimization]
-        self.session = ort.InferenceSession(str(path), options, providers=execution_providers(config))
+        # From bytes, not a path: an ONNX graph naming external-data files cannot make ONNX Runtime
+        # open anything beside the one file the manifest lists.
+        model = path if isinstance(path, bytes) else Path(path).read_bytes()
+        self.session = ort.InferenceSession(model, options, providers=execution_providers(config))
         self.device = self.session.get_providers()[0]
         self.output_names = [output.name for output in self.session.get_outputs()]
 
@@ -252,7 +255,9 @@ class OnnxModel:
     Rows are independent in these models, so the padding never changes a real row's output.
     """
 
-    def __init__(self, path: Path, signature_inputs: list[TensorSignature], config: OnnxConfig | None = None) -> None:
+    def __init__(
+        self, path: Path | bytes, signature_inputs: list[TensorSignature], config: OnnxConfig | None = None
+    ) -> None:
         config = config or OnnxConfig()
         self.session = OnnxSession(path, config)
         self.device = self.session.device

@@ -97,6 +97,7 @@ class GrpcServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         credentials: grpc.ServerCredentials | None = None,
         health_port: int = 0,
+        known_model: Callable[[str], bool] | None = None,
     ) -> None:
         self.settings = settings
         self.tls = credentials is not None
@@ -106,7 +107,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[
                 *tracing.server_interceptors(),
-                ObservabilityInterceptor(),
+                ObservabilityInterceptor(known_model),
                 *interceptors,
                 ErrorInterceptor(),
                 self.gate,

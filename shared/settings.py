@@ -125,14 +125,38 @@ class TrainerSettings(BaseSettings):
     claim_idle_ms: int = Field(
         30_000, description="A job whose trainer went silent this long is taken over by another trainer."
     )
-    max_attempts: int = Field(3, description="Deliveries before a job is moved to the dead-letter stream.")
+    max_attempts: int = Field(
+        3,
+        description="Attempts a job gets (each one that failed, or whose trainer died mid-job) before it is moved "
+        "to the dead-letter stream. A trainer that is shut down hands its job back without spending one.",
+    )
+    job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Training time a job may use, over all its attempts; past it, the job fails with "
+        "DEADLINE_EXCEEDED at its next epoch boundary, and is not retried.",
+    )
+    max_parameters: int = Field(
+        50_000_000, description="Largest network a job may build, in trainable parameters (weights and biases)."
+    )
+    max_hidden_layers: int = Field(32, description="Most entries a job's hidden_sizes may have.")
+    max_epoch_rows: int = Field(
+        100_000_000,
+        description="Most examples a job may train on in all: epochs x rows of its data set (x (k_folds + 1) with "
+        "cross-validation).",
+    )
+    liveness_timeout_s: float = Field(
+        600.0,
+        description="/healthz on the metrics port answers 503 once the trainer's loop, or the job it runs, has "
+        "shown no progress (a queue read, an epoch, a fold) for this long; raise it if one epoch can take longer.",
+    )
     max_dataset_bytes: int = Field(
         512 * 1024 * 1024, description="Largest uploaded data set this trainer reads and parses."
     )
     block_ms: int = Field(1000, description="How long one read of the queue waits for a job.")
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines, or text.")
-    metrics_port: int = Field(0, description="Prometheus /metrics port; 0 turns it off.")
+    metrics_port: int = Field(0, description="Prometheus /metrics and the /healthz liveness probe; 0 turns it off.")
 
 
 def trainer_settings(family: str) -> TrainerSettings:

@@ -33,6 +33,27 @@ DTYPE_NAMES: dict[int, str] = {code: DataType.Name(code).removeprefix("DATA_TYPE
 DTYPE_CODES: dict[str, int] = {name: code for code, name in DTYPE_NAMES.items()}
 
 
+MAX_DIMS = 8
+# Larger than any real tensor's side; keeps every product of dimensions within a machine word.
+MAX_DIM = 2**31 - 1
+
+
+def check_shape(shape: Sequence[int], field: str, max_elements: int | None = None) -> int:
+    """The element count of `shape`, refusing negative or absurd dimensions and too many elements,
+    with no per-element work and no overflow (Python integers)."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgumentError(f"{field}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
+    for dim in shape:
+        if dim < 0 or dim > MAX_DIM:
+            raise InvalidArgumentError(
+                f"{field}: shape {list(shape)[:MAX_DIMS]} has dimension {dim}; each must be 0..{MAX_DIM}"
+            )
+    elements = math.prod(shape)
+    if max_elements is not None and elements > max_elements:
+        raise InvalidArgumentError(f"{field}: shape {list(shape)} holds {elements} elements; at most {max_elements}")
+    return elements
+
+
 def dtype_name(code: int) -> str:
     return DTYPE_NAMES.get(code, DataType.Name(code) if code in DataType.values() else str(code))
 
@@ -48,9 +69,7 @@ def to_numpy(tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
             f"{field}: unsupported dtype {dtype_name(tensor.dtype)}; expected one of {', '.join(DTYPE_NAMES.values())}"
         )
     shape = tuple(tensor.shape)
-    if any(dim < 0 for dim in shape):
-        raise InvalidArgumentError(f"{field}: shape {list(shape)} has a negative dimension")
-    expected = math.prod(shape) * dtype.itemsize
+    expected = check_shape(shape, field) * dtype.itemsize
     if len(tensor.data) != expected:
         raise InvalidArgumentError(
             f"{field}: shape {list(shape)} of {dtype_name(tensor.dtype)} needs {expected} bytes, got {len(tensor.data)}"

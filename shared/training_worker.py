@@ -1,12 +1,20 @@
-"""A trainer process: takes jobs of one family from its Redis Stream and runs them to the end.
+"""A trainer process: takes jobs of one family from its tenants' queues and runs them to the end.
 
 Delivery is at-least-once and the effect is applied once:
 - an entry is acknowledged only after the job's result is recorded;
-- a trainer that dies mid-job leaves its entry pending; another (or a restarted) trainer takes
-  it over with XAUTOCLAIM once it has been idle for `claim_idle_ms`, and the job resumes from
-  its last per-epoch checkpoint;
+- the tenants' queues are read round robin (shared.jobs.JobQueue), so tenants share trainers fairly;
+- attempts are counted in the job's record: each attempt that fails, or whose trainer dies mid-job,
+  counts; after `max_attempts` of them the job moves to the dead-letter stream and is marked FAILED;
+- a trainer that is shut down (SIGTERM) stops at the job's next epoch boundary and hands the job
+  back without spending an attempt: any trainer takes it at once and resumes from the checkpoint;
+- a trainer that dies mid-job leaves its entry pending; another (or a restarted) trainer takes it
+  over with XAUTOCLAIM once it has been idle for `claim_idle_ms`, and resumes from the checkpoint;
 - while a job runs, its trainer touches the entry (XCLAIM JUSTID) so it is not taken over;
-- after `max_attempts` deliveries the job moves to the dead-letter stream and is marked FAILED;
+- a Redis error leaves the entry pending, to be read again; only a job whose record does not exist
+  is acknowledged unseen;
+- a job's input that is wrong (INVALID_ARGUMENT: its data, or its size past the limits), an output
+  model that belongs to another owner (FAILED_PRECONDITION) and a job past its timeout
+  (DEADLINE_EXCEEDED) fail the job at once, without retrying;
 - the version a job writes is found again by its job id, so a retry never writes a second one.
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -31,8 +40,17 @@ import torch
 from prometheus_client import Counter
 
 from shared.datasets import DatasetStore
-from shared.errors import InvalidArgumentError
-from shared.jobs import GROUP, TERMINAL, JobStore, dead_letter_key, queue_key
+from shared.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    IntegrityError,
+    InvalidArgumentError,
+    MaasError,
+    NotFoundError,
+)
+from shared.job_limits import JobLimits, check_job_size
+from shared.jobs import TERMINAL, JobQueue, JobStore, QueueEntry
+from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_events import ModelEvent, ModelEvents
 from shared.model_store import Manifest, ModelStore
 
@@ -49,6 +67,14 @@ class JobCancelled(Exception):
 
 class TrainerStopping(Exception):
     """Raised inside a job when its trainer is shutting down; the job resumes elsewhere from its checkpoint."""
+
+
+def refused(exc: BaseException) -> bool:
+    """Errors that are the job's own (its input, its output name, its timeout): retrying cannot help.
+    A file that fails its sha256 check is retried: storage may heal."""
+    return isinstance(exc, (InvalidArgumentError, FailedPreconditionError, DeadlineExceededError)) and not isinstance(
+        exc, IntegrityError
+    )
 
 
 @dataclass
@@ -88,9 +114,23 @@ class JobContext:
     data: DataSource
     stopping: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.monotonic)
+    limits: JobLimits = field(default_factory=JobLimits.defaults)
+    timeout_s: float = 3600.0
+    # Training time earlier attempts used; this attempt's runs from `attempt_started`.
+    prior_run_s: float = 0.0
+    attempt_started: float = field(default_factory=time.monotonic)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
 
     def _call(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def run_s(self) -> float:
+        """Training time the job has used, over all its attempts."""
+        return self.prior_run_s + time.monotonic() - self.attempt_started
+
+    def check_size(self, in_shape: list[int], outputs: int, rows: int) -> None:
+        """The exact size check, once the data is parsed: past a limit, the job fails with INVALID_ARGUMENT."""
+        check_job_size(self.spec, self.limits, [int(n) for n in in_shape], outputs, rows)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -103,6 +143,7 @@ class JobContext:
             return self.data.load_builtin(self.spec["builtin_dataset"])
         meta, raw = self.datasets.read(dataset_id, self.data.max_bytes)
         parsed = self.data.parse(meta["format"], raw)
+        self.heartbeat.beat()
         if not meta.get("task"):
             self.datasets.describe(dataset_id, self.data.describe(parsed))
         return parsed
@@ -113,16 +154,25 @@ class JobContext:
         return self.spec["builtin_dataset"]
 
     def raise_if_cancelled(self) -> None:
-        """Called between epochs: cancellation and trainer shutdown take effect here."""
+        """Called between epochs (and folds): trainer shutdown, the job's timeout and cancellation take effect here."""
+        self.heartbeat.beat()
         if self.stopping.is_set():
             raise TrainerStopping()
+        used = self.run_s()
+        if used > self.timeout_s:
+            raise DeadlineExceededError(
+                f"the job has trained for {used:.1f} s, past its timeout of {self.timeout_s:g} s (job_timeout_s); "
+                "it stopped at an epoch boundary"
+            )
         if self._call(self.jobs.get(self.job_id))["cancel_requested"]:
             raise JobCancelled()
 
     def message(self, text: str, state: str = "RUNNING") -> None:
+        self.heartbeat.beat()
         self._call(self.jobs.update(self.job_id, text, state=state))
 
     def report_epoch(self, epoch: int, epochs: int, loss: float, metrics: dict[str, float], first_epoch: int) -> None:
+        self.heartbeat.beat()
         done = epoch - first_epoch
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (epochs - epoch) if done > 0 else 0.0
@@ -134,7 +184,7 @@ class JobContext:
             "eta_seconds": eta,
         }
         self._call(self.jobs.update(self.job_id, f"epoch {epoch}/{epochs}", event=event, state="RUNNING",
-                                    epoch=epoch, train_loss=loss))  # fmt: skip
+                                    epoch=epoch, train_loss=loss, run_s=round(self.run_s(), 3)))  # fmt: skip
 
     def version_written_by_this_job(self, model: str) -> Manifest | None:
         for version in reversed(self.store.versions(model)):
@@ -150,20 +200,66 @@ class JobContext:
             return None
 
     def publish(self, record: dict[str, Any], artifacts: dict[str, Path], task: str) -> JobResult:
-        """Gates, writes the version (once per job, even across retries) and promotes it if it passed."""
+        """Gates, writes the version (once per job, even across retries) and promotes it if it passed.
+
+        Right before writing, and under a lock every trainer takes, the model is checked again: it must
+        still belong to the owner this job writes for, and keep its family and kind."""
         model = self.spec["output_model"]
         passed, explanation = evaluate_gate(self.spec.get("gate") or {}, record["metrics"], task,
                                             self.current_default(model))  # fmt: skip
-        manifest = self.version_written_by_this_job(model)
-        if manifest is None:
-            owner = self.spec.get("tenant", "") if self.spec.get("private") else ""
-            manifest = self.store.publish(
-                {**record, "name": model, "source": f"job:{self.job_id}", "promotable": passed, "owner": owner},
-                artifacts,
-            )
+        owner = self.spec.get("tenant", "") if self.spec.get("private") else ""
+        with self._publish_lock(model):
+            manifest = self.version_written_by_this_job(model)
+            if manifest is None:
+                self.check_still_writable(model, owner, record)
+                manifest = self.store.publish(
+                    {**record, "name": model, "source": f"job:{self.job_id}", "promotable": passed, "owner": owner},
+                    artifacts,
+                )
         if passed and self.store.pinned_version(model) is not None:
             self.store.pin_default(model, manifest.version)
         return JobResult(manifest.version, manifest.metrics, passed, explanation)
+
+    def check_still_writable(self, model: str, owner: str, record: dict[str, Any]) -> None:
+        """The submit-time check, again against the store: two jobs may have raced for one new name."""
+        versions = self.store.versions(model)
+        if not versions:
+            return
+        latest = self.store.manifest(model, versions[-1])
+        if latest.owner != owner:
+            held = (
+                "public" if not latest.owner
+                else "private to this job's tenant" if latest.owner == self.spec.get("tenant", "")
+                else "private to another tenant"
+            )  # fmt: skip
+            writes = "a version private to its tenant" if owner else "a public version"
+            raise FailedPreconditionError(
+                f"output_model: {model!r} belongs to another owner: it is {held}, and this job would write "
+                f"{writes}; nothing was written, choose another name"
+            )
+        old = (latest.family, latest.config.get("kind"))
+        new = (record["family"], record.get("config", {}).get("kind"))
+        if old != new:
+            raise InvalidArgumentError(
+                f"output_model: {model!r} is {_kind(*old)} model and this job trains {_kind(*new)} one; a new "
+                "version may not change a model's kind: choose another name"
+            )
+
+    @contextlib.contextmanager
+    def _publish_lock(self, model: str):
+        """One check-and-write at a time per model, across trainers sharing the store."""
+        directory = self.store.root / model
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / ".publish.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _kind(family: str, kind: str | None) -> str:
+    return f"a {family} {kind}" if kind else f"a {family}"
 
 
 def evaluate_gate(gate: dict[str, Any], metrics: dict[str, float], task: str, current: Manifest | None):
@@ -209,6 +305,9 @@ class TrainingWorker:
         block_ms: int = 1000,
         consumer: str | None = None,
         events: ModelEvents | None = None,
+        limits: JobLimits | None = None,
+        job_timeout_s: float = 3600.0,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.family = family
         self.data = data
@@ -222,107 +321,90 @@ class TrainingWorker:
         self.stopping = threading.Event()
         self.claim_idle_ms = claim_idle_ms
         self.max_attempts = max_attempts
-        self.block_ms = block_ms
+        self.limits = limits or JobLimits.defaults()
+        self.job_timeout_s = job_timeout_s
+        self.heartbeat = heartbeat or Heartbeat()
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self.stream = queue_key(family)
-        self._own_pending_checked = False
+        self.queue = JobQueue(jobs, family, self.consumer, claim_idle_ms, block_ms)
+        self._limits_published = False
+        # Jobs whose attempt here a Redis failure cut short: read again, they go on with the same attempt.
+        self._cut_short: set[str] = set()
 
     @property
     def redis(self) -> redis.Redis:
         return self.jobs.redis
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def run(self, stop: asyncio.Event) -> None:
         log.info("trainer %s for %s jobs started", self.consumer, self.family)
         while not stop.is_set():
+            self.heartbeat.beat()
             try:
-                await self.ensure_group()
-                entry = await self.next_entry()
+                if not self._limits_published:
+                    await self.jobs.publish_limits(self.family, self.limits)
+                    self._limits_published = True
+                entry = await self.queue.next()
                 if entry is not None:
-                    await self.handle(*entry)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                # The queue's Redis is down or restarting; the jobs are safe in its AOF.
+                    await self.handle(entry)
+            except (redis.RedisError, OSError) as exc:
+                # The queue's Redis is down, restarting or failing over; the jobs are safe in its AOF, and
+                # an entry whose handling this cut short is still pending: read it again first.
                 log.warning("job queue unreachable, retrying: %s", exc)
+                self.queue.check_own_pending = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
 
-    async def next_entry(self) -> tuple[str, str] | None:
-        if not self._own_pending_checked:
-            # After a restart with the same name, our own unacknowledged entries come first.
-            reply = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: "0"}, count=1)
-            self._own_pending_checked = True
-            if reply and reply[0][1]:
-                return _entry(reply[0][1][0])
-        claimed = await self.redis.xautoclaim(self.stream, GROUP, self.consumer, self.claim_idle_ms, "0-0", count=1)
-        if claimed[1]:
-            log.info("took over %s from a trainer that stopped answering", claimed[1][0][0].decode())
-            return _entry(claimed[1][0])
-        reply = await self.redis.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=1, block=self.block_ms)
-        if reply and reply[0][1]:
-            return _entry(reply[0][1][0])
-        return None
-
-    async def deliveries(self, entry_id: str) -> int:
-        pending = await self.redis.xpending_range(self.stream, GROUP, min=entry_id, max=entry_id, count=1)
-        return int(pending[0]["times_delivered"]) if pending else 1
-
-    async def handle(self, entry_id: str, job_id: str) -> None:
+    async def handle(self, entry: QueueEntry) -> None:
+        job_id = entry.job_id
         try:
             record = await self.jobs.get(job_id)
-        except Exception:  # noqa: BLE001 - an entry without a record has nothing left to do
-            log.error("queue entry %s names unknown job %s; acknowledging it", entry_id, job_id)
-            await self.redis.xack(self.stream, GROUP, entry_id)
+        except NotFoundError:  # only a record that is not there; a Redis error leaves the entry pending
+            log.error("queue entry %s names unknown job %s; acknowledging it", entry.entry_id, job_id)
+            await self.queue.ack(entry)
             return
         if record["state"] in TERMINAL:
-            await self.redis.xack(self.stream, GROUP, entry_id)
+            await self.queue.ack(entry)
             return
-        attempt = await self.deliveries(entry_id)
-        if attempt > self.max_attempts:
-            await self.dead_letter(entry_id, record, attempt - 1)
+        if self.stopping.is_set():  # read as the trainer was stopping: not started, so it costs nothing
+            await self.queue.release(entry)
             return
         if record["cancel_requested"]:
             await self.jobs.update(job_id, "cancelled before it started", state="CANCELLED")
-            await self.redis.xack(self.stream, GROUP, entry_id)
+            await self.queue.ack(entry)
             return
-        await self.jobs.update(job_id, f"attempt {attempt} on {self.consumer}", state="RUNNING", attempts=attempt)
-        heartbeat = asyncio.create_task(self._keep_claimed(entry_id))
-        context = JobContext(job_id, self.family, record["spec"], self.store, self.datasets, self.checkpoint_dir,
-                             self.device, asyncio.get_running_loop(), self.jobs, self.data, self.stopping)  # fmt: skip
+        note, extra = "", {}
+        if job_id in self._cut_short:  # our own attempt, stopped by the queue's Redis, not by the job
+            self._cut_short.discard(job_id)
+            record["attempts"] = max(record["attempts"] - 1, 0)
+        elif record["state"] in ("RUNNING", "EVALUATING") and record["attempts"]:
+            # The last attempt never reported back: its trainer was killed (SIGKILL, out of memory) or hung.
+            error = (f"attempt {record['attempts']} on {record.get('trainer') or 'a trainer'} ended without a "
+                     "result: its trainer was killed or stopped answering")  # fmt: skip
+            note, extra, record["error"] = f"; {error}", {"error": error}, error
+        if record["attempts"] >= self.max_attempts:
+            await self.dead_letter(entry, record, record["attempts"])
+            return
+        attempt = record["attempts"] + 1
+        await self.jobs.update(job_id, f"attempt {attempt} on {self.consumer}{note}", state="RUNNING",
+                               attempts=attempt, trainer=self.consumer, **extra)  # fmt: skip
+        keeper = asyncio.create_task(self._keep_claimed(entry))
+        context = JobContext(
+            job_id, self.family, record["spec"], self.store, self.datasets, self.checkpoint_dir, self.device,
+            asyncio.get_running_loop(), self.jobs, self.data, self.stopping, limits=self.limits,
+            timeout_s=self.job_timeout_s, prior_run_s=record["run_s"], heartbeat=self.heartbeat,
+        )  # fmt: skip
+        outcome: Exception | None = None
         try:
             result = await asyncio.to_thread(self.run_job, context)
-        except TrainerStopping:
-            JOBS.labels(self.family, "interrupted").inc()
-            # Not acknowledged: another trainer takes the entry over and resumes from the checkpoint.
-            await self.jobs.update(job_id, "trainer stopping; the job resumes from its checkpoint", state="QUEUED")
-            return
-        except InvalidArgumentError as exc:  # the job's input is wrong: retrying cannot help
-            JOBS.labels(self.family, "failed").inc()
-            error = f"INVALID_ARGUMENT: {exc.message}"
-            await self.jobs.update(job_id, error, state="FAILED", error=error)
-            await self.redis.xack(self.stream, GROUP, entry_id)
-            self._drop_checkpoint(job_id)
-            return
-        except JobCancelled:
-            JOBS.labels(self.family, "cancelled").inc()
-            await self.jobs.update(job_id, "cancelled", state="CANCELLED")
-            await self.redis.xack(self.stream, GROUP, entry_id)
-            self._drop_checkpoint(job_id)
-            return
-        except Exception as exc:  # noqa: BLE001 - recorded; the entry stays pending and is retried
-            JOBS.labels(self.family, "failed_attempt").inc()
-            log.exception("job %s failed on attempt %d", job_id, attempt)
-            retry = "will retry" if attempt < self.max_attempts else "no attempts left"
-            await self.jobs.update(job_id, f"attempt {attempt} failed ({retry}): {exc}", state="QUEUED",
-                                   error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-            return
+        except Exception as exc:  # noqa: BLE001 - every outcome but a result is handled below
+            outcome = exc
         finally:
-            heartbeat.cancel()
+            # Stopped before the entry changes hands, so a late touch cannot undo a hand-back.
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        if outcome is not None:
+            await self.ended_without_result(entry, record, attempt, context, outcome)
+            return
         await self.jobs.update(
             job_id,
             result.gate_result,
@@ -332,8 +414,9 @@ class TrainingWorker:
             promoted="1" if result.promoted else "0",
             gate_result=result.gate_result,
             error="",
+            run_s=round(context.run_s(), 3),
         )
-        await self.redis.xack(self.stream, GROUP, entry_id)
+        await self.queue.ack(entry)
         self._drop_checkpoint(job_id)
         JOBS.labels(self.family, "succeeded").inc()
         # The family's services load the new version now, not at their next poll of the store.
@@ -341,41 +424,75 @@ class TrainingWorker:
                                              result.model_version))  # fmt: skip
         log.info("job %s succeeded: %s v%d", job_id, record["spec"].get("output_model"), result.model_version)
 
-    async def dead_letter(self, entry_id: str, record: dict[str, Any], failed_attempts: int) -> None:
+    async def ended_without_result(
+        self, entry: QueueEntry, record: dict[str, Any], attempt: int, context: JobContext, exc: Exception
+    ) -> None:
+        job_id = entry.job_id
+        if isinstance(exc, redis.RedisError):
+            # The queue's Redis failed under the job (an epoch report, a cancellation check): not the job's
+            # failure. The entry stays pending; the worker's loop reads it again once Redis answers.
+            self._cut_short.add(job_id)
+            raise exc
+        if isinstance(exc, TrainerStopping):
+            JOBS.labels(self.family, "handed_back").inc()
+            # Not an attempt: the entry is any trainer's to take at once, and the job resumes from its checkpoint.
+            await self.queue.hand_back(entry, "trainer stopping; the job is back in the queue and resumes from its "
+                                       "checkpoint", state="QUEUED", attempts=attempt - 1,
+                                       run_s=round(context.run_s(), 3))  # fmt: skip
+            return
+        if isinstance(exc, JobCancelled):
+            JOBS.labels(self.family, "cancelled").inc()
+            await self.jobs.update(job_id, "cancelled", state="CANCELLED")
+        elif refused(exc):
+            assert isinstance(exc, MaasError)
+            JOBS.labels(self.family, "failed").inc()
+            error = f"{exc.code.name}: {exc.message}"
+            await self.jobs.update(job_id, error, state="FAILED", error=error, run_s=round(context.run_s(), 3))
+        else:
+            JOBS.labels(self.family, "failed_attempt").inc()
+            log.exception("job %s failed on attempt %d", job_id, attempt, exc_info=exc)
+            error = f"{type(exc).__name__}: {exc}"
+            if attempt < self.max_attempts:
+                # The entry stays pending: a trainer takes it again once it has been idle for claim_idle_ms.
+                await self.jobs.update(job_id, f"attempt {attempt} failed (will retry): {exc}", state="QUEUED",
+                                       error=error, run_s=round(context.run_s(), 3))  # fmt: skip
+                return
+            await self.jobs.update(job_id, f"attempt {attempt} failed (no attempts left): {exc}", error=error)
+            await self.dead_letter(entry, {**record, "error": error}, attempt)
+            return
+        await self.queue.ack(entry)
+        self._drop_checkpoint(job_id)
+
+    async def dead_letter(self, entry: QueueEntry, record: dict[str, Any], failed_attempts: int) -> None:
         job_id = record["job_id"]
         error = f"gave up after {failed_attempts} failed attempts; last error: {record.get('error') or 'unknown'}"
-        await self.redis.xadd(dead_letter_key(self.family), {"job_id": job_id, "entry_id": entry_id, "error": error})
         await self.jobs.update(job_id, error, state="FAILED", error=error)
-        await self.redis.xack(self.stream, GROUP, entry_id)
+        await self.queue.dead_letter(entry, error)
         self._drop_checkpoint(job_id)
         JOBS.labels(self.family, "dead_lettered").inc()
         log.error("job %s moved to the dead-letter stream: %s", job_id, error)
 
-    async def _keep_claimed(self, entry_id: str) -> None:
+    async def _keep_claimed(self, entry: QueueEntry) -> None:
         """Resets the entry's idle time while the job runs, without counting a delivery."""
         while True:
             await asyncio.sleep(max(0.2, self.claim_idle_ms / 3000))
             with contextlib.suppress(redis.RedisError, OSError):
-                await self.redis.xclaim(self.stream, GROUP, self.consumer, 0, [entry_id], justid=True)
+                await self.queue.keep_claimed(entry)
 
     def _drop_checkpoint(self, job_id: str) -> None:
         shutil.rmtree(self.checkpoint_dir / job_id, ignore_errors=True)
 
 
-def _entry(raw: tuple[bytes, dict[bytes, bytes]]) -> tuple[str, str]:
-    entry_id, fields = raw
-    return entry_id.decode(), fields[b"job_id"].decode()
-
-
 async def serve_trainer(
     family: str, run_job: Callable[[JobContext], JobResult], settings: Any, data: DataSource
 ) -> None:
-    """Runs one family's trainer until SIGTERM; a job in progress stops at its next epoch boundary."""
-    from shared.observability import start_metrics_server
+    """Runs one family's trainer until SIGTERM; a job in progress stops at its next epoch boundary and
+    goes back to the queue."""
     from shared.torch_device import resolve_torch_device
 
     torch.set_num_threads(settings.torch_threads)
-    start_metrics_server(settings.metrics_port)
+    heartbeat = Heartbeat()
+    start_metrics_and_health_server(settings.metrics_port, heartbeat, settings.liveness_timeout_s)
     jobs = JobStore.from_url(settings.queue_redis_url)
     worker = TrainingWorker(
         family,
@@ -390,6 +507,9 @@ async def serve_trainer(
         max_attempts=settings.max_attempts,
         block_ms=settings.block_ms,
         events=ModelEvents(settings.queue_redis_url),
+        limits=JobLimits.from_settings(settings),
+        job_timeout_s=settings.job_timeout_s,
+        heartbeat=heartbeat,
     )
     stop = asyncio.Event()
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from services.dense.signature import check_inputs
 from shared.model_repository import ModelRepository, Prediction
-from shared.model_store import Manifest
+from shared.model_store import Artifacts, Manifest
 from shared.onnx_session import OnnxConfig, OnnxModel
 
 
 def onnx_loader(config: OnnxConfig):
-    def load(manifest: Manifest, directory: Path) -> OnnxModel:
-        return OnnxModel(directory / manifest.config.get("onnx_file", "model.onnx"), manifest.inputs, config)
+    def load(manifest: Manifest, artifacts: Artifacts) -> OnnxModel:
+        return OnnxModel(artifacts.read(manifest.config.get("onnx_file", "model.onnx")), manifest.inputs, config)
 
     return load
 

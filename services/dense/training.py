@@ -63,6 +63,7 @@ def run_job(context: JobContext) -> JobResult:
     labels = data.y if classification else None
     outputs = len(data.class_names) if classification else 1
     shape = list(data.x.shape[1:])
+    context.check_size(shape, outputs, len(data.x))
     device = context.device
     x_all = torch.as_tensor(data.x).to(device)
     loss_fn, y_all = loss_and_targets(data.task, data.y)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from services.gnn.architectures import GCN
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
-from shared.model_store import Manifest
+from shared.model_store import Artifacts, Manifest
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -34,7 +33,7 @@ class GraphInput:
 class GcnModel:
     """A GCN version loaded from safetensors weights and its architecture config (no pickle)."""
 
-    def __init__(self, manifest: Manifest, directory: Path, device: torch.device) -> None:
+    def __init__(self, manifest: Manifest, artifacts: Artifacts, device: torch.device) -> None:
         config = manifest.config
         self.torch_device = device
         self.device = str(device)
@@ -42,12 +41,12 @@ class GcnModel:
         self.net = GCN(
             config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"]
         )
-        self.net.load_state_dict(load_file(directory / config["weights_file"]))
+        self.net.load_state_dict(load(artifacts.read(config["weights_file"])))
         self.net.to(self.torch_device).eval()
         self.graphs = {
             name: GraphInput(tensors["node_features"].numpy(), tensors["edge_index"].numpy())
             for name, file in config.get("graphs", {}).items()
-            for tensors in [load_file(directory / file)]
+            for tensors in [load(artifacts.read(file))]
         }
 
     def warm_up(self, max_batch_size: int = 1) -> None:
@@ -108,8 +107,8 @@ def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
 
 
 def gcn_loader(device: torch.device):
-    def load(manifest: Manifest, directory: Path) -> GcnModel:
-        return GcnModel(manifest, directory, device)
+    def load(manifest: Manifest, artifacts: Artifacts) -> GcnModel:
+        return GcnModel(manifest, artifacts, device)
 
     return load
 

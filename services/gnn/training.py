@@ -19,6 +19,7 @@ from shared.training_worker import JobContext, JobResult
 def run_job(context: JobContext) -> JobResult:
     spec = context.spec
     graph = context.dataset()
+    context.check_size([graph.node_features.shape[1]], len(graph.class_names), len(graph.labels))
     torch.manual_seed(spec["seed"])
     device = context.device
     x = torch.as_tensor(graph.node_features).to(device)

@@ -111,7 +111,7 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     encoder_version = store.default_version(MINILM)
     encoder_manifest = store.manifest(MINILM, encoder_version)
-    encoder = TextEncoder(encoder_manifest, store.verify(encoder_manifest), OnnxConfig(device="cpu"), max_length=128)
+    encoder = TextEncoder(encoder_manifest, store.artifacts(encoder_manifest), OnnxConfig(device="cpu"), max_length=128)
     texts, label_names = load_labelled_texts(SENTIMENT_DATA)
     class_names = sorted(set(label_names))
     labels = np.array([class_names.index(name) for name in label_names], dtype=np.int64)

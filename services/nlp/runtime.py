@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -12,7 +11,7 @@ from tokenizers import Tokenizer
 from shared.batching import split_rows
 from shared.errors import InvalidArgumentError
 from shared.model_repository import ModelRepository, Prediction
-from shared.model_store import Manifest, ModelStore
+from shared.model_store import Artifacts, Manifest, ModelStore
 from shared.onnx_session import OnnxConfig, OnnxSession
 
 # Texts per ONNX call inside a batch: consecutive texts in length order share one padded shape.
@@ -22,11 +21,11 @@ LENGTH_GROUP_SIZE = 16
 class TextEncoder:
     """Sentence embeddings: a tokenizer plus an ONNX graph that pools and L2-normalises."""
 
-    def __init__(self, manifest: Manifest, directory: Path, config: OnnxConfig, max_length: int) -> None:
-        self.tokenizer = Tokenizer.from_file(str(directory / manifest.config["tokenizer_file"]))
+    def __init__(self, manifest: Manifest, artifacts: Artifacts, config: OnnxConfig, max_length: int) -> None:
+        self.tokenizer = Tokenizer.from_str(artifacts.read(manifest.config["tokenizer_file"]).decode("utf-8"))
         self.tokenizer.enable_truncation(min(max_length, manifest.config["max_sequence_length"]))
         self.tokenizer.no_padding()  # each length group is padded to its own longest text
-        self.session = OnnxSession(directory / manifest.config["onnx_file"], config)
+        self.session = OnnxSession(artifacts.read(manifest.config["onnx_file"]), config)
         self.device = self.session.device
 
     def warm_up(self, max_batch_size: int = 1) -> None:
@@ -68,9 +67,9 @@ class TextEncoder:
 class TextClassifier:
     """A classification head (ONNX) on top of a stored encoder version's embeddings."""
 
-    def __init__(self, manifest: Manifest, directory: Path, encoder: TextEncoder, config: OnnxConfig) -> None:
+    def __init__(self, manifest: Manifest, artifacts: Artifacts, encoder: TextEncoder, config: OnnxConfig) -> None:
         self.encoder = encoder
-        self.head = OnnxSession(directory / manifest.config["onnx_file"], config)
+        self.head = OnnxSession(artifacts.read(manifest.config["onnx_file"]), config)
         self.device = self.head.device
 
     def warm_up(self, max_batch_size: int = 1) -> None:
@@ -86,21 +85,21 @@ class TextClassifier:
         return split_rows(self.predict([text for texts in items for text in texts]), [len(t) for t in items])
 
 
-def nlp_loader(store: ModelStore, config: OnnxConfig, max_length: int) -> Callable[[Manifest, Path], object]:
+def nlp_loader(store: ModelStore, config: OnnxConfig, max_length: int) -> Callable[[Manifest, Artifacts], object]:
     """Loads encoders and classifiers; a classifier shares the loaded encoder version it names."""
     encoders: dict[tuple[str, int], TextEncoder] = {}
 
     def encoder_for(name: str, version: int) -> TextEncoder:
         if (name, version) not in encoders:
             manifest = store.manifest(name, version)
-            encoders[(name, version)] = TextEncoder(manifest, store.verify(manifest), config, max_length)
+            encoders[(name, version)] = TextEncoder(manifest, store.artifacts(manifest), config, max_length)
         return encoders[(name, version)]
 
-    def load(manifest: Manifest, directory: Path):
+    def load(manifest: Manifest, artifacts: Artifacts):
         if manifest.config["kind"] == "embedding":
             return encoder_for(manifest.name, manifest.version)
         base = manifest.config["encoder"]
-        return TextClassifier(manifest, directory, encoder_for(base["name"], base["version"]), config)
+        return TextClassifier(manifest, artifacts, encoder_for(base["name"], base["version"]), config)
 
     return load
 

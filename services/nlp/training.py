@@ -26,10 +26,11 @@ from shared.training_worker import JobContext, JobResult
 def run_job(context: JobContext) -> JobResult:
     spec = context.spec
     data = context.dataset()
+    context.check_size([EMBEDDING_DIM], len(data.class_names), len(data.texts))  # before embedding them all
     torch.manual_seed(spec["seed"])
     encoder_version = context.store.default_version(MINILM)
     encoder_manifest = context.store.manifest(MINILM, encoder_version)
-    encoder = TextEncoder(encoder_manifest, context.store.verify(encoder_manifest), OnnxConfig(device="cpu"), 128)
+    encoder = TextEncoder(encoder_manifest, context.store.artifacts(encoder_manifest), OnnxConfig(device="cpu"), 128)
     context.message(f"embedding {len(data.texts)} texts with {MINILM} v{encoder_version}")
     device = context.device
     x_all = torch.as_tensor(encoder.embed(data.texts)).to(device)

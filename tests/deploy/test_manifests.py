@@ -264,3 +264,36 @@ def test_image_requirements_come_from_the_lock():
         for line in requirements.read_text().splitlines():
             if line and not line.startswith("#"):
                 assert line.lower() in lock, f"{requirements.name}: {line} is not pinned in requirements.lock"
+
+
+def test_metrics_ports_are_open_to_the_monitoring_namespace_only(rendered):
+    _, objects = rendered
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    checked = 0
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if any(port.get("port") == 9464 for port in rule.get("ports", [])):
+                peers = rule.get("from", [])
+                assert peers, f"{policy['metadata']['name']}: /metrics is open to everyone"
+                assert all(
+                    peer.get("namespaceSelector", {}).get("matchLabels", {}).get("kubernetes.io/metadata.name")
+                    == "monitoring"
+                    for peer in peers
+                ), policy["metadata"]["name"]
+                assert [p["port"] for p in rule["ports"]] == [9464], "another port rides on the metrics rule"
+                checked += 1
+    assert checked >= 7  # the gateway, three services and three trainers
+
+
+def test_trainers_have_a_liveness_probe_on_their_metrics_port(rendered):
+    """A hung trainer serves no gRPC to probe: its /healthz, beside /metrics, says whether it makes progress."""
+    _, objects = rendered
+    trainers = {name: spec for name, spec in pod_specs(objects) if name.endswith("-trainer")}
+    assert set(trainers) == {"maas-dense-trainer", "maas-gnn-trainer", "maas-nlp-trainer"}
+    for name, spec in trainers.items():
+        container = spec["containers"][0]
+        probe = container["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz" and probe["port"] == "metrics", name
+        metrics = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+        family = container["name"].removesuffix("-trainer").upper()
+        assert int(container_env(objects, container)[f"MAAS_{family}_TRAINER_METRICS_PORT"]) == metrics, name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -112,6 +113,12 @@ def test_repository_unload_and_load(client):
          "StatusCode.INVALID_ARGUMENT", "must be FP32, got FP64"),
         (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 64), np.float32))], model_version="x"),
          "StatusCode.INVALID_ARGUMENT", "model_version"),
+        # Characters that isdigit() takes for digits, and a number past int64: both refused, never INTERNAL.
+        (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 64), np.float32))], model_version="²"),
+         "StatusCode.INVALID_ARGUMENT", "model_version: must be a whole number"),
+        (lambda c: c.infer("digits-mlp", [_input("pixels", np.zeros((1, 64), np.float32))],
+                           model_version="99999999999999999999"),
+         "StatusCode.INVALID_ARGUMENT", "model_version: must be a whole number"),
     ],
 )  # fmt: skip
 def test_errors_carry_the_status_and_the_field(client, call, status, fragment):
@@ -142,3 +149,17 @@ def test_perf_analyzer_runs_unchanged_against_the_gateway(cluster):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Concurrency: 2, throughput:" in result.stdout
+
+
+def test_a_shape_no_tensor_has_is_invalid_not_internal(gateway_channel):
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(
+        model_name="digits-mlp",
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[0, 2**62])],
+        raw_input_contents=[b""],
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel).ModelInfer(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has dimension 4611686018427387904" in err.value.details()

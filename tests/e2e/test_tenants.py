@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import grpc
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as oip  # the same wire protocol; one copy of it per process
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
 from gateway.auth import hash_key
+from maas.common.v1 import model_pb2
 from maas.models.v1 import models_pb2, models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from maas.training.v1 import training_pb2 as t
@@ -18,7 +25,8 @@ from maas.training.v1 import training_pb2_grpc
 from shared.cluster import ClusterPorts, LocalCluster, health_status
 from tests.e2e.test_training import served_version, wait_for
 
-KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2"}
+KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "ops": "ops-secret-key-3"}
+ROLES = {"ops": ["admin"]}
 
 
 def key(tenant):
@@ -30,7 +38,8 @@ def secured(model_store, tmp_path_factory):
     var = tmp_path_factory.mktemp("tenants")
     shutil.copytree(model_store.root, var / "models")
     keys = var / "api-keys.json"
-    keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k)} for t, k in KEYS.items()]}))
+    keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k), "roles": ROLES.get(t, [])}
+                                         for t, k in KEYS.items()]}))  # fmt: skip
     cluster = LocalCluster(ClusterPorts.free(), var / "models", var, log_dir=var / "logs",
                            extra_env={"MAAS_GATEWAY_API_KEYS_FILE": str(keys)})  # fmt: skip
     try:
@@ -101,7 +110,7 @@ def test_another_tenant_cannot_see_or_use_it(secured, private_model):
     training = training_pb2_grpc.TrainingServiceStub(channel)
     with pytest.raises(grpc.RpcError) as err:
         request = t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", builtin_dataset="sentiment",
-                                     output_model=private_model)  # fmt: skip
+                                     output_model=private_model, private=True)  # fmt: skip
         training.SubmitJob(request, timeout=10, metadata=key("beta"))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -112,3 +121,148 @@ def test_calls_without_a_key_are_refused_but_health_is_open(secured):
         models_pb2_grpc.ModelServiceStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert health_status(cluster.specs["gateway"].target) == 1  # SERVING
+
+
+# --- the isolation matrix: tenants x rpcs x (own private, another's private, public) ---------------
+
+OK = grpc.StatusCode.OK
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+TAKEN = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def status(call) -> grpc.StatusCode:
+    try:
+        call()
+        return OK
+    except grpc.RpcError as exc:
+        return exc.code()
+
+
+def infer_request(model: str) -> oip.ModelInferRequest:
+    text = b"great"
+    return oip.ModelInferRequest(
+        model_name=model,
+        inputs=[oip.ModelInferRequest.InferInputTensor(name="texts", datatype="BYTES", shape=[1])],
+        raw_input_contents=[len(text).to_bytes(4, "little") + text],
+    )
+
+
+def rpcs(channel, cancel_jobs: list):
+    models = models_pb2_grpc.ModelServiceStub(channel)
+    inference = oip_grpc.GRPCInferenceServiceStub(channel)
+    nlp = nlp_pb2_grpc.NlpServiceStub(channel)
+    training = training_pb2_grpc.TrainingServiceStub(channel)
+
+    def submit(model, md):
+        private = model != "sentiment"
+        job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", epochs=1,
+                                                    builtin_dataset="sentiment", output_model=model,
+                                                    private=private), timeout=10, metadata=md).job  # fmt: skip
+        cancel_jobs.append((job.job_id, md))
+
+    return {
+        "Predict": lambda m, md: nlp.Predict(nlp_pb2.PredictRequest(model_name=m, texts=["great"]), timeout=10,
+                                             metadata=md),  # fmt: skip
+        "GetModel": lambda m, md: models.GetModel(models_pb2.GetModelRequest(model_name=m), timeout=10, metadata=md),
+        "ListModelVersions": lambda m, md: models.ListModelVersions(
+            models_pb2.ListModelVersionsRequest(model_name=m), timeout=10, metadata=md),
+        "ModelMetadata": lambda m, md: inference.ModelMetadata(oip.ModelMetadataRequest(name=m), timeout=10,
+                                                               metadata=md),  # fmt: skip
+        "ModelInfer": lambda m, md: inference.ModelInfer(infer_request(m), timeout=10, metadata=md),
+        "LoadModel": lambda m, md: models.LoadModel(models_pb2.LoadModelRequest(model_name=m, model_version=1),
+                                                    timeout=30, metadata=md),  # fmt: skip
+        "SetDefaultVersion": lambda m, md: models.SetDefaultVersion(
+            models_pb2.SetDefaultVersionRequest(model_name=m), timeout=10, metadata=md),
+        "RepositoryModelLoad": lambda m, md: inference.RepositoryModelLoad(
+            oip.RepositoryModelLoadRequest(model_name=m), timeout=30, metadata=md),
+        "SubmitJob": submit,
+    }
+
+
+# What each caller gets: alpha owns alpha-private; beta is another tenant; ops holds the admin role.
+EXPECTED = {
+    #                     own private  another's   public, no admin  public, admin
+    "Predict":            (OK,         NOT_FOUND,  OK,               OK),
+    "GetModel":           (OK,         NOT_FOUND,  OK,               OK),
+    "ListModelVersions":  (OK,         NOT_FOUND,  OK,               OK),
+    "ModelMetadata":      (OK,         NOT_FOUND,  OK,               OK),
+    "ModelInfer":         (OK,         NOT_FOUND,  OK,               OK),
+    "LoadModel":          (OK,         NOT_FOUND,  DENIED,           OK),
+    "SetDefaultVersion":  (OK,         NOT_FOUND,  DENIED,           OK),
+    "RepositoryModelLoad": (OK,        NOT_FOUND,  DENIED,           OK),
+    "SubmitJob":          (OK,         TAKEN,      DENIED,           OK),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rpc", sorted(EXPECTED))
+def test_the_tenant_isolation_matrix(secured, private_model, rpc):
+    _, channel = secured
+    wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
+    jobs: list = []
+    call = rpcs(channel, jobs)[rpc]
+    cells = [("alpha", private_model), ("beta", private_model), ("beta", "sentiment"), ("ops", "sentiment")]
+    got = tuple(status(lambda tenant=tenant, model=model: call(model, key(tenant))) for tenant, model in cells)
+    training = training_pb2_grpc.TrainingServiceStub(channel)
+    for job_id, md in jobs:  # only the status of the submission was wanted
+        with contextlib.suppress(grpc.RpcError):
+            training.CancelJob(t.CancelJobRequest(job_id=job_id), timeout=10, metadata=md)
+    assert got == EXPECTED[rpc], f"{rpc}: (own, another's, public, admin) got {[c.name for c in got]}"
+
+
+def test_another_tenant_cannot_unload_a_public_model_for_everyone(secured, private_model):
+    _, channel = secured
+    models = models_pb2_grpc.ModelServiceStub(channel)
+    inference = oip_grpc.GRPCInferenceServiceStub(channel)
+    for call in (
+        lambda: models.UnloadModel(models_pb2.UnloadModelRequest(model_name="sentiment"), timeout=10,
+                                   metadata=key("beta")),
+        lambda: inference.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="sentiment"), timeout=10,
+                                                metadata=key("beta")),
+    ):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == DENIED
+        assert "admin role" in err.value.details()
+    assert list(predict(channel, "sentiment", "alpha")[0].labels) == ["positive"]  # still served to everyone
+
+
+def test_a_tenant_unloads_and_loads_its_own_private_model(secured, private_model):
+    _, channel = secured
+    wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
+    models = models_pb2_grpc.ModelServiceStub(channel)
+    models.UnloadModel(models_pb2.UnloadModelRequest(model_name=private_model), timeout=10, metadata=key("alpha"))
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            predict(channel, private_model, "alpha")
+        assert err.value.code() == NOT_FOUND
+        # Unloaded, it is still only its owner's: another tenant learns nothing of it from the store.
+        for call in (
+            lambda: models.ListModelVersions(models_pb2.ListModelVersionsRequest(model_name=private_model),
+                                             timeout=10, metadata=key("beta")),
+            lambda: models.LoadModel(models_pb2.LoadModelRequest(model_name=private_model), timeout=10,
+                                     metadata=key("beta")),
+        ):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == NOT_FOUND and err.value.details() == f"model {private_model!r} not found"
+        listed = models.ListModelVersions(models_pb2.ListModelVersionsRequest(model_name=private_model), timeout=10,
+                                          metadata=key("alpha"))  # fmt: skip
+        assert {v.state for v in listed.versions} == {model_pb2.MODEL_STATE_UNLOADED}
+    finally:
+        models.LoadModel(models_pb2.LoadModelRequest(model_name=private_model), timeout=60, metadata=key("alpha"))
+    wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served again")
+
+
+def test_the_example_client_sends_maas_api_key_or_says_it_skipped(secured):
+    cluster, _ = secured
+    target = cluster.specs["gateway"].target
+    env = {k: v for k, v in os.environ.items() if k != "MAAS_API_KEY"}
+    skipped = subprocess.run([sys.executable, "-m", "clients.example", target], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr
+    assert "example calls skipped: the gateway needs an API key" in skipped.stdout
+    ran = subprocess.run([sys.executable, "-m", "clients.example", target], env={**env, "MAAS_API_KEY": KEYS["alpha"]},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "sentiment v1: ['positive', 'negative']" in ran.stdout

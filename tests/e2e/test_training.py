@@ -213,6 +213,16 @@ def test_a_duplicate_submit_with_the_same_key_is_the_same_job(training):
          grpc.StatusCode.INVALID_ARGUMENT, "family"),
         (t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", dataset_id="ds-doesnotexist", output_model="x"),
          grpc.StatusCode.NOT_FOUND, "ds-doesnotexist"),
+        # Unbounded jobs: each layer may be wide, but not the whole network, nor the training work.
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[16384] * 64,
+                            builtin_dataset="iris", output_model="x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "hidden_sizes: 64 layers; at most 32 (max_hidden_layers)"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", hidden_sizes=[16384, 16384],
+                            builtin_dataset="iris", output_model="x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "at most 50,000,000 (max_parameters)"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=10_000, k_folds=20,
+                            builtin_dataset="digits", output_model="x"),
+         grpc.StatusCode.INVALID_ARGUMENT, "(max_epoch_rows)"),
     ],
 )  # fmt: skip
 def test_bad_jobs_are_refused_with_the_field_named(training, request_, code, fragment):
@@ -294,6 +304,22 @@ def test_a_job_that_fails_its_gate_leaves_the_default_unchanged(training, gatewa
     # The gated version is still there to inspect, by number.
     reply = dense.Predict(dense_pb2.PredictRequest(model_name="e2e-gated", model_version=2, inputs={"x": pixels}))
     assert reply.model_version == 2
+
+
+def test_a_job_may_not_turn_a_model_into_another_kind(training, cluster):
+    """The embedding model is nlp, like a text classifier: only the check at publish sees the kinds differ."""
+    store = ModelStore(cluster.specs["nlp"].env["MAAS_NLP_MODEL_STORE"])
+    before = store.versions("minilm-l6-v2")
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_NLP, architecture="linear", epochs=1, builtin_dataset="sentiment",
+                           output_model="minilm-l6-v2"),
+        timeout=10,
+    ).job  # fmt: skip
+    assert watch(training, job.job_id)[-1].state == t.JOB_STATE_FAILED
+    failed = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert failed.error.startswith("INVALID_ARGUMENT: output_model: 'minilm-l6-v2' is a nlp embedding model")
+    assert failed.attempts == 1
+    assert store.versions("minilm-l6-v2") == before
 
 
 def test_cancellation_takes_effect_within_one_epoch(training, cluster):

@@ -149,16 +149,13 @@ async def test_unload_and_load_again(dense):
 
 async def test_a_tampered_version_is_refused_while_the_old_one_keeps_serving(dense):
     stub, store, _ = dense
-    shutil.copytree(store.version_dir("digits-mlp", 2), store.root / "digits-mlp" / ".incoming")
-    onnx_file = store.root / "digits-mlp" / ".incoming" / "model.onnx"
+    second = store.manifest("digits-mlp", 2)
+    record = second.model_dump(exclude={"version", "files", "size_bytes", "created_at"})
+    store.publish(record, {name: store.version_dir("digits-mlp", 2) / name for name in second.files})
+    onnx_file = store.version_dir("digits-mlp", 3) / "model.onnx"  # changed after it was published
     data = bytearray(onnx_file.read_bytes())
     data[len(data) // 2] ^= 0xFF
     onnx_file.write_bytes(bytes(data))
-    manifest = (store.root / "digits-mlp" / ".incoming" / "manifest.json").read_text()
-    (store.root / "digits-mlp" / ".incoming" / "manifest.json").write_text(
-        manifest.replace('"version": 2', '"version": 3')
-    )
-    (store.root / "digits-mlp" / ".incoming").rename(store.root / "digits-mlp" / "3")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.LoadModel(models_pb2.LoadModelRequest(model_name="digits-mlp", model_version=3), timeout=30)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -51,3 +51,14 @@ async def test_status_and_message(server, model, code, details):
         # The server keeps serving after every failure.
         reply = await stub.Predict(dense_pb2.PredictRequest(model_name="fine"), timeout=5)
         assert reply.model_name == "fine"
+
+
+async def test_bytes_that_are_not_the_request_message_are_invalid_argument_not_unknown(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw = channel.unary_unary("/maas.dense.v1.DenseService/Predict")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(b"\xff\xff\xff\xff", timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid message for /maas.dense.v1.DenseService/Predict" in err.value.details()
+        reply = await dense_pb2_grpc.DenseServiceStub(channel).Predict(dense_pb2.PredictRequest(model_name="ok"))
+        assert reply.model_name == "ok"

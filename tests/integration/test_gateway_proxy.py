@@ -19,6 +19,7 @@ from gateway.catalog import ModelCatalog
 from gateway.proxy import ROUTES, GatewayProxy
 from gateway.rate_limit import RateLimiter, RateLimitInterceptor
 from gateway.settings import GatewaySettings
+from maas.common.v1 import tensor_pb2
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.cluster import free_port
 from shared.redis_server import CACHE_CONFIG, RedisServer
@@ -60,6 +61,7 @@ async def gateway(cache_redis):
         port=0,
         redis_url=cache_redis.url,
         max_message_bytes=4096,
+        max_repeated=100,
         cache_policy={"uncached-model": {"enabled": False}, "short-lived": {"ttl_s": 5}},
     )
     backends = {r.family: Backend(r.family, r.service, f"127.0.0.1:{backend.port}", 1 << 20) for r in ROUTES}
@@ -183,3 +185,44 @@ async def test_per_tenant_overrides(limited_gateway):
     results = await asyncio.gather(*calls, return_exceptions=True)
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(refused) == 1 and "1 requests/s" in refused[0].details()
+
+
+async def test_a_follower_survives_its_leader_running_out_of_time(gateway):
+    stub, backend = gateway
+    req = request(value=11.0)
+    leader = asyncio.ensure_future(stub.Predict(req, timeout=0.05))  # shorter than the backend's 200 ms
+    await asyncio.sleep(0.01)
+    follower = await call(stub, req)  # joins the leader's call, then calls alone once that one times out
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await leader
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert follower[0].model_name == "m"
+
+
+async def test_a_follower_survives_its_leader_going_away(gateway):
+    stub, backend = gateway
+    req = request(value=12.0)
+    leader = stub.Predict(req, timeout=10)
+    await asyncio.sleep(0.01)
+    follower = asyncio.ensure_future(call(stub, req))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    reply, outcome = await follower
+    assert reply.model_name == "m" and outcome == "coalesced"
+    assert backend.calls == 1  # the one backend call went on without the caller that started it
+
+
+async def test_a_request_over_the_limits_is_refused_before_any_work(gateway):
+    stub, backend = gateway
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Predict(dense_pb2.PredictRequest(model_name="m", output_names=["y"] * 150), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output_names: 150 entries; at most 100" in err.value.details()
+    bad_shape = dense_pb2.PredictRequest(
+        model_name="m", inputs={"x": tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FP32, shape=[0, 2**62])}
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Predict(bad_shape, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inputs['x']" in err.value.details() and "has dimension 4611686018427387904" in err.value.details()
+    assert backend.calls == 0

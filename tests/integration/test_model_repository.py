@@ -17,11 +17,12 @@ from shared.onnx_session import OnnxConfig
 def store_copy(model_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(model_store.root / "digits-mlp", root / "digits-mlp")
+    store = ModelStore(root)
     # A second version: same model, so it must load just like v1.
-    shutil.copytree(root / "digits-mlp" / "1", root / "digits-mlp" / "2")
-    manifest = (root / "digits-mlp" / "2" / "manifest.json").read_text()
-    (root / "digits-mlp" / "2" / "manifest.json").write_text(manifest.replace('"version": 1', '"version": 2'))
-    return ModelStore(root)
+    first = store.manifest("digits-mlp", 1)
+    record = first.model_dump(exclude={"version", "files", "size_bytes", "created_at"})
+    store.publish(record, {name: store.version_dir("digits-mlp", 1) / name for name in first.files})
+    return store
 
 
 def repository(store):
@@ -58,7 +59,7 @@ async def test_tampered_version_is_refused_and_the_other_keeps_serving(store_cop
 async def test_resolve_errors_name_what_exists(store_copy):
     repo = repository(store_copy)
     await repo.sync_with_store()
-    with pytest.raises(NotFoundError, match=r"serves \['digits-mlp'\]"):
+    with pytest.raises(NotFoundError, match=r"^model 'nope' not found$"):  # names no other model
         repo.resolve("nope")
     with pytest.raises(NotFoundError, match=r"has no version 5; it has \[1, 2\]"):
         repo.resolve("digits-mlp", 5)

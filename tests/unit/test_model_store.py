@@ -1,6 +1,8 @@
+import shutil
+
 import pytest
 
-from shared.errors import IntegrityError, NotFoundError
+from shared.errors import IntegrityError, InvalidArgumentError, NotFoundError
 from shared.model_store import ModelStore
 
 
@@ -67,3 +69,48 @@ def test_unknown_model_and_version_are_not_found(tmp_path):
     publish(store, tmp_path)
     with pytest.raises(NotFoundError, match="no version 9"):
         store.manifest("m", 9)
+
+
+def test_a_manifest_edited_after_publication_is_refused(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, tmp_path)
+    path = store.version_dir("m", 1) / "manifest.json"
+    path.write_text(path.read_text().replace('"accuracy": 0.5', '"accuracy": 0.99'))
+    with pytest.raises(IntegrityError, match="manifest.json does not match the sha256 the store's index recorded"):
+        store.manifest("m", 1)
+
+
+def test_a_version_directory_the_index_does_not_list_does_not_exist(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, tmp_path)
+    shutil.copytree(store.version_dir("m", 1), store.model_dir("m") / "2")  # planted beside the store's back
+    assert store.versions("m") == [1]
+    with pytest.raises(NotFoundError):
+        store.manifest("m", 2)
+    assert publish(store, tmp_path).version == 3  # never reuses a number a directory holds
+
+
+def test_a_store_without_an_index_is_indexed_once_as_it_is(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, tmp_path)
+    (store.model_dir("m") / "INDEX.json").unlink()
+    assert store.versions("m") == [1]
+    assert (store.model_dir("m") / "INDEX.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "", "UPPER", "x" * 64, "²", "a\x00b"])
+def test_names_that_are_not_one_safe_directory_are_refused(tmp_path, name):
+    store = ModelStore(tmp_path / "store")
+    for call in (store.versions, store.pinned_version, store.model_dir):
+        with pytest.raises(InvalidArgumentError, match="is not a model name"):
+            call(name)
+
+
+def test_loaders_open_only_files_the_manifest_lists(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    manifest = publish(store, tmp_path)
+    directory = store.verify(manifest)
+    assert manifest.artifact(directory, "model.onnx") == directory / "model.onnx"
+    for name in ("manifest.json", "../../etc/passwd", "other.onnx"):
+        with pytest.raises(IntegrityError, match="is not one of the version's files"):
+            manifest.artifact(directory, name)

@@ -94,8 +94,8 @@ def test_batch_buckets():
 def test_padded_batches_give_every_row_what_it_gets_alone(model_store):
     """The GPU padding path, run here on the CPU provider: rows padded to a bucket are cut off again."""
     manifest = model_store.manifest("digits-cnn", model_store.default_version("digits-cnn"))
-    directory = model_store.verify(manifest)
-    model = OnnxModel(directory / manifest.config["onnx_file"], manifest.inputs, OnnxConfig(device="cpu"))
+    onnx = model_store.artifacts(manifest).read(manifest.config["onnx_file"])
+    model = OnnxModel(onnx, manifest.inputs, OnnxConfig(device="cpu"))
     assert not model.pad_batches  # padding is for GPU sessions only
     model.pad_batches = True
     model.warm_up(16)

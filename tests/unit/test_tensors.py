@@ -50,7 +50,21 @@ def test_unspecified_dtype_is_refused_with_the_choices():
 
 def test_negative_dimension_is_refused():
     tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FP32, shape=[-1, 2], data=b"")
-    with pytest.raises(InvalidArgumentError, match="negative dimension"):
+    with pytest.raises(InvalidArgumentError, match=r"has dimension -1; each must be 0..2147483647"):
+        to_numpy(tensor, "x")
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [
+        ([0, 2**62], "has dimension 4611686018427387904"),  # no bytes, and no overflow: refused all the same
+        ([1] * 9, "9 dimensions; at most 8"),
+        ([2**31 - 1, 2**31 - 1], "needs"),  # within each dimension's bound; the bytes do not match
+    ],
+)
+def test_absurd_shapes_are_invalid_not_internal(shape, fragment):
+    tensor = tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FP32, shape=shape, data=b"")
+    with pytest.raises(InvalidArgumentError, match=fragment):
         to_numpy(tensor, "x")
 
 
