@@ -6,7 +6,8 @@ RESOURCE_EXHAUSTED, ...), never INTERNAL or UNKNOWN; every server must stay up; 
 check sent to each server meanwhile must answer within its one-second deadline.
 
 `MAAS_FUZZ_EXAMPLES` sets the cases per rpc (60 by default, four times that for rpcs with valid
-seed requests to mutate: a few thousand in all); set it higher for a longer hunt. Examples are derandomized, so a CI failure reproduces.
+seed requests to mutate: a few thousand in all); set it higher for a longer hunt. Examples are
+derandomized, so a CI failure reproduces.
 """
 
 from __future__ import annotations
