@@ -13,6 +13,7 @@ from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.fanout import FanoutServicer
+from gateway.http.server import GatewayServer, attach_http
 from gateway.model_service import SERVICE_NAME as MODEL_SERVICE
 from gateway.model_service import GatewayModelService
 from gateway.open_inference import OpenInferenceServicer
@@ -27,7 +28,7 @@ from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
 from shared.model_events import ModelEvents
-from shared.server import NOT_SERVING, SERVING, GrpcServer
+from shared.server import NOT_SERVING, SERVING
 from shared.workers import run_server_process
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -61,6 +62,14 @@ async def serve(settings: GatewaySettings) -> None:
     proxy = GatewayProxy(backends, cache, catalog, settings)
     model_service = GatewayModelService(backends, catalog, proxy.timeout)
     jobs = JobStore.from_url(settings.queue_redis_url) if settings.queue_redis_url else None
+    # One training servicer for gRPC and HTTP (the console's job event streams share its watch limits).
+    datasets = DatasetStore(settings.dataset_dir)
+    training = None
+    if jobs is not None:
+        training = TrainingServicer(
+            jobs, datasets, settings.max_dataset_bytes, catalog,
+            settings.max_watch_streams_per_tenant,
+        )  # fmt: skip
 
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(proxy.handlers())
@@ -69,12 +78,8 @@ async def serve(settings: GatewaySettings) -> None:
             OpenInferenceServicer(proxy, catalog, model_service), server
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
-        if jobs is not None:
-            servicer = TrainingServicer(
-                jobs, DatasetStore(settings.dataset_dir), settings.max_dataset_bytes, catalog,
-                settings.max_watch_streams_per_tenant,
-            )  # fmt: skip
-            training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
+        if training is not None:
+            training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
 
     names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
         [TRAINING_SERVICE] if jobs is not None else []
@@ -90,10 +95,12 @@ async def serve(settings: GatewaySettings) -> None:
     credentials = None
     if settings.tls_cert_file and settings.tls_key_file:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
-    server = GrpcServer(
+    server = GatewayServer(
         settings, register, names, interceptors, credentials, settings.health_port,
         known_model=lambda name: any(catalog.knows(family, name) for family in backends),
     )  # fmt: skip
+    if settings.http_port:  # KServe v2 REST, OpenAI embeddings and the console, on this event loop
+        attach_http(server, settings, proxy, catalog, model_service, training, jobs)
     refresher: asyncio.Task | None = None
 
     async def become_ready() -> bool:

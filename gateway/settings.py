@@ -94,6 +94,11 @@ class GatewaySettings(ServerSettings):
         65_536, description="Most entries of any repeated field of a request: texts, node ids, output names."
     )
     max_tensor_elements: int = Field(1 << 24, description="Most elements of any tensor of a request.")
+    http_port: int = Field(
+        0,
+        description="HTTP port (KServe v2 REST, OpenAI-compatible embeddings, the console, /openapi.json), served "
+        "by every worker beside gRPC (SO_REUSEPORT); 0 turns HTTP off. make run and the manifests use 8080.",
+    )
 
     @model_validator(mode="before")
     @classmethod

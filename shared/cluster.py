@@ -46,8 +46,8 @@ class ProcessSpec:
 
 
 class ClusterPorts:
-    """Every port the local cluster uses: the gateway's, the two Redis', and per family (from the
-    registry) the service's, its metrics' and its trainer's metrics' (`ports.dense`,
+    """Every port the local cluster uses: the gateway's (gRPC, metrics and HTTP), the two Redis', and per
+    family (from the registry) the service's, its metrics' and its trainer's metrics' (`ports.dense`,
     `ports.dense_metrics`, `ports.dense_trainer_metrics`)."""
 
     def __init__(
@@ -58,8 +58,10 @@ class ClusterPorts:
         redis_queue: int = 6391,
         families: dict[str, int] | None = None,
         pick_free: bool = False,
+        gateway_http: int = 8080,
     ) -> None:
         self.gateway = gateway
+        self.gateway_http = gateway_http
         self.gateway_metrics = gateway_metrics
         self.redis = redis
         self.redis_queue = redis_queue
@@ -86,7 +88,8 @@ class ClusterPorts:
     def free(cls) -> ClusterPorts:
         defaults = cls()
         return cls(free_port(), free_port(), free_port(), free_port(),
-                   {name: free_port() for name in defaults.families}, pick_free=True)  # fmt: skip
+                   {name: free_port() for name in defaults.families}, pick_free=True,
+                   gateway_http=free_port())  # fmt: skip
 
     def replica(self, name: str, index: int) -> int:
         """The port of replica `index` (0 is the first) for a port name such as "dense" or "dense_metrics"."""
@@ -111,12 +114,14 @@ def process_table(
     The gateway runs `gateway_workers` processes on its port (default: MAAS_GATEWAY_WORKERS, else one per core).
     """
     store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
+
     counts = {family.name: (replicas or {}).get(family.name, 1) for family in FAMILIES}
     gateway_workers = gateway_workers or int(os.environ.get("MAAS_GATEWAY_WORKERS") or 0) or default_workers()
     gateway_run_dir = var_dir / "run" / "gateway"
     gateway_env = {
         "MAAS_GATEWAY_PORT": str(ports.gateway),
         "MAAS_GATEWAY_METRICS_PORT": str(ports.gateway_metrics),
+        "MAAS_GATEWAY_HTTP_PORT": str(ports.gateway_http),
         "MAAS_GATEWAY_QUEUE_REDIS_URL": queue_redis_url,
         "MAAS_GATEWAY_DATASET_DIR": datasets,
         "MAAS_GATEWAY_WORKERS": str(gateway_workers),
@@ -311,6 +316,9 @@ def print_endpoints(cluster: LocalCluster) -> None:
         role = "public endpoint" if name == "gateway" else "internal"
         workers = f", {spec.workers} workers" if spec.workers > 1 else ""
         print(f"  {name:<13} grpc://{spec.target}  ({role}{workers})")
+        if name == "gateway" and cluster.ports.gateway_http:
+            http = f"http://127.0.0.1:{cluster.ports.gateway_http}"
+            print(f"  {'gateway':<13} {http}  (KServe v2 REST /v2, OpenAI /v1, console {http}/console)")
     metrics = ", ".join(
         f"{name} :{getattr(cluster.ports, f'{name}_metrics')}" for name in ("gateway", *(f.name for f in FAMILIES))
     )

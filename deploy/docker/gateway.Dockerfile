@@ -24,5 +24,5 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/app:/app/gen PYTHONUNBUFFERED=1 PYTHOND
     MAAS_GATEWAY_HOST=0.0.0.0
 RUN mkdir -p /datasets && chown 10001:10001 /datasets
 USER 10001:10001
-EXPOSE 50051 9464
+EXPOSE 50051 8080 9464
 ENTRYPOINT ["python", "-m", "gateway"]

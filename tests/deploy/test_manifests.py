@@ -3,6 +3,7 @@ and the containers run what `make run` runs."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -297,3 +298,29 @@ def test_trainers_have_a_liveness_probe_on_their_metrics_port(rendered):
         metrics = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
         family = container["name"].removesuffix("-trainer").upper()
         assert int(container_env(objects, container)[f"MAAS_{family}_TRAINER_METRICS_PORT"]) == metrics, name
+
+
+def test_the_gateway_serves_http_beside_grpc(rendered):
+    """The HTTP front's port: set, declared, on the Service, and open like the gRPC port."""
+    _, objects = rendered
+    gateway = next(c for name, spec in pod_specs(objects) if name == "maas-gateway" for c in spec["containers"])
+    port = int(container_env(objects, gateway)["MAAS_GATEWAY_HTTP_PORT"])
+    assert {"name": "http", "containerPort": port} in gateway["ports"]
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "maas-gateway")
+    assert any(p["name"] == "http" and p["targetPort"] == "http" for p in service["spec"]["ports"])
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "maas-gateway")
+    public = [r for r in policy["spec"]["ingress"] if "from" not in r]
+    assert any({p["port"] for p in r["ports"]} >= {50051, port} for r in public)
+
+
+def test_the_dashboard_and_alert_rules_ship_as_config_maps(rendered):
+    _, objects = rendered
+    maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    dashboard = maps["maas-grafana-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["maas.json"])["panels"]
+    rules = yaml.safe_load(maps["maas-prometheus-rules"]["data"]["maas-rules.yaml"])
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    assert {"MaasHighErrorRatio", "MaasHighP99Latency", "MaasTrainingJobDeadLettered", "MaasBackendDown"} <= alerts
+    # The files in the repository are what the ConfigMaps carry.
+    assert dashboard["data"]["maas.json"] == (DEPLOY / "grafana" / "maas.json").read_text()
