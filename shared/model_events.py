@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,13 @@ class ModelEvents:
     def __init__(self, url: str | None, timeout_s: float = 1.0) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        # After a Redis restart each pooled connection is stale once: a notice is sent again on a new one, so
+        # it is not left to the next poll (as JobStore does).
         self._redis = (
-            redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s) if url else None
+            redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                 retry=Retry(NoBackoff(), 2), retry_on_error=[redis.ConnectionError])  # fmt: skip
+            if url
+            else None
         )
 
     @property
