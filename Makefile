@@ -181,6 +181,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching
 	$(PY) -m tests.bench.bench_workers
 	$(PY) -m tests.bench.bench_gateway
+	$(PY) -m tests.bench.bench_encryption
 
 IMAGE_TAG ?= 0.1.0
 VARIANT   ?= gpu

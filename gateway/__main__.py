@@ -14,6 +14,7 @@ from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
 from gateway.fanout import FanoutServicer
 from gateway.http.server import GatewayServer, attach_http
+from gateway.keys import KEY_SERVICE, GatewayKeyService, dataset_store
 from gateway.model_service import SERVICE_NAME as MODEL_SERVICE
 from gateway.model_service import GatewayModelService
 from gateway.open_inference import OpenInferenceServicer
@@ -23,9 +24,9 @@ from gateway.settings import GatewaySettings
 from gateway.training import TrainingServicer
 from inference import open_inference_pb2, open_inference_pb2_grpc
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from maas.keys.v1 import keys_pb2_grpc
 from maas.models.v1 import models_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
-from shared.datasets import DatasetStore
 from shared.jobs import JobStore
 from shared.model_events import ModelEvents
 from shared.server import NOT_SERVING, SERVING
@@ -63,7 +64,7 @@ async def serve(settings: GatewaySettings) -> None:
     model_service = GatewayModelService(backends, catalog, proxy.timeout)
     jobs = JobStore.from_url(settings.queue_redis_url) if settings.queue_redis_url else None
     # One training servicer for gRPC and HTTP (the console's job event streams share its watch limits).
-    datasets = DatasetStore(settings.dataset_dir)
+    datasets = dataset_store(settings)  # sealed under the KEKs when encryption is on
     training = None
     if jobs is not None:
         training = TrainingServicer(
@@ -78,10 +79,11 @@ async def serve(settings: GatewaySettings) -> None:
             OpenInferenceServicer(proxy, catalog, model_service), server
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(GatewayKeyService(datasets, backends, proxy.timeout), server)
         if training is not None:
             training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
 
-    names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE] + (
+    names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE, KEY_SERVICE] + (
         [TRAINING_SERVICE] if jobs is not None else []
     )
     interceptors: list[grpc.aio.ServerInterceptor] = []

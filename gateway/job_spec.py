@@ -19,6 +19,8 @@ BUILTIN = {name: family.builtin_datasets for name, family in BY_NAME.items()}
 METRICS = {"classification": {"accuracy", "f1_macro"}, "regression": {"mse", "rmse"}}
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
+MAX_FILTERED_COLUMNS = 1024
+MAX_COLUMN_NAME = 256
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def normalize(
         )
     spec["seed"] = int(spec.get("seed", 0))
     task, shape = _data_task_and_shape(spec, family, dataset)
+    _check_columns(spec, family, dataset)
     if task:  # an upload no trainer has parsed yet is checked by the trainer that parses it
         _check_fit(architecture, task, shape, family)
     spec["task"] = task
@@ -134,6 +137,49 @@ def _data_task_and_shape(spec: dict[str, Any], family: str, dataset: dict[str, A
     return builtin.task, builtin.shape or [0]
 
 
+def _check_columns(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None) -> None:
+    """drop_columns and mask_columns: CSV columns of a dense job's upload, checked against its header when the
+    upload recorded one. The dense trainer applies them before it parses a cell (services/dense/datasets.py)."""
+    drop, mask = list(spec.get("drop_columns") or []), list(spec.get("mask_columns") or [])
+    if not drop and not mask:
+        return
+    where = "apply to dense jobs on an uploaded CSV data set"
+    if family != "dense":
+        raise InvalidArgumentError(f"drop_columns, mask_columns: {where}; this is a {family} job")
+    if dataset is None:
+        raise InvalidArgumentError(f"drop_columns, mask_columns: {where}, not a built-in one")
+    if dataset["format"] != "csv":
+        raise InvalidArgumentError(
+            f"drop_columns, mask_columns: {where}; {dataset['dataset_id']} is {dataset['format']}"
+        )
+    if len(drop) + len(mask) > MAX_FILTERED_COLUMNS:
+        raise InvalidArgumentError(f"drop_columns, mask_columns: at most {MAX_FILTERED_COLUMNS} columns in all")
+    for field, names in (("drop_columns", drop), ("mask_columns", mask)):
+        for i, name in enumerate(names):
+            if not name.strip() or len(name) > MAX_COLUMN_NAME:
+                raise InvalidArgumentError(f"{field}[{i}]: a column name of 1-{MAX_COLUMN_NAME} characters, got "
+                                           f"{name[:40]!r}")  # fmt: skip
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"{field}: names a column twice")
+    both = sorted(set(drop) & set(mask))
+    if both:
+        raise InvalidArgumentError(f"drop_columns, mask_columns: {both} are in both; a column is dropped or masked")
+    spec["drop_columns"], spec["mask_columns"] = [n.strip() for n in drop], [n.strip() for n in mask]
+    header = dataset.get("columns")
+    if not header:  # uploaded before the header was recorded: the trainer checks
+        return
+    for field, names in (("drop_columns", spec["drop_columns"]), ("mask_columns", spec["mask_columns"])):
+        missing = [name for name in names if name not in header]
+        if missing:
+            raise InvalidArgumentError(
+                f"{field}: {missing} are not columns of {dataset['dataset_id']}; its header has {header[:50]}"
+            )
+        if header[-1] in names:
+            raise InvalidArgumentError(f"{field}: {header[-1]!r} is the label or target column; it is kept")
+    if len(set(spec["drop_columns"])) >= len(header) - 1:
+        raise InvalidArgumentError("drop_columns: would drop every feature column; keep at least one")
+
+
 def _check_size(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None, limits: JobLimits) -> None:
     """The size limits, with what is known now: an upload no trainer has parsed yet has no width, classes or
     rows, so only the layers are checked (and their parameters as a lower bound) until its trainer parses it."""
@@ -144,6 +190,8 @@ def _check_size(spec: dict[str, Any], family: str, dataset: dict[str, Any] | Non
         # An nlp model reads the encoder's embeddings, whose width the trainer knows, not the texts' shape.
         in_shape = list(dataset.get("feature_shape") or []) or None
         in_shape = None if family == "nlp" else in_shape
+        if in_shape and spec.get("drop_columns"):  # a CSV's features are one row: dropped ones are not input
+            in_shape = [max(in_shape[-1] - len(spec["drop_columns"]), 1)]
         outputs = len(dataset.get("class_names") or []) or 1
         rows = int(dataset.get("num_examples") or 0) or None
     else:

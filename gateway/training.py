@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
@@ -19,6 +20,9 @@ from shared.families import BY_NAME, BY_TRAINING_CODE
 from shared.families import FAMILIES as FAMILY_ENTRIES
 from shared.jobs import TERMINAL, JobEventFeed, JobStore
 
+# Uploads are written (hashed, sealed) on two threads of their own: glibc gives each thread that allocates
+# its own arena and keeps what it freed, so the default executor's many threads would each keep megabytes.
+UPLOADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="uploads")
 FAMILIES = {code: family.name for code, family in BY_TRAINING_CODE.items()}
 FAMILY_CODES = {name: code for code, name in FAMILIES.items()}
 
@@ -118,15 +122,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             allowed = ", ".join(sorted(BY_NAME[family].dataset_formats))
             raise InvalidArgumentError(f"info.format: {fmt!r} is not a {family} format; use one of: {allowed}")
         # Streamed to the store as it arrives: size and sha256 checked on the way, never parsed here.
-        writer = await asyncio.to_thread(self.datasets.writer, self.max_dataset_bytes)
+        loop = asyncio.get_running_loop()
+        writer = await loop.run_in_executor(UPLOADS, self.datasets.writer, self.max_dataset_bytes)
         try:
             async for message in request_iterator:
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidArgumentError("only the first message may carry info; send chunks after it")
-                await asyncio.to_thread(writer.write, message.chunk)
-            meta = await asyncio.to_thread(writer.commit, first.info.name, family, fmt, current_tenant())
+                await loop.run_in_executor(UPLOADS, writer.write, message.chunk)
+            meta = await loop.run_in_executor(UPLOADS, writer.commit, first.info.name, family, fmt, current_tenant())
         except BaseException:
-            await asyncio.to_thread(writer.discard)
+            await loop.run_in_executor(UPLOADS, writer.discard)
             raise
         return training_pb2.UploadDatasetResponse(dataset=to_dataset(meta))
 

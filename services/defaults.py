@@ -12,8 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.families import FAMILIES
+from shared.keyring import Keyring
 from shared.logs import configure_logging
 from shared.model_store import Manifest, ModelStore
+from shared.settings import encryption_settings
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,14 @@ def ensure_defaults(store: ModelStore) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", type=Path, default=Path("var/models"))
+    parser.add_argument("--keys-dir", type=Path, help="KEK folder: the models are sealed (MAAS_DEFAULTS_KEYS_DIR)")
+    parser.add_argument("--kek-id", help="the KEK that wraps their data keys (MAAS_DEFAULTS_KEK_ID)")
     args = parser.parse_args()
     configure_logging("defaults")
-    built = ensure_defaults(ModelStore(args.store))
+    settings = encryption_settings("defaults")
+    keyring = Keyring(args.keys_dir or settings.keys_dir, args.kek_id or settings.kek_id)
+    log.info("model store %s: %s", args.store, keyring.describe())
+    built = ensure_defaults(ModelStore(args.store, keyring))
     log.info("default models ready in %s (built: %s)", args.store, ", ".join(built) or "none")
 
 

@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.families import FAMILIES
+from shared.keyring import LOCAL_KEK_ID, create_kek
 from shared.redis_server import CACHE_CONFIG, QUEUE_CONFIG, RedisServer
 from shared.workers import default_workers, free_port, ready_file
 
@@ -115,6 +116,10 @@ def process_table(
     """
     store, datasets, checkpoints = str(model_store), str(var_dir / "datasets"), str(var_dir / "checkpoints")
 
+    def keys(prefix: str) -> dict[str, str]:
+        """The local KEK (LocalCluster makes it on first start): every store is encrypted at rest."""
+        return {f"{prefix}KEYS_DIR": str(var_dir / "keys"), f"{prefix}KEK_ID": LOCAL_KEK_ID}
+
     counts = {family.name: (replicas or {}).get(family.name, 1) for family in FAMILIES}
     gateway_workers = gateway_workers or int(os.environ.get("MAAS_GATEWAY_WORKERS") or 0) or default_workers()
     gateway_run_dir = var_dir / "run" / "gateway"
@@ -146,7 +151,7 @@ def process_table(
                 f"{prefix}EVENTS_REDIS_URL": queue_redis_url,
             }
             name = family.name if i == 0 else f"{family.name}-{i + 1}"
-            specs.append(ProcessSpec(name, family.module, port, env))
+            specs.append(ProcessSpec(name, family.module, port, env, local_env=keys(prefix)))
     for family in FAMILIES:
         prefix = f"{family.env_prefix}TRAINER"
         env = {
@@ -156,11 +161,11 @@ def process_table(
             f"{prefix}_CHECKPOINT_DIR": checkpoints,
             f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family.name}_trainer_metrics")),
         }
-        specs.append(ProcessSpec(f"{family.name}-trainer", family.trainer_module, 0, env))
+        specs.append(ProcessSpec(f"{family.name}-trainer", family.trainer_module, 0, env, local_env=keys(f"{prefix}_")))
     specs.append(
         ProcessSpec(
             "gateway", "gateway", ports.gateway, gateway_env, gateway_workers, gateway_run_dir,
-            {"MAAS_GATEWAY_RUN_DIR": str(gateway_run_dir)},
+            {"MAAS_GATEWAY_RUN_DIR": str(gateway_run_dir), **keys("MAAS_GATEWAY_")},
         )
     )  # fmt: skip
     return specs
@@ -210,6 +215,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen] = {}
 
     def start(self, timeout_s: float = 180.0) -> None:
+        if create_kek(self.var_dir / "keys", LOCAL_KEK_ID):
+            print(f"made the local key-encryption key {self.var_dir / 'keys' / LOCAL_KEK_ID}", flush=True)
         if self.redis is not None:
             self.redis.start()
         if self.queue_redis is not None:
@@ -324,7 +331,9 @@ def print_endpoints(cluster: LocalCluster) -> None:
     )
     print(f"  metrics       http://127.0.0.1:<port>/metrics  (Prometheus: {metrics})")
     print(f"  redis         {cluster.redis_url}  (result cache: LRU)")
-    print(f"  redis         {cluster.queue_redis_url}  (job queue: AOF, noeviction)", flush=True)
+    print(f"  redis         {cluster.queue_redis_url}  (job queue: AOF, noeviction)")
+    print(f"  keys          {cluster.var_dir / 'keys'}  (KEK {LOCAL_KEK_ID}: models and data sets encrypted at rest)",
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,10 +4,17 @@ A version directory is immutable once published: it is written under a temporary
 renamed into place, so readers never see half a version. The default version is the latest
 one unless `<root>/<model>/DEFAULT` pins another.
 
-`<root>/<model>/INDEX.json` lists the model's versions, each with the sha256 of its manifest:
-a version exists once it is in the index, and a manifest that no longer matches its recorded
-hash is refused, as an artifact that no longer matches the manifest is. Model names are checked
-before they touch a path.
+`<root>/<model>/INDEX` lists the model's versions, each with the sha256 of its manifest (plain
+text: the model's family and owner, then "<version> <sha256>" lines): a version exists once it
+is in the index, and a manifest that no longer matches its recorded hash is refused, as an
+artifact that no longer matches the manifest is. Model names are checked before they touch a path.
+
+With a keyring (a KEK configured), every version is sealed (`shared.envelope`): its artifacts
+under a fresh data key, its manifest as an envelope whose header names the KEK and holds the
+wrapped data key. Every sha256 is over what is stored (the ciphertext), and is checked before
+anything is decrypted; the index's hash of a sealed manifest covers its sealed body, which
+rotation (`rewrap`, a new header renamed into place) never changes. Versions written in plain
+(before encryption was on) are still read, and the log says so once per version.
 """
 
 from __future__ import annotations
@@ -21,20 +28,40 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
-from shared.errors import IntegrityError, InvalidArgumentError, NotFoundError
+from shared.envelope import (
+    SealedWriter,
+    is_envelope,
+    new_data_key,
+    nonce_layout,
+    open_sealed,
+    split_envelope,
+    whole_file_chunk,
+)
+from shared.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError, NotFoundError
+from shared.keyring import KekPolicy, Keyring, KeyUnavailableError, KeyUsage, RewrapReport
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DEFAULT_PIN = "DEFAULT"
-INDEX = "INDEX.json"
+INDEX = "INDEX"
+LEGACY_INDEX = "INDEX.json"  # written before INDEX; read, and replaced at the model's next publish
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+MANIFEST_CONTEXT = b"manifest"
+COPY_BLOCK = 1 << 20
+
+
+def artifact_context(file_name: str) -> bytes:
+    """What an artifact's chunks are bound to, besides the version's own data key: its file name."""
+    return b"artifact:" + file_name.encode()
 
 
 class Artifacts:
@@ -50,6 +77,8 @@ class Artifacts:
     def check_all(self) -> Artifacts:
         """Reads and checks every file now (and keeps them for the loader): a version with any
         tampered file fails whole, even if its loader would not read that file."""
+        if self.manifest.unreadable:
+            raise KeyUnavailableError(f"{self.manifest.name} v{self.manifest.version}: {self.manifest.unreadable}")
         for file_name in self.manifest.files:
             self._read[file_name] = self.read(file_name)
         return self
@@ -69,7 +98,10 @@ class Artifacts:
                 f"{label}: {file_name} has sha256 {actual[:12]}…, the manifest records {expected[:12]}…; "
                 "refusing to load it"
             )
-        return data
+        if not self.manifest.sealed:
+            return data
+        # Checked over the ciphertext above; GCM's tags cover the plaintext. Decrypted in memory only.
+        return open_sealed(data, self.manifest.data_key(), artifact_context(file_name), f"{label}: {file_name}")
 
 
 def _is_number(text: str) -> bool:
@@ -99,7 +131,7 @@ class Manifest(BaseModel):
     name: str
     version: int
     family: Literal["dense", "gnn", "nlp"]
-    framework: Literal["onnx", "torch"]
+    framework: Literal["onnx", "torch", ""]  # "": a version whose sealed manifest this process cannot open
     files: dict[str, str] = Field(description="sha256 of every artifact file, by file name")
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
@@ -115,6 +147,33 @@ class Manifest(BaseModel):
     )
     # Architecture and pre-processing the loader needs, e.g. layer sizes or tokenizer limits.
     config: dict[str, Any] = Field(default_factory=dict)
+    encryption: dict[str, Any] = Field(
+        default_factory=dict,
+        description="how the files are sealed (cipher, chunk size, nonce layout; the KEK id and the wrapped "
+        "data key are in the manifest's envelope header); empty: stored in plain",
+    )
+    _data_key: bytes | None = PrivateAttr(None)
+    _kek_id: str = PrivateAttr("")
+    _unreadable: str = PrivateAttr("")
+
+    @property
+    def sealed(self) -> bool:
+        return bool(self.encryption)
+
+    @property
+    def kek_id(self) -> str:
+        """The KEK that wraps this version's data key ("" for a plain version)."""
+        return self._kek_id
+
+    @property
+    def unreadable(self) -> str:
+        """Why this version's sealed manifest could not be opened here (its KEK missing or wrong); "" when it was."""
+        return self._unreadable
+
+    def data_key(self) -> bytes:
+        if self._data_key is None:
+            raise KeyUnavailableError(f"{self.name} v{self.version}: its data key is not open in this process")
+        return self._data_key
 
     def artifact(self, directory: Path, file_name: str) -> Path:
         """One of this version's files. Loaders open nothing else: a file the manifest does not
@@ -129,63 +188,184 @@ class Manifest(BaseModel):
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(COPY_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def manifest_digest(raw: bytes) -> str:
+    """The sha256 the index records for a stored manifest: of a sealed one's body, which rotation keeps."""
+    return hashlib.sha256(split_envelope(raw, MANIFEST)[1] if is_envelope(raw) else raw).hexdigest()
+
+
+@dataclass
+class ModelIndex:
+    """What `<model>/INDEX` holds: the model's family and owner (nothing secret), and each version's
+    manifest hash."""
+
+    family: str = ""
+    owner: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> str:
+        if "\n" in self.owner:
+            raise InvalidArgumentError("owner: a tenant name may not hold a line break")
+        lines = [f"family {self.family}"] if self.family else []
+        lines += [f"owner {self.owner}"] if self.owner else []
+        lines += [f"{version} {digest}" for version, digest in sorted(self.versions.items(), key=lambda v: int(v[0]))]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def decode(cls, text: str) -> ModelIndex:
+        index = cls()
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "family":
+                index.family = value
+            elif key == "owner":
+                index.owner = value
+            elif _is_number(key) and len(value) == 64:
+                index.versions[key] = value
+            elif line.strip():
+                raise ValueError(f"unexpected line {line[:80]!r}")
+        return index
+
+
+class _HashingSink:
+    """A file that hashes what is written to it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.out.write(data)
+
+
+def _store_artifact(source: Path | bytes, destination: Path, data_key: bytes | None, context: bytes) -> tuple[str, int]:
+    """Writes one artifact (sealed under the data key, when there is one, as one chunk so that a load decrypts
+    it in one call) from bytes or a file, a block at a time; returns (sha256 of what was stored, plaintext size)."""
+    with destination.open("wb") as out:
+        sink = _HashingSink(out)
+        if data_key is None:
+            writer = sink
+        else:
+            size = len(source) if isinstance(source, bytes | bytearray | memoryview) else Path(source).stat().st_size
+            writer = SealedWriter(sink, data_key, context, whole_file_chunk(size))  # type: ignore[arg-type]
+        if isinstance(source, bytes | bytearray | memoryview):
+            writer.write(source)
+            size = len(source)
+        else:
+            size = 0
+            with Path(source).open("rb") as handle:
+                for block in iter(lambda: handle.read(COPY_BLOCK), b""):
+                    writer.write(block)
+                    size += len(block)
+        if isinstance(writer, SealedWriter):
+            writer.close()
+    return sink.digest.hexdigest(), size
+
+
 class ModelStore:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, keyring: Keyring | None = None) -> None:
         self.root = Path(root)
+        self.keyring = keyring or Keyring()
+        self.policy = KekPolicy(self.root, self.keyring)
+        self._plain_noted: set[tuple[str, int]] = set()
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether new versions are sealed."""
+        return self.keyring.enabled
 
     def model_dir(self, name: str) -> Path:
         return self.root / check_model_name(name)
 
-    def model_names(self, family: str | None = None) -> list[str]:
+    def _model_dirs(self) -> list[str]:
         if not self.root.is_dir():
             return []
+        return [e.name for e in sorted(self.root.iterdir()) if e.is_dir() and MODEL_NAME.match(e.name)]
+
+    def model_names(self, family: str | None = None) -> list[str]:
         names = []
-        for entry in sorted(self.root.iterdir()):
-            if not entry.is_dir() or not MODEL_NAME.match(entry.name):
-                continue
-            versions = self.versions(entry.name)
-            if versions and (family is None or self.manifest(entry.name, versions[-1]).family == family):
-                names.append(entry.name)
+        for name in self._model_dirs():
+            index = self._index(name)
+            if index.versions and (family is None or self._family(name, index) == family):
+                names.append(name)
         return names
+
+    def family(self, name: str) -> str:
+        """The model's family, from its index (no manifest needs opening); "" for a model the store lacks."""
+        index = self._index(name)
+        return self._family(name, index) if index.versions else ""
+
+    def _family(self, name: str, index: ModelIndex) -> str:
+        if index.family:
+            return index.family
+        return self.manifest(name, max(int(v) for v in index.versions)).family  # a legacy index names none
 
     def versions(self, name: str) -> list[int]:
         """The model's published versions: those its index lists."""
-        return sorted(int(v) for v in self._index(name))
+        return sorted(int(v) for v in self._index(name).versions)
 
-    def _index(self, name: str) -> dict[str, str]:
-        """Version -> sha256 of its manifest."""
+    def _index(self, name: str) -> ModelIndex:
         model_dir = self.model_dir(name)
         if not model_dir.is_dir():
-            return {}
+            return ModelIndex()
         if (model_dir / INDEX).exists():
             return self._read_index(name)
+        if (model_dir / LEGACY_INDEX).exists():
+            with contextlib.suppress(FileNotFoundError):  # unless a publish converted it meanwhile
+                return self._read_legacy_index(name)
+            return self._read_index(name)
         with self._index_lock(name):
-            return self._read_index(name) if (model_dir / INDEX).exists() else self._adopt(name)
+            return self._index_locked(name)
 
-    def _read_index(self, name: str) -> dict[str, str]:
+    def _index_locked(self, name: str) -> ModelIndex:
+        """The index, read or made; called with the index lock held."""
+        model_dir = self.model_dir(name)
+        if (model_dir / INDEX).exists():
+            return self._read_index(name)
+        if (model_dir / LEGACY_INDEX).exists():
+            return self._read_legacy_index(name)
+        return self._adopt(name)
+
+    def _read_index(self, name: str) -> ModelIndex:
         try:
-            return json.loads((self.model_dir(name) / INDEX).read_text())["versions"]
-        except (ValueError, KeyError, OSError) as exc:
+            return ModelIndex.decode((self.model_dir(name) / INDEX).read_text())
+        except (ValueError, OSError) as exc:
             raise IntegrityError(f"model {name!r}: its version index is unreadable ({exc})") from None
 
-    def _adopt(self, name: str) -> dict[str, str]:
+    def _read_legacy_index(self, name: str) -> ModelIndex:
+        try:
+            versions = json.loads((self.model_dir(name) / LEGACY_INDEX).read_text())["versions"]
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, OSError) as exc:
+            raise IntegrityError(f"model {name!r}: its version index is unreadable ({exc})") from None
+        return ModelIndex(versions=versions)
+
+    def _write_index(self, name: str, index: ModelIndex) -> None:
+        _write_atomically(self.model_dir(name) / INDEX, index.encode())
+        (self.model_dir(name) / LEGACY_INDEX).unlink(missing_ok=True)
+
+    def _adopt(self, name: str) -> ModelIndex:
         """Indexes a model written before the index existed, trusting its manifests as they are
         now (and saying so). Called with the index lock held."""
         model_dir = self.model_dir(name)
         found = {
-            entry.name: sha256_file(entry / MANIFEST)
+            entry.name: manifest_digest((entry / MANIFEST).read_bytes())
             for entry in model_dir.iterdir()
             if _is_number(entry.name) and (entry / MANIFEST).is_file()
         }
+        index = ModelIndex(versions=found)
         if found:
             log.warning("model %s had no version index; indexed versions %s as they are", name, sorted(found))
-            _write_atomically(model_dir / INDEX, json.dumps({"versions": found}, indent=2, sort_keys=True))
-        return found
+            latest = self.manifest(name, max(int(v) for v in found), index)
+            index.family, index.owner = latest.family, latest.owner
+            self._write_index(name, index)
+        return index
 
     @contextlib.contextmanager
     def _index_lock(self, name: str):
@@ -211,7 +391,8 @@ class ModelStore:
     def pinned_version(self, name: str) -> int | None:
         pin = self.model_dir(name) / DEFAULT_PIN
         try:
-            return int(pin.read_text().strip())
+            # "default-version 3"; a bare number in stores written before.
+            return int(pin.read_text().strip().removeprefix("default-version").strip())
         except (FileNotFoundError, ValueError):
             return None
 
@@ -221,56 +402,82 @@ class ModelStore:
     def version_dir(self, name: str, version: int) -> Path:
         return self.model_dir(name) / str(int(version))
 
-    def manifest(self, name: str, version: int) -> Manifest:
-        """The version's manifest, refused unless it matches the hash the index recorded for it."""
-        recorded = self._index(name).get(str(int(version)))
+    def manifest(self, name: str, version: int, index: ModelIndex | None = None) -> Manifest:
+        """The version's manifest, refused unless it matches the hash the index recorded for it.
+
+        A sealed manifest whose KEK is missing here, or is not the KEK that wrapped its data key, is
+        returned as far as the index describes it (name, version, family, owner), with `unreadable`
+        saying why: loading it fails with that reason, and the other versions are not disturbed.
+        """
+        index = index or self._index(name)
+        recorded = index.versions.get(str(int(version)))
         path = self.version_dir(name, version) / MANIFEST
         if recorded is None or not path.is_file():
             raise NotFoundError(f"model {name!r} has no version {version}")
         raw = path.read_bytes()
-        if hashlib.sha256(raw).hexdigest() != recorded:
+        label = f"{name} v{version}"
+        if manifest_digest(raw) != recorded:
             raise IntegrityError(
-                f"{name} v{version}: {MANIFEST} does not match the sha256 the store's index recorded; refusing it"
+                f"{label}: {MANIFEST} does not match the sha256 the store's index recorded; refusing it"
             )
-        return Manifest.model_validate_json(raw)
+        if not is_envelope(raw):
+            if self.encrypted and (name, version) not in self._plain_noted:
+                self._plain_noted.add((name, version))
+                log.warning("%s is stored unencrypted (written before encryption was on); reading it as it is", label)
+            return Manifest.model_validate_json(raw)
+        try:
+            plaintext, data_key, header = self.keyring.open(raw, MANIFEST_CONTEXT, f"{label}: {MANIFEST}")
+        except KeyUnavailableError as exc:
+            if not index.family:
+                raise KeyUnavailableError(f"{label}: {exc.message}") from None
+            stub = Manifest(name=name, version=int(version), family=index.family, framework="", files={}, inputs=[],
+                            outputs=[], owner=index.owner, promotable=False)  # fmt: skip
+            stub._unreadable = exc.message
+            return stub
+        manifest = Manifest.model_validate_json(plaintext)
+        manifest._data_key, manifest._kek_id = data_key, header.kek_id
+        return manifest
 
     def artifacts(self, manifest: Manifest) -> Artifacts:
         """The version's files, for a loader: each read whole and checked as it is read."""
         return Artifacts(manifest, self.version_dir(manifest.name, manifest.version))
 
     def verify(self, manifest: Manifest) -> Path:
-        """Checks every file's sha256 against the manifest; returns the version directory."""
-        artifacts = self.artifacts(manifest)
-        for file_name in manifest.files:
-            artifacts.read(file_name)
-        return artifacts.directory
+        """Checks every file's sha256 against the manifest (and, sealed, that it decrypts); returns the
+        version directory."""
+        return self.artifacts(manifest).check_all().directory
 
     def pin_default(self, name: str, version: int) -> None:
         if version not in self.versions(name):
             raise NotFoundError(f"model {name!r} has no version {version}")
-        _write_atomically(self.model_dir(name) / DEFAULT_PIN, f"{version}\n")
+        _write_atomically(self.model_dir(name) / DEFAULT_PIN, f"default-version {version}\n")
 
-    def publish(self, manifest: dict[str, Any], artifacts: dict[str, Path]) -> Manifest:
-        """Writes a new version from artifact files; the version number is the next free one.
+    def publish(self, manifest: dict[str, Any], artifacts: dict[str, Path | bytes]) -> Manifest:
+        """Writes a new version from artifacts (bytes, or files); the version number is the next free one.
 
         `manifest` holds every Manifest field except name-derived ones filled here:
-        version, files, created_at.
+        version, files, created_at. With a keyring, every file is sealed under a new data key as it is
+        written, and the manifest is an envelope whose header names the KEK that wraps it.
         """
         name = check_model_name(manifest["name"], "output_model")
         model_dir = self.model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
         staging.chmod(0o755)  # mkdtemp makes it private; other processes serve from it
+        data_key = new_data_key() if self.encrypted else None
         try:
             files, size = {}, 0
             for file_name, source in artifacts.items():
-                shutil.copyfile(source, staging / file_name)
-                files[file_name] = sha256_file(staging / file_name)
-                size += (staging / file_name).stat().st_size
-            # One publisher at a time per model: the number, the rename and the index move together.
+                files[file_name], length = _store_artifact(
+                    source, staging / file_name, data_key, artifact_context(file_name)
+                )
+                size += length
+            # One publisher at a time per model: the number, the rename and the index move together, and
+            # the KEK is chosen under the lock that rotation takes too, so no version escapes a rotation.
             with self._index_lock(name):
-                index = self._read_index(name) if (model_dir / INDEX).exists() else self._adopt(name)
-                numbers = [int(v) for v in index] + [int(e.name) for e in model_dir.iterdir() if _is_number(e.name)]
+                index = self._index_locked(name)
+                numbers = [int(v) for v in index.versions]
+                numbers += [int(e.name) for e in model_dir.iterdir() if _is_number(e.name)]
                 version = max(numbers, default=0) + 1
                 record = Manifest(
                     **{
@@ -279,19 +486,105 @@ class ModelStore:
                         "files": files,
                         "size_bytes": size,
                         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                        "encryption": nonce_layout() if data_key is not None else {},
                     }
                 )
                 raw = record.model_dump_json(indent=2).encode()
+                if data_key is not None:
+                    kek_id = self.policy.for_owner(record.owner)
+                    raw = self.keyring.seal(raw, kek_id, data_key, MANIFEST_CONTEXT)
+                    record._data_key, record._kek_id = data_key, kek_id
                 (staging / MANIFEST).write_bytes(raw)
                 os.rename(staging, self.version_dir(name, version))
-                index[str(version)] = hashlib.sha256(raw).hexdigest()
-                _write_atomically(model_dir / INDEX, json.dumps({"versions": index}, indent=2, sort_keys=True))
+                index.versions[str(version)] = manifest_digest(raw)
+                index.family, index.owner = record.family, record.owner
+                self._write_index(name, index)
                 return record
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def copy_version(self, source: ModelStore, name: str, version: int) -> Manifest:
+        """Publishes a version of another store here, decrypted in memory and sealed again under this store's
+        keys (e.g. a plain store's versions into an encrypted one); it gets this store's next number."""
+        manifest = source.manifest(name, version)
+        artifacts = source.artifacts(manifest).check_all()
+        record = manifest.model_dump(exclude={"version", "files", "size_bytes", "created_at", "encryption"})
+        return self.publish(record, {file_name: artifacts.read(file_name) for file_name in manifest.files})
 
-def _write_atomically(path: Path, text: str) -> None:
+    # Keys
+
+    def rewrap(self, kek_id: str, tenant: str | None = None, family: str | None = None) -> RewrapReport:
+        """Rotation: from now on new data keys are wrapped by `kek_id` (the store's, or one tenant's), and
+        every version's data key that should be is re-wrapped by it: a new manifest header, renamed into
+        place, under the model's index lock. No artifact is re-encrypted; readers see either header, and
+        both open the same data key. `family` limits it to one family's models (each service rotates its own)."""
+        if not self.encrypted:
+            raise FailedPreconditionError(
+                "the model store is not encrypted here: set this process's KEYS_DIR and KEK_ID settings"
+            )
+        if not self.keyring.has(kek_id):
+            raise KeyUnavailableError(
+                f"KEK {kek_id!r} is not in the keys directory {self.keyring.keys_dir} "
+                f"(it holds {self.keyring.ids() or 'no KEK'}): add it there (to the Secret) first"
+            )
+        self.policy.record(kek_id, tenant)
+        report = RewrapReport()
+        for name in self._model_dirs():
+            try:
+                self._rewrap_model(name, tenant, family, report)
+            except (IntegrityError, OSError) as exc:
+                report.errors.append(f"{name}: {exc}")
+        return report
+
+    def _rewrap_model(self, name: str, tenant: str | None, family: str | None, report: RewrapReport) -> None:
+        with self._index_lock(name):
+            index = self._index_locked(name)
+            if not index.versions or (family and self._family(name, index) != family):
+                return
+            if tenant is not None and index.owner != tenant:
+                return
+            target = self.policy.for_owner(index.owner)
+            for version in sorted(index.versions, key=int):
+                path = self.version_dir(name, int(version)) / MANIFEST
+                raw = path.read_bytes()
+                if not is_envelope(raw):
+                    report.plain += 1
+                    continue
+                try:
+                    rewrapped = self.keyring.rewrap(raw, target, f"{name} v{version}: {MANIFEST}")
+                except KeyUnavailableError as exc:
+                    report.errors.append(f"{name} v{version}: {exc.message}")
+                    continue
+                if rewrapped is None:
+                    report.unchanged += 1
+                else:
+                    _write_atomically(path, rewrapped)
+                    report.rewrapped += 1
+
+    def key_usage(self, family: str | None = None) -> KeyUsage:
+        """How many versions' data keys each KEK wraps, and how many versions are plain; reads headers only."""
+        usage = KeyUsage(self.policy.active(), self.policy.tenants(), Counter(), 0, [])
+        for name in self._model_dirs():
+            try:
+                index = self._index(name)
+                if not index.versions or (family and self._family(name, index) != family):
+                    continue
+                for version in index.versions:
+                    with (self.version_dir(name, int(version)) / MANIFEST).open("rb") as handle:
+                        head = handle.read(512)
+                    if is_envelope(head):
+                        usage.by_kek[split_envelope(head)[0].kek_id] += 1
+                    else:
+                        usage.plain += 1
+            except (IntegrityError, OSError) as exc:
+                usage.errors.append(f"{name}: {exc}")
+        return usage
+
+
+def _write_atomically(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        tmp.write_bytes(content)
     os.replace(tmp, path)

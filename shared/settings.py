@@ -11,14 +11,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Enough for a batch of a few thousand 64-float rows; raise it for bigger tensors.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-class ServerSettings(BaseSettings):
+class EncryptionSettings(BaseSettings):
+    """The key-encryption keys of a process that reads or writes the model or data-set store
+    (`<PREFIX>KEYS_DIR`, `<PREFIX>KEK_ID` for every process)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    keys_dir: Path | None = Field(
+        None,
+        description="Folder of key-encryption keys, one file of 32 random bytes per KEK, named by its id (a "
+        "Kubernetes Secret mounted as a folder). Set with kek_id, the stores are encrypted at rest; unset, "
+        "they are written in plain (and say so at start).",
+    )
+    kek_id: str = Field(
+        "",
+        description="The KEK that wraps new data keys, until a rotation (maasctl keys rotate) names another; "
+        "a tenant's own KEK, tenant-<tenant>, is used for its files when the folder holds one.",
+    )
+
+    @model_validator(mode="after")
+    def _kek_with_keys(self):
+        if self.keys_dir is not None and not self.kek_id:
+            raise ValueError("kek_id: required when keys_dir is set (the id of a KEK file in keys_dir)")
+        return self
+
+
+class ServerSettings(EncryptionSettings):
     """What every gRPC server in the cluster shares."""
 
     model_config = SettingsConfigDict(extra="ignore")
@@ -109,7 +134,7 @@ class ModelServiceSettings(ServerSettings):
     )
 
 
-class TrainerSettings(BaseSettings):
+class TrainerSettings(EncryptionSettings):
     """Settings of a trainer process; each family's trainer has its own prefix (MAAS_DENSE_TRAINER_, ...)."""
 
     model_config = SettingsConfigDict(extra="ignore")
@@ -157,6 +182,16 @@ class TrainerSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field("json", description="JSON lines, or text.")
     metrics_port: int = Field(0, description="Prometheus /metrics and the /healthz liveness probe; 0 turns it off.")
+
+
+def encryption_settings(process: str) -> EncryptionSettings:
+    """The KEK settings of a command-line process that writes the model store, read from MAAS_<PROCESS>_KEYS_DIR
+    and MAAS_<PROCESS>_KEK_ID (MAAS_DEFAULTS_ for `python -m services.defaults`, MAAS_QUANTIZE_ for quantize)."""
+
+    class ProcessEncryptionSettings(EncryptionSettings):
+        model_config = SettingsConfigDict(env_prefix=f"MAAS_{process.upper()}_", extra="ignore")
+
+    return ProcessEncryptionSettings()
 
 
 def trainer_settings(family: str) -> TrainerSettings:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,10 +110,9 @@ def run_epochs(
     """The epoch loop of a training job: resumes from the job's checkpoint, checks for
     cancellation before each epoch, checkpoints after each, and reports loss, validation
     metrics and ETA."""
-    path = context.checkpoint_path
     start, losses = 0, []
-    if path.exists():
-        state = torch.load(path, weights_only=True)
+    state = context.load_checkpoint()  # decrypted in memory when the stores are encrypted
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses = int(state["epoch"]), [float(v) for v in state["losses"]]
@@ -123,13 +122,9 @@ def run_epochs(
         context.raise_if_cancelled()
         losses.append(train_epoch(epoch))
         metrics = validate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "losses": losses},
-            tmp,
+        context.save_checkpoint(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "losses": losses}
         )
-        tmp.replace(path)
         context.report_epoch(epoch + 1, epochs, losses[-1], metrics, start)
     return losses
 
@@ -179,25 +174,26 @@ class ExportableClassifier(torch.nn.Module):
         return probabilities, probabilities.argmax(dim=-1)
 
 
-def export_onnx(
+def export_onnx_bytes(
     module: torch.nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
-    path: Path,
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
-) -> Path:
-    """TorchScript-based export (opset 17): fast, and needs no onnxscript."""
+) -> bytes:
+    """TorchScript-based export (opset 17): fast, and needs no onnxscript. In memory, so the weights reach
+    disk only sealed by the model store."""
     module.eval()
+    buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(
             module,
             example_inputs,
-            str(path),
+            buffer,
             input_names=input_names,
             output_names=output_names,
             dynamic_axes=dynamic_axes,
             opset_version=17,
             dynamo=False,
         )
-    return path
+    return buffer.getvalue()

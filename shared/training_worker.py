@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import shutil
@@ -40,6 +41,7 @@ import torch
 from prometheus_client import Counter
 
 from shared.datasets import DatasetStore
+from shared.envelope import is_envelope, new_data_key
 from shared.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -50,6 +52,7 @@ from shared.errors import (
 )
 from shared.job_limits import JobLimits, check_job_size
 from shared.jobs import TERMINAL, JobQueue, JobStore, QueueEntry
+from shared.keyring import Keyring, KeyUnavailableError
 from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_events import ModelEvent, ModelEvents
 from shared.model_store import Manifest, ModelStore
@@ -59,6 +62,7 @@ log = logging.getLogger(__name__)
 JOBS = Counter("maas_training_jobs_total", "Training job attempts by family and outcome", ["family", "outcome"])
 
 HIGHER_IS_BETTER = {"accuracy", "f1_macro", "cv_accuracy_mean", "cv_f1_macro_mean"}
+CHECKPOINT_CONTEXT = b"checkpoint"
 
 
 class JobCancelled(Exception):
@@ -136,6 +140,36 @@ class JobContext:
     def checkpoint_path(self) -> Path:
         return self.checkpoint_dir / self.job_id / "checkpoint.pt"
 
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Writes the job's checkpoint (weights, optimizer, epoch) in one rename; sealed under a fresh data key,
+        wrapped by the KEK the job's version will get, when the model store is encrypted."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        raw = buffer.getvalue()
+        if self.store.encrypted:
+            kek_id = self.store.policy.for_owner(self.spec.get("tenant", "") if self.spec.get("private") else "")
+            raw = self.store.keyring.seal(raw, kek_id, new_data_key(), CHECKPOINT_CONTEXT)
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".tmp")
+        staging.write_bytes(raw)
+        staging.replace(path)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The job's last checkpoint, decrypted in memory; None when there is none, or when its KEK is gone
+        (the job then starts over, saying why)."""
+        path = self.checkpoint_path
+        if not path.exists():
+            return None
+        raw = path.read_bytes()
+        if is_envelope(raw):
+            try:
+                raw = self.store.keyring.open(raw, CHECKPOINT_CONTEXT, f"job {self.job_id}: checkpoint")[0]
+            except KeyUnavailableError as exc:
+                log.warning("job %s: its checkpoint cannot be opened (%s); starting over", self.job_id, exc.message)
+                return None
+        return torch.load(io.BytesIO(raw), weights_only=True)
+
     def dataset(self):
         """The job's data, parsed and checked here in the trainer; a bad data set fails the job."""
         dataset_id = self.spec.get("dataset_id")
@@ -199,7 +233,7 @@ class JobContext:
         except Exception:  # noqa: BLE001 - a new model has no default yet
             return None
 
-    def publish(self, record: dict[str, Any], artifacts: dict[str, Path], task: str) -> JobResult:
+    def publish(self, record: dict[str, Any], artifacts: dict[str, Path | bytes], task: str) -> JobResult:
         """Gates, writes the version (once per job, even across retries) and promotes it if it passed.
 
         Right before writing, and under a lock every trainer takes, the model is checked again: it must
@@ -494,12 +528,14 @@ async def serve_trainer(
     heartbeat = Heartbeat()
     start_metrics_and_health_server(settings.metrics_port, heartbeat, settings.liveness_timeout_s)
     jobs = JobStore.from_url(settings.queue_redis_url)
+    keyring = Keyring.from_settings(settings)
+    (log.info if keyring.enabled else log.warning)("model, data-set and checkpoint stores: %s", keyring.describe())
     worker = TrainingWorker(
         family,
         jobs,
         run_job,
-        ModelStore(settings.model_store),
-        DatasetStore(settings.dataset_dir),
+        ModelStore(settings.model_store, keyring),
+        DatasetStore(settings.dataset_dir, keyring),
         Path(settings.checkpoint_dir),
         DataSource(data.parse, data.describe, data.load_builtin, settings.max_dataset_bytes),
         device=resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb),

@@ -1,9 +1,12 @@
-"""Fixtures shared by every test: the default model store and a whole cluster on free ports."""
+"""Fixtures shared by every test: the default model store and a whole cluster on free ports.
+
+The cluster runs encrypted, as `make run` does: its store is a copy of the default models sealed
+under a KEK of its own (LocalCluster's local one), so every e2e test exercises the sealed store.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import grpc
@@ -11,6 +14,7 @@ import pytest
 
 from services.defaults import ensure_defaults
 from shared.cluster import ClusterPorts, LocalCluster
+from shared.keyring import LOCAL_KEK_ID, Keyring, create_kek
 from shared.model_store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,19 +22,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def model_store() -> ModelStore:
-    """The default models `make test` builds (built here too when pytest runs on its own)."""
-    store = ModelStore(Path(os.environ.get("MAAS_TEST_MODEL_STORE", ROOT / "var" / "models")))
+    """The default models `make test` builds (built here too when pytest runs on its own), in plain. Versions
+    that `make run` trained into it are sealed under var/keys, which it reads them with."""
+    root = Path(os.environ.get("MAAS_TEST_MODEL_STORE", ROOT / "var" / "models"))
+    store = ModelStore(root, Keyring(ROOT / "var" / "keys"))
     ensure_defaults(store)
     return store
 
 
+def sealed_copy(source: ModelStore, store: ModelStore) -> None:
+    """Every version of `source`, sealed into `store` under its KEK (plain sources are read as they are)."""
+    for name in source.model_names():
+        for version in source.versions(name):
+            copied = store.copy_version(source, name, version)
+            assert copied.version == version, f"{name}: versions of the source store are not 1, 2, ..."
+        if source.pinned_version(name) is not None:
+            store.pin_default(name, source.pinned_version(name))
+
+
 @pytest.fixture(scope="session")
 def cluster(model_store, tmp_path_factory):
-    """Redis, the three model services and the gateway, as real processes on free ports."""
+    """Redis, the three model services and the gateway, as real processes on free ports, on a sealed store."""
     var = tmp_path_factory.mktemp("cluster")
-    # A copy: training jobs and admin calls in the tests write versions and pins.
+    # LocalCluster's local KEK, made first so that the store's copy is sealed with it.
+    create_kek(var / "keys", LOCAL_KEK_ID)
+    keyring = Keyring(var / "keys", LOCAL_KEK_ID)
+    # A sealed copy: training jobs and admin calls in the tests write versions and pins.
     store = var / "models"
-    shutil.copytree(model_store.root, store, ignore=shutil.ignore_patterns(".staging-*"))
+    sealed_copy(model_store, ModelStore(store, keyring))
     # Trainers take over a silent trainer's job after 2 s (30 s by default), so the tests run quickly.
     fast_takeover = {
         f"MAAS_{family.upper()}_TRAINER_{key}": value
@@ -45,8 +64,22 @@ def cluster(model_store, tmp_path_factory):
         for log in sorted((var / "logs").glob("*.log")):
             print(f"--- {log.name}\n{log.read_text()[-3000:]}")
         raise
-    yield cluster
+    # Tests read this cluster's store from this process too (the versions a job wrote, by its source):
+    # a ModelStore made on it without keys gets the cluster's, as its services have them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModelStore, "__init__", _with_keys_under(var, keyring))
+        yield cluster
     cluster.stop()
+
+
+def _with_keys_under(root: Path, cluster_keyring: Keyring):
+    plain_init = ModelStore.__init__
+
+    def init(self, store_root, keyring=None):
+        under = Path(store_root).resolve().is_relative_to(root.resolve())
+        plain_init(self, store_root, keyring or (cluster_keyring if under else None))
+
+    return init
 
 
 @pytest.fixture(scope="session")

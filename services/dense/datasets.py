@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -60,6 +62,7 @@ def held_out(dataset: str) -> tuple[np.ndarray, np.ndarray]:
 
 # Parsing uploaded data sets, in the dense trainer (never in the gateway).
 
+
 @dataclass
 class TabularData:
     """dense: features (any shape per example) and integer labels or float targets."""
@@ -68,10 +71,42 @@ class TabularData:
     y: np.ndarray
     task: str
     class_names: list[str] = field(default_factory=list)
+    # Feature positions a job masked (ColumnFilter): all 0 here, and multiplied by 0 in the exported model.
+    masked_features: list[int] = field(default_factory=list)
 
     @property
     def num_examples(self) -> int:
         return len(self.y)
+
+
+@dataclass(frozen=True)
+class ColumnFilter:
+    """A job's CSV columns to drop or mask before anything parses them (SubmitJobRequest.drop_columns and
+    mask_columns), e.g. free text or identifiers. A dropped column is removed: the model's input has one
+    feature fewer. A masked column keeps its place, every value (text included) becomes 0, and the exported
+    model multiplies it by 0, so whatever a caller sends there at prediction is ignored. Names match the
+    header exactly (spaces around them aside)."""
+
+    drop: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> ColumnFilter:
+        return cls(tuple(spec.get("drop_columns") or ()), tuple(spec.get("mask_columns") or ()))
+
+    def __bool__(self) -> bool:
+        return bool(self.drop or self.mask)
+
+    def check(self, names: list[str]) -> None:
+        """Every named column exists and is a feature column (not the last, label or target)."""
+        for field_name, wanted in (("drop_columns", self.drop), ("mask_columns", self.mask)):
+            missing = [name for name in wanted if name not in names]
+            if missing:
+                shown = ", ".join(repr(n) for n in names[:50])
+                raise InvalidArgumentError(f"{field_name}: {missing} are not columns of the data set; its header has "
+                                           f"{shown}")  # fmt: skip
+            if names and names[-1] in wanted:
+                raise InvalidArgumentError(f"{field_name}: {names[-1]!r} is the label or target column; it is kept")
 
 
 def parse_npz(data: bytes) -> TabularData:
@@ -97,7 +132,7 @@ def parse_npz(data: bytes) -> TabularData:
     return TabularData(x.astype(np.float32), y, task, classes)
 
 
-def parse_csv(data: bytes) -> TabularData:
+def parse_csv(data: bytes, columns: ColumnFilter | None = None) -> TabularData:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,12 +144,20 @@ def parse_csv(data: bytes) -> TabularData:
     last = header[-1].strip().lower()
     if last not in ("label", "target"):
         raise InvalidArgumentError(f"csv line 1: the last column must be named 'label' or 'target', got {header[-1]!r}")
+    columns = columns or ColumnFilter()
+    names = [name.strip() for name in header]
+    columns.check(names)
+    # Dropped and masked cells are never parsed, so a text in them is never read into a number or an error.
+    kept = [i for i, name in enumerate(names) if name not in columns.drop]
+    masked = {i for i, name in enumerate(names) if name in columns.mask}
     features, values = [], []
     for line_no, row in enumerate(rows, start=2):
         if not row or all(not cell.strip() for cell in row):
             continue
         if len(row) != len(header):
             raise InvalidArgumentError(f"csv line {line_no}: {len(row)} columns, the header has {len(header)}")
+        if columns:
+            row = ["0" if i in masked else row[i] for i in kept]
         try:
             numbers = [float(cell) for cell in row]
         except ValueError:
@@ -134,7 +177,8 @@ def parse_csv(data: bytes) -> TabularData:
         y, task, classes = labels_or_targets(raw.astype(np.int64), "csv column 'label'")
     else:
         y, task, classes = raw.astype(np.float32), "regression", []
-    return TabularData(x, y, task, classes)
+    masked_features = [position for position, i in enumerate(kept[:-1]) if i in masked]
+    return TabularData(x, y, task, classes, masked_features)
 
 
 def _is_float(cell: str) -> bool:
@@ -148,9 +192,14 @@ def _is_float(cell: str) -> bool:
 PARSERS = {"npz": parse_npz, "csv": parse_csv}
 
 
-def parse(fmt: str, data: bytes) -> TabularData:
-    """An uploaded dense data set, checked field by field; the message names what is wrong."""
-    return parse_with(PARSERS, "dense", fmt, data)
+def parse(fmt: str, data: bytes, columns: ColumnFilter | None = None) -> TabularData:
+    """An uploaded dense data set, checked field by field; the message names what is wrong. A job's columns
+    to drop or mask apply to CSV only."""
+    if not columns:
+        return parse_with(PARSERS, "dense", fmt, data)
+    if fmt != "csv":
+        raise InvalidArgumentError(f"drop_columns, mask_columns: apply to CSV data sets; this one is {fmt}")
+    return parse_with({"csv": functools.partial(parse_csv, columns=columns)}, "dense", fmt, data)
 
 
 def describe(parsed: TabularData) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from services.dense.architectures import MLP, GRUForecaster, SmallCNN
 from services.dense.datasets import PIXEL_MAX, SINE_WINDOW, digits_split, held_out, sine_windows
 from shared.model_store import Manifest, ModelStore
-from shared.training import ExportableClassifier, classification_metrics, export_onnx, fit, regression_metrics
+from shared.training import ExportableClassifier, classification_metrics, export_onnx_bytes, fit, regression_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +32,19 @@ def publish_onnx(
     example: torch.Tensor,
     record: dict[str, Any],
 ) -> Manifest:
-    """Exports `module` (one input, batch-first) to ONNX and publishes it as the next version."""
+    """Exports `module` (one input, batch-first) to ONNX, in memory, and publishes it as the next version."""
     input_name = record["inputs"][0]["name"]
     output_names = [output["name"] for output in record["outputs"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            module,
-            (example,),
-            Path(tmp) / "model.onnx",
-            input_names=[input_name],
-            output_names=output_names,
-            dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
-        )
-        record = {**record, "family": "dense", "framework": "onnx"}
-        record["config"] = {**record["config"], "onnx_file": "model.onnx"}
-        manifest = store.publish(record, {"model.onnx": onnx_path})
+    onnx_model = export_onnx_bytes(
+        module,
+        (example,),
+        input_names=[input_name],
+        output_names=output_names,
+        dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
+    )
+    record = {**record, "family": "dense", "framework": "onnx"}
+    record["config"] = {**record["config"], "onnx_file": "model.onnx"}
+    manifest = store.publish(record, {"model.onnx": onnx_model})
     log.info("built %s v%d: %s", manifest.name, manifest.version, manifest.metrics)
     return manifest
 
@@ -138,12 +135,12 @@ def evaluate_classifier(exportable: ExportableClassifier, dataset: str) -> dict[
     return classification_metrics(y_test, predicted.numpy())
 
 
-def evaluate_onnx(path: Path, dataset: str, input_name: str) -> dict[str, float]:
-    """Held-out metrics of an exported model, as served (used for quantized versions)."""
+def evaluate_onnx(model: bytes | Path, dataset: str, input_name: str) -> dict[str, float]:
+    """Held-out metrics of an exported model (its bytes), as served (used for quantized versions)."""
     from shared.onnx_session import OnnxConfig, OnnxSession
 
     x_test, y_test = held_out(dataset)
-    outputs = OnnxSession(path, OnnxConfig(device="cpu")).run({input_name: x_test})
+    outputs = OnnxSession(model, OnnxConfig(device="cpu")).run({input_name: x_test})
     if "label" in outputs:
         return classification_metrics(y_test, outputs["label"])
     return regression_metrics(y_test, np.asarray(next(iter(outputs.values()))))

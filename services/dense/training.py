@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from services.dense.datasets import ColumnFilter, TabularData, parse
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.training import (
     ExportableClassifier,
     Standardize,
-    export_onnx,
+    export_onnx_bytes,
     loss_and_targets,
     make_optimizer,
     task_metrics,
@@ -25,7 +24,22 @@ from shared.training import (
 from shared.training_worker import JobContext, JobResult
 
 
-def build_network(spec: dict, shape: list[int], outputs: int, mean: np.ndarray, std: np.ndarray) -> nn.Module:
+class ZeroColumns(nn.Module):
+    """Multiplies a job's masked feature columns by 0: whatever a caller sends there is ignored."""
+
+    def __init__(self, width: int, masked: list[int]) -> None:
+        super().__init__()
+        keep = torch.ones(width)
+        keep[masked] = 0.0
+        self.register_buffer("keep", keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.keep
+
+
+def build_network(
+    spec: dict, shape: list[int], outputs: int, mean: np.ndarray, std: np.ndarray, masked: list[int] | None = None
+) -> nn.Module:
     hidden = spec["hidden_sizes"]
     if spec["architecture"] == "mlp":
         core = nn.Sequential(nn.Flatten(), MLP(math.prod(shape), hidden, outputs))
@@ -34,7 +48,8 @@ def build_network(spec: dict, shape: list[int], outputs: int, mean: np.ndarray, 
         core = SmallCNN(hidden[0], outputs, channels, height, width)
     else:
         core = GRUForecaster(shape[-1], hidden[0], outputs)
-    return nn.Sequential(Standardize(mean, std), core)
+    masking = [ZeroColumns(shape[-1], masked)] if masked else []
+    return nn.Sequential(*masking, Standardize(mean, std), core)
 
 
 class Regressor(nn.Module):
@@ -54,9 +69,23 @@ def check_fit(architecture: str, shape: list[int]) -> None:
         raise InvalidArgumentError(f"architecture: gru needs sequences [T, F], the data has {shape}")
 
 
+def job_data(context: JobContext) -> TabularData:
+    """The job's data set; a CSV with columns to drop or mask is parsed here with them, so those cells are
+    never read as data (and the data set's recorded description, which no one job's columns shape, stays)."""
+    columns = ColumnFilter.from_spec(context.spec)
+    if not columns:
+        return context.dataset()
+    if not context.spec.get("dataset_id"):
+        raise InvalidArgumentError("drop_columns, mask_columns: apply to an uploaded CSV data set, not a built-in one")
+    meta, raw = context.datasets.read(context.spec["dataset_id"], context.data.max_bytes)
+    parsed = parse(meta["format"], raw, columns)
+    context.heartbeat.beat()
+    return parsed
+
+
 def run_job(context: JobContext) -> JobResult:
     spec = context.spec
-    data = context.dataset()
+    data = job_data(context)
     check_fit(spec["architecture"], list(data.x.shape[1:]))
     torch.manual_seed(spec["seed"])
     classification = data.task == "classification"
@@ -73,7 +102,7 @@ def run_job(context: JobContext) -> JobResult:
     mean, std = data.x[rest].mean(axis=0), data.x[rest].std(axis=0) + 1e-6
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
-        net = build_network(spec, shape, outputs, mean, std).to(device)
+        net = build_network(spec, shape, outputs, mean, std, data.masked_features).to(device)
         return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
 
     def evaluate(net: nn.Module, idx: np.ndarray) -> dict[str, float]:
@@ -98,31 +127,30 @@ def run_job(context: JobContext) -> JobResult:
         else [{"name": "prediction", "dtype": "FP32", "shape": [-1, 1]}]
     )
     names = [o["name"] for o in output_specs]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            exportable,
-            (torch.zeros(1, *shape),),
-            Path(tmp) / "model.onnx",
-            input_names=["x"],
-            output_names=names,
-            dynamic_axes={name: {0: "batch"} for name in ["x", *names]},
-        )
-        record = {
-            "family": "dense",
-            "framework": "onnx",
-            "inputs": [{"name": "x", "dtype": "FP32", "shape": [-1, *shape]}],
-            "outputs": output_specs,
-            "metrics": metrics,
-            "class_names": data.class_names,
-            "description": f"{spec['architecture']} {spec['hidden_sizes']} trained on {context.dataset_name()}",
-            "config": {
-                "architecture": spec["architecture"],
-                "hidden_sizes": spec["hidden_sizes"],
-                "onnx_file": "model.onnx",
-                "task": data.task,
-                "job": context.job_id,
-                "spec": spec,
-            },  # fmt: skip
-        }
-        context.message("evaluated; writing the version", state="EVALUATING")
-        return context.publish(record, {"model.onnx": onnx_path}, data.task)
+    # In memory: the graph reaches disk only sealed by the model store.
+    onnx_bytes = export_onnx_bytes(
+        exportable,
+        (torch.zeros(1, *shape),),
+        input_names=["x"],
+        output_names=names,
+        dynamic_axes={name: {0: "batch"} for name in ["x", *names]},
+    )
+    record = {
+        "family": "dense",
+        "framework": "onnx",
+        "inputs": [{"name": "x", "dtype": "FP32", "shape": [-1, *shape]}],
+        "outputs": output_specs,
+        "metrics": metrics,
+        "class_names": data.class_names,
+        "description": f"{spec['architecture']} {spec['hidden_sizes']} trained on {context.dataset_name()}",
+        "config": {
+            "architecture": spec["architecture"],
+            "hidden_sizes": spec["hidden_sizes"],
+            "onnx_file": "model.onnx",
+            "task": data.task,
+            "job": context.job_id,
+            "spec": spec,
+        },  # fmt: skip
+    }
+    context.message("evaluated; writing the version", state="EVALUATING")
+    return context.publish(record, {"model.onnx": onnx_bytes}, data.task)

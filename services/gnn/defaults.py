@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from sklearn.model_selection import train_test_split
 from torch_geometric.datasets import KarateClub
 
@@ -54,36 +52,35 @@ def build_karate_gcn(store: ModelStore, seed: int = 0) -> Manifest:
         predicted = net(data.x, data.edge_index).argmax(dim=1)
     metrics = classification_metrics(data.y[test].numpy(), predicted[test].numpy())
     metrics["final_train_loss"] = loss.item()
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, graph = Path(tmp) / "weights.safetensors", Path(tmp) / "graph-karate.safetensors"
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, weights)
-        save_file({"node_features": data.x.contiguous(), "edge_index": data.edge_index.contiguous()}, graph)
-        manifest = store.publish(
-            {
-                "name": KARATE_GCN,
-                "family": "gnn",
-                "framework": "torch",
-                "inputs": [
-                    {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
-                    {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-                    {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
-                ],
-                "outputs": [
-                    {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
-                    {"name": "label", "dtype": "INT64", "shape": [-1]},
-                ],
-                "metrics": metrics,
-                "class_names": [f"community-{i}" for i in range(config["num_classes"])],
-                "source": f"builtin:torch_geometric.datasets.KarateClub seed={seed} test_size=0.5",
-                "description": "2-layer GCN; node features are one-hot node ids of the karate graph",
-                "config": {
-                    **config,
-                    "weights_file": "weights.safetensors",
-                    "graphs": {KARATE_GRAPH: "graph-karate.safetensors"},
-                },
+    # In memory: the weights reach disk only as the store writes them (sealed, when it is encrypted).
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    graph = save({"node_features": data.x.contiguous(), "edge_index": data.edge_index.contiguous()})
+    manifest = store.publish(
+        {
+            "name": KARATE_GCN,
+            "family": "gnn",
+            "framework": "torch",
+            "inputs": [
+                {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
+                {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
+                {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
+            ],
+            "outputs": [
+                {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
+                {"name": "label", "dtype": "INT64", "shape": [-1]},
+            ],
+            "metrics": metrics,
+            "class_names": [f"community-{i}" for i in range(config["num_classes"])],
+            "source": f"builtin:torch_geometric.datasets.KarateClub seed={seed} test_size=0.5",
+            "description": "2-layer GCN; node features are one-hot node ids of the karate graph",
+            "config": {
+                **config,
+                "weights_file": "weights.safetensors",
+                "graphs": {KARATE_GRAPH: "graph-karate.safetensors"},
             },
-            {"weights.safetensors": weights, "graph-karate.safetensors": graph},
-        )
+        },
+        {"weights.safetensors": weights, "graph-karate.safetensors": graph},
+    )
     log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
     return manifest
 

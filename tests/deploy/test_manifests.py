@@ -117,13 +117,37 @@ def test_the_production_overlay_mounts_tls_and_keys_from_secrets():
     gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "maas-gateway")
     pod = gateway["spec"]["template"]["spec"]
     secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    assert secrets == {"maas-gateway-tls", "maas-api-keys"}
+    assert secrets == {"maas-gateway-tls", "maas-api-keys", "maas-kek"}
     env = container_env(objects, pod["containers"][0])
     for key in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "API_KEYS_FILE"):
         path = env[f"MAAS_GATEWAY_{key}"]
         assert any(path.startswith(m["mountPath"]) for m in pod["containers"][0]["volumeMounts"]), key
     # Nothing secret is committed: no Secret object is rendered, the operator creates them.
     assert not [o for o in objects if o["kind"] == "Secret"]
+
+
+def test_the_production_overlay_gives_every_store_reader_the_kek_secret():
+    """Every process that reads or writes the model or data-set store (services, trainers, the gateway,
+    the job that builds the default models) mounts maas-kek read-only and names a KEK inside it."""
+    objects = render("production")
+    readers = [
+        o for o in objects
+        if (o["kind"] == "Deployment" and o["metadata"]["name"].startswith("maas-"))
+        or (o["kind"] == "Job" and o["metadata"]["name"] == "maas-models-init")
+    ]  # fmt: skip
+    assert len(readers) >= 8
+    for obj in readers:
+        pod = obj["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["kek"]["secret"]["secretName"] == "maas-kek", obj["metadata"]["name"]
+        container = pod["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "kek")
+        assert mount["readOnly"] is True
+        env = container_env(objects, container)
+        dirs = {k: v for k, v in env.items() if k.endswith("_KEYS_DIR")}
+        assert dirs and all(v == mount["mountPath"] for v in dirs.values()), obj["metadata"]["name"]
+        for key in dirs:
+            assert env[key.replace("_KEYS_DIR", "_KEK_ID")], (obj["metadata"]["name"], key)
 
 
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem(rendered):

@@ -21,6 +21,7 @@ from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
 from services.nlp.defaults import SENTIMENT_DATA
+from shared.envelope import CHUNK_BYTES, SEALED_MAGIC, plaintext_size
 from shared.jobs import dead_letter_key
 from shared.model_store import ModelStore
 from shared.tensors import from_numpy, to_numpy
@@ -393,9 +394,14 @@ def test_jobs_queued_while_redis_restarts_are_not_lost(training, cluster):
 
 def test_a_job_failing_every_attempt_moves_to_the_dead_letter_stream(training, cluster):
     wine = load_wine()
-    dataset = upload(training, "doomed", t.FAMILY_DENSE, t.DATASET_FORMAT_NPZ, npz(x=wine.data, labels=wine.target))
-    # Still framed like an npz, so the check at submit passes; the trainer's sha256 check does not.
-    (cluster.var_dir / "datasets" / dataset.dataset_id / "data.npz").write_bytes(b"PK\x03\x04 tampered after upload")
+    # Over one sealed chunk (1 MiB), so that the check at submit, which decrypts the first chunk only, passes.
+    x, labels = np.tile(wine.data, (60, 1)), np.tile(wine.target, 60)
+    dataset = upload(training, "doomed", t.FAMILY_DENSE, t.DATASET_FORMAT_NPZ, npz(x=x, labels=labels), chunk=1 << 20)
+    # One byte of the last chunk's ciphertext flipped after the upload: the trainer's decryption refuses it.
+    stored = cluster.var_dir / "datasets" / dataset.dataset_id / "data.npz"
+    sealed = bytearray(stored.read_bytes())
+    sealed[-20] ^= 0x01
+    stored.write_bytes(bytes(sealed))
     job = training.SubmitJob(
         t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=2, dataset_id=dataset.dataset_id,
                            output_model="e2e-doomed"),
@@ -405,11 +411,15 @@ def test_a_job_failing_every_attempt_moves_to_the_dead_letter_stream(training, c
     assert events[-1].state == t.JOB_STATE_FAILED
     assert sum(e.message.startswith("attempt") and "failed" in e.message for e in events) == 3
     done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
-    assert "gave up after 3 failed attempts" in done.error and "sha256" in done.error
+    assert "gave up after 3 failed attempts" in done.error and "chunk 1 does not authenticate" in done.error
     import redis
 
-    dead = redis.Redis.from_url(cluster.queue_redis_url).xrange(dead_letter_key("dense"))
-    assert any(fields[b"job_id"].decode() == job.job_id for _, fields in dead)
+    queue = redis.Redis.from_url(cluster.queue_redis_url)
+    # The job's record says FAILED a moment before its entry reaches the dead-letter stream.
+    wait_for(
+        lambda: any(fields[b"job_id"].decode() == job.job_id for _, fields in queue.xrange(dead_letter_key("dense"))),
+        timeout=10, what="the job's entry in the dead-letter stream",
+    )  # fmt: skip
 
 
 def test_a_gateway_restart_loses_no_job_and_a_late_watcher_gets_the_history(training, cluster):
@@ -471,4 +481,6 @@ def test_a_200_mb_upload_streams_through_the_gateway_without_growing_its_memory(
     print(f"gateway RSS growth during a {dataset.size_bytes >> 20} MiB upload: {growth >> 20} MiB")
     assert growth < 64 << 20, f"the gateway grew by {growth >> 20} MiB while streaming the upload"
     stored = cluster.var_dir / "datasets" / dataset.dataset_id / "data.csv"
-    assert stored.stat().st_size == dataset.size_bytes
+    with stored.open("rb") as sealed:  # sealed as it streamed in, chunk by chunk
+        assert sealed.read(len(SEALED_MAGIC)) == SEALED_MAGIC
+    assert plaintext_size(stored.stat().st_size, CHUNK_BYTES) == dataset.size_bytes

@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pytest
@@ -93,9 +94,25 @@ def test_a_version_directory_the_index_does_not_list_does_not_exist(tmp_path):
 def test_a_store_without_an_index_is_indexed_once_as_it_is(tmp_path):
     store = ModelStore(tmp_path / "store")
     publish(store, tmp_path)
-    (store.model_dir("m") / "INDEX.json").unlink()
+    (store.model_dir("m") / "INDEX").unlink()
     assert store.versions("m") == [1]
-    assert (store.model_dir("m") / "INDEX.json").is_file()
+    assert (store.model_dir("m") / "INDEX").read_text().splitlines()[0] == "family dense"
+
+
+def test_an_index_and_a_pin_written_before_encryption_are_read_and_the_next_publish_converts_the_index(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    publish(store, tmp_path)
+    model_dir = store.model_dir("m")
+    digest = (model_dir / "INDEX").read_text().splitlines()[-1].split()[1]
+    (model_dir / "INDEX").unlink()
+    (model_dir / "INDEX.json").write_text(json.dumps({"versions": {"1": digest}}))
+    (model_dir / "DEFAULT").write_text("1\n")
+    assert store.versions("m") == [1] and store.model_names("dense") == ["m"]
+    assert store.pinned_version("m") == 1 and store.manifest("m", 1).metrics == {"accuracy": 0.5}
+    assert publish(store, tmp_path).version == 2
+    assert not (model_dir / "INDEX.json").exists()
+    lines = (model_dir / "INDEX").read_text().splitlines()
+    assert lines[:2] == ["family dense", f"1 {digest}"] and lines[2].startswith("2 ") and len(lines) == 3
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", ".hidden", "", "UPPER", "x" * 64, "²", "a\x00b"])

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from maas.common.v1 import model_pb2
+from maas.keys.v1 import keys_pb2
 from maas.training.v1 import training_pb2
 from maas_client import calls, errors
 from maas_client.calls import GraphPrediction, Prediction, SubmitOptions
@@ -222,6 +223,22 @@ class AsyncTrainingApi:
         return await self.get(job_id)
 
 
+class AsyncKeysApi:
+    """The key-encryption keys (KEKs) of the stores; admin only."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def rotate(
+        self, to_kek_id: str, *, tenant: str = "", timeout: float | None = 600.0
+    ) -> list[keys_pb2.StoreRotation]:
+        """Re-wraps every data key under `to_kek_id` (only `tenant`'s, when given); what each store did."""
+        return await self._client.run(calls.keys_rotate(to_kek_id, tenant, timeout))
+
+    async def list(self, *, timeout: float | None = None) -> list[keys_pb2.StoreKeys]:
+        return await self._client.run(calls.keys_list(timeout))
+
+
 class AsyncClient:
     """A grpc.aio connection to a maas gateway; `settings` are those of `Connection`.
 
@@ -243,6 +260,7 @@ class AsyncClient:
         self.models = AsyncModelsApi(self)
         self.datasets = AsyncDatasetsApi(self)
         self.training = AsyncTrainingApi(self)
+        self.keys = AsyncKeysApi(self)
 
     async def health(self, timeout: float | None = 5.0) -> dict[str, str]:
         """The gateway's health ("gateway") and each family's, as the gateway sees its backends."""

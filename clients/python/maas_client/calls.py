@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
+from maas.keys.v1 import keys_pb2
 from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from maas.training.v1 import training_pb2
@@ -35,6 +36,7 @@ SERVICES = {
     "nlp": "maas.nlp.v1.NlpService",
     "models": "maas.models.v1.ModelService",
     "training": "maas.training.v1.TrainingService",
+    "keys": "maas.keys.v1.KeyService",
     "health": "grpc.health.v1.Health",
 }
 _DATASET_FORMATS = {
@@ -107,6 +109,8 @@ class SubmitOptions(TypedDict, total=False):
     idempotency_key: str  # made up by the SDK when not given
     seed: int
     private: bool
+    drop_columns: Sequence[str]  # CSV columns removed before training (free text, identifiers)
+    mask_columns: Sequence[str]  # CSV columns zeroed before training, and ignored by the model
     timeout: float
 
 
@@ -337,6 +341,8 @@ def training_submit(family: str | int, architecture: str, options: SubmitOptions
         idempotency_key=options.get("idempotency_key") or str(uuid.uuid4()),
         seed=options.get("seed", 0),
         private=options.get("private", False),
+        drop_columns=list(options.get("drop_columns", ())),
+        mask_columns=list(options.get("mask_columns", ())),
     )
     if options.get("learning_rate") is not None:
         request.learning_rate = options["learning_rate"]
@@ -355,6 +361,16 @@ def training_submit(family: str | int, architecture: str, options: SubmitOptions
         if gate["gate_max"] is not None:
             request.gate.max_value = gate["gate_max"]
     return (yield Rpc("training", "SubmitJob", request, options.get("timeout"))).job
+
+
+def keys_rotate(to_kek_id: str, tenant: str, timeout: float | None) -> Call[list[keys_pb2.StoreRotation]]:
+    """Re-wraps the stores' data keys under KEK `to_kek_id` (admin only); what each store did."""
+    request = keys_pb2.RotateKeysRequest(to_kek_id=to_kek_id, tenant=tenant)
+    return list((yield Rpc("keys", "RotateKeys", request, timeout)).stores)
+
+
+def keys_list(timeout: float | None) -> Call[list[keys_pb2.StoreKeys]]:
+    return list((yield Rpc("keys", "ListKeys", keys_pb2.ListKeysRequest(), timeout)).stores)
 
 
 def training_get(job_id: str) -> Call[training_pb2.Job]:

@@ -10,6 +10,7 @@
     maasctl train submit --family dense --arch mlp --dataset iris --epochs 20 --watch --plot curves.png
     maasctl train watch JOB_ID --plot curves.png
     maasctl jobs list | cancel JOB_ID
+    maasctl keys rotate --to NEW_KEK_ID [--tenant T] | list      (admin)
 
 The gateway comes from --target or $MAAS_TARGET, the API key from --api-key or $MAAS_API_KEY.
 A failure prints one line, `maasctl: error: ...`, and exits 1 (2 for a bad command line).
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--idempotency-key", default="", help="submitting the same key again returns the first job")
     submit.add_argument("--seed", type=int, default=0)
     submit.add_argument("--private", action="store_true", help="the new version is visible to this tenant only")
+    submit.add_argument("--drop-columns", default="", help="CSV columns removed before training, e.g. name,email")
+    submit.add_argument("--mask-columns", default="", help="CSV columns zeroed before training (and ignored after)")
     submit.add_argument("--watch", action="store_true", help="then watch the job to its end")
     submit.add_argument("--plot", type=Path, help="with --watch: save loss and metric curves to this PNG")
     submit.add_argument("--max-wait", type=seconds, default=86400.0, help="with --watch: give up after this many s")
@@ -214,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = jobs.add_parser("cancel", help="cancel a queued or running job")
     cancel.add_argument("job_id")
     cancel.set_defaults(run=cmd_jobs_cancel)
+
+    keys = commands.add_parser("keys", help="key-encryption keys of the stores (admin)").add_subparsers(
+        dest="keys_command", required=True
+    )
+    rotate = keys.add_parser("rotate", help="re-wrap every data key under a new KEK, while serving goes on")
+    rotate.add_argument("--to", dest="to_kek_id", required=True, metavar="NEW_KEK_ID",
+                        help="the new KEK's id: a key file in every process's keys directory (Secret)")  # fmt: skip
+    rotate.add_argument("--tenant", default="", help="only this tenant's private models and data sets")
+    rotate.set_defaults(run=cmd_keys_rotate)
+    keys_list = keys.add_parser("list", help="per store: the active KEK, the KEKs available, data keys per KEK")
+    keys_list.set_defaults(run=cmd_keys_list)
     return parser
 
 
@@ -412,6 +426,8 @@ def cmd_train_submit(client: Client, args: argparse.Namespace) -> int:
         idempotency_key=args.idempotency_key,
         seed=args.seed,
         private=args.private,
+        drop_columns=[c.strip() for c in args.drop_columns.split(",") if c.strip()],
+        mask_columns=[c.strip() for c in args.mask_columns.split(",") if c.strip()],
     )
     print(f"job {job.job_id} {state_name(job.state)}")
     if not args.watch:
@@ -442,6 +458,34 @@ def cmd_jobs_list(client: Client, args: argparse.Namespace) -> None:
 def cmd_jobs_cancel(client: Client, args: argparse.Namespace) -> None:
     job = client.training.cancel(args.job_id)
     print(f"job {job.job_id} {state_name(job.state)}")
+
+
+def cmd_keys_rotate(client: Client, args: argparse.Namespace) -> int:
+    """Exits 1 when a store reports errors: run it again once they are fixed, before retiring the old KEK."""
+    stores = client.keys.rotate(args.to_kek_id, tenant=args.tenant)
+    print_table(["store", "re-wrapped", "unchanged", "plain", "errors"],
+                [[s.store, s.rewrapped, s.unchanged, s.plain, len(s.errors)] for s in stores])  # fmt: skip
+    errors = [f"{s.store}: {error}" for s in stores for error in s.errors]
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print("maasctl: error: rotation is incomplete; keep the old KEK and run it again", file=sys.stderr)
+        return 1
+    print(f"every data key is wrapped by {args.to_kek_id!r} where it should be; the old KEK may be retired")
+    return 0
+
+
+def cmd_keys_list(client: Client, args: argparse.Namespace) -> None:
+    rows = []
+    for store in client.keys.list():
+        used = ", ".join(f"{kek}: {count}" for kek, count in sorted(store.data_keys_by_kek.items())) or "-"
+        tenants = ", ".join(f"{t}: {k}" for t, k in sorted(store.tenant_kek_ids.items()))
+        rows.append([store.store, "on" if store.encrypted else "off", store.active_kek_id or "-", used,
+                     store.plain, ", ".join(store.available_kek_ids) or "-", tenants or "-"])  # fmt: skip
+        for error in store.errors:
+            print(f"{store.store}: {error}", file=sys.stderr)
+    print_table(["store", "encryption", "active KEK", "data keys by KEK", "plain", "KEKs available", "tenant KEKs"],
+                rows)  # fmt: skip
 
 
 # --- training progress ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2_grpc
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2_grpc
 from maas.gnn.v1 import gnn_pb2_grpc
+from maas.keys.v1 import keys_pb2, keys_pb2_grpc
 from maas.models.v1 import models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2_grpc
 from maas.training.v1 import training_pb2, training_pb2_grpc
@@ -61,6 +62,7 @@ STUBS = {
     "nlp": nlp_pb2_grpc.NlpServiceStub,
     "models": models_pb2_grpc.ModelServiceStub,
     "training": training_pb2_grpc.TrainingServiceStub,
+    "keys": keys_pb2_grpc.KeyServiceStub,
     "health": health_pb2_grpc.HealthStub,
 }
 
@@ -257,6 +259,24 @@ class TrainingApi:
         return self.get(job_id)
 
 
+class KeysApi:
+    """The key-encryption keys (KEKs) of the stores; admin only."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def rotate(
+        self, to_kek_id: str, *, tenant: str = "", timeout: float | None = 600.0
+    ) -> list[keys_pb2.StoreRotation]:
+        """Re-wraps every data key under `to_kek_id` (only `tenant`'s, when given), without re-encrypting
+        anything; what each store did, with its errors. Once no store reports any, the old KEK can go."""
+        return self._client.run(calls.keys_rotate(to_kek_id, tenant, timeout))
+
+    def list(self, *, timeout: float | None = None) -> list[keys_pb2.StoreKeys]:
+        """Per store: the KEK new data keys get, the KEK ids available, and data keys per KEK."""
+        return self._client.run(calls.keys_list(timeout))
+
+
 class Client:
     """A connection to a maas gateway; `settings` are those of `maas_client.connection.Connection`."""
 
@@ -275,6 +295,7 @@ class Client:
         self.models = ModelsApi(self)
         self.datasets = DatasetsApi(self)
         self.training = TrainingApi(self)
+        self.keys = KeysApi(self)
 
     def health(self, timeout: float | None = 5.0) -> dict[str, str]:
         """The gateway's health ("gateway") and each family's, as the gateway sees its backends."""
