@@ -8,6 +8,9 @@ PROTOS     := $(shell find protos -name '*.proto' | sort)
 PROTO_STAMP := $(GEN)/.generated
 MODEL_STORE ?= var/models
 MODELS_STAMP := $(MODEL_STORE)/.defaults-built
+# The local key-encryption key: make models seals the default models under it, make run hands it to every process.
+KEYS_DIR   ?= var/keys
+KEK_ID     ?= local-1
 PYTEST_ARGS ?=
 # GPU=1, or an NVIDIA GPU that nvidia-smi sees, adds the CUDA 13 and cuDNN 9 wheels onnxruntime-gpu loads
 # (requirements-gpu.lock). CPU machines and CI never download them.
@@ -159,7 +162,7 @@ proto-release: $(NODE_STAMP)
 models: $(MODELS_STAMP)
 
 $(MODELS_STAMP): $(PROTO_STAMP)
-	$(PY) -m services.defaults --store $(MODEL_STORE)
+	$(PY) -m services.defaults --store $(MODEL_STORE) --keys-dir $(KEYS_DIR) --kek-id $(KEK_ID) --create-kek
 	touch $@
 
 REPLICAS ?= 1

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.families import FAMILIES
-from shared.keyring import Keyring
+from shared.keyring import Keyring, create_kek
 from shared.logs import configure_logging
 from shared.model_store import Manifest, ModelStore
 from shared.settings import encryption_settings
@@ -46,10 +46,14 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("var/models"))
     parser.add_argument("--keys-dir", type=Path, help="KEK folder: the models are sealed (MAAS_DEFAULTS_KEYS_DIR)")
     parser.add_argument("--kek-id", help="the KEK that wraps their data keys (MAAS_DEFAULTS_KEK_ID)")
+    parser.add_argument("--create-kek", action="store_true",
+                        help="make the KEK first if the keys folder lacks it (make models: the local KEK)")  # fmt: skip
     args = parser.parse_args()
     configure_logging("defaults")
     settings = encryption_settings("defaults")
     keyring = Keyring(args.keys_dir or settings.keys_dir, args.kek_id or settings.kek_id)
+    if args.create_kek and keyring.enabled and create_kek(keyring.keys_dir, keyring.kek_id):
+        log.info("made the key-encryption key %s", keyring.keys_dir / keyring.kek_id)
     log.info("model store %s: %s", args.store, keyring.describe())
     built = ensure_defaults(ModelStore(args.store, keyring))
     log.info("default models ready in %s (built: %s)", args.store, ", ".join(built) or "none")

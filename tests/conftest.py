@@ -6,38 +6,24 @@ under a KEK of its own (LocalCluster's local one), so every e2e test exercises t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import grpc
 import pytest
 
-from services.defaults import ensure_defaults
 from shared.cluster import ClusterPorts, LocalCluster
 from shared.keyring import LOCAL_KEK_ID, Keyring, create_kek
 from shared.model_store import ModelStore
+from tests.stores import copy_store, plain_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def model_store() -> ModelStore:
-    """The default models `make test` builds (built here too when pytest runs on its own), in plain. Versions
-    that `make run` trained into it are sealed under var/keys, which it reads them with."""
-    root = Path(os.environ.get("MAAS_TEST_MODEL_STORE", ROOT / "var" / "models"))
-    store = ModelStore(root, Keyring(ROOT / "var" / "keys"))
-    ensure_defaults(store)
-    return store
-
-
-def sealed_copy(source: ModelStore, store: ModelStore) -> None:
-    """Every version of `source`, sealed into `store` under its KEK (plain sources are read as they are)."""
-    for name in source.model_names():
-        for version in source.versions(name):
-            copied = store.copy_version(source, name, version)
-            assert copied.version == version, f"{name}: versions of the source store are not 1, 2, ..."
-        if source.pinned_version(name) is not None:
-            store.pin_default(name, source.pinned_version(name))
+def model_store(tmp_path_factory) -> ModelStore:
+    """A plain copy of the default models (`make models` seals them in var/models; built here too when
+    pytest runs on its own): tests copy it into stores of their own and start services without keys."""
+    return plain_defaults(tmp_path_factory.mktemp("defaults") / "models")
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +35,7 @@ def cluster(model_store, tmp_path_factory):
     keyring = Keyring(var / "keys", LOCAL_KEK_ID)
     # A sealed copy: training jobs and admin calls in the tests write versions and pins.
     store = var / "models"
-    sealed_copy(model_store, ModelStore(store, keyring))
+    copy_store(model_store, ModelStore(store, keyring))
     # Trainers take over a silent trainer's job after 2 s (30 s by default), so the tests run quickly.
     fast_takeover = {
         f"MAAS_{family.upper()}_TRAINER_{key}": value

@@ -9,7 +9,6 @@ and on's p50 at most 1.1x off's plus 0.2 ms; every row is printed, losses includ
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,6 @@ import torch
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from services.defaults import ensure_defaults
 from services.dense.architectures import MLP
 from services.dense.datasets import digits_split
 from services.dense.defaults import CLASS_OUTPUTS, publish_onnx
@@ -35,6 +33,7 @@ from shared.onnx_session import OnnxConfig, OnnxSession
 from shared.tensors import from_numpy
 from shared.training import ExportableClassifier
 from tests.bench.load import CallSpec, LoadResult, run_interleaved
+from tests.stores import plain_defaults
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = [int(c) for c in os.environ.get("MAAS_BENCH_CONCURRENCY", "1,16,64").split(",")]
@@ -208,9 +207,7 @@ def bench_model(store: ModelStore, model: str) -> None:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = ModelStore(Path(tmp) / "models")
-        shutil.copytree(Path("var/models"), store.root)
-        ensure_defaults(store)
+        store = plain_defaults(Path(tmp) / "models")
         if "wide-mlp" in MODELS:
             build_wide_mlp(store)
         for model in MODELS:

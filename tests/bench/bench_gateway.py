@@ -28,11 +28,10 @@ import numpy as np
 import psutil
 
 from maas.dense.v1 import dense_pb2
-from services.defaults import ensure_defaults
 from shared.cluster import ClusterPorts, LocalCluster, free_port
-from shared.model_store import ModelStore
 from shared.tensors import from_numpy
 from tests.bench.load import CallSpec, run_interleaved, run_load
+from tests.stores import plain_defaults
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = [int(c) for c in os.environ.get("MAAS_BENCH_CONCURRENCY", "1,16,64").split(",")]
@@ -73,10 +72,9 @@ def start_echo() -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    store = ModelStore(Path("var/models"))
-    ensure_defaults(store)
     distinct = distinct_requests()
     with tempfile.TemporaryDirectory() as var:
+        store = plain_defaults(Path(var) / "models")
         cluster = LocalCluster(ClusterPorts.free(), store.root, Path(var), log_dir=Path(var) / "logs")
         cluster.start()
         echo, echo_target = start_echo()

@@ -9,14 +9,12 @@ clients switch between them every slice. B1 asks for 2 workers at 1.6x the rows/
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from services.defaults import ensure_defaults
-from shared.model_store import ModelStore
 from tests.bench.bench_batching import FAMILIES, build_wide_mlp, requests_for, start_service, stop
 from tests.bench.load import CallSpec, run_interleaved
+from tests.stores import plain_defaults
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = int(os.environ.get("MAAS_BENCH_WORKERS_CONCURRENCY", "64"))
@@ -25,9 +23,7 @@ CONCURRENCY = int(os.environ.get("MAAS_BENCH_WORKERS_CONCURRENCY", "64"))
 def main() -> None:
     dense = FAMILIES["dense"]
     with tempfile.TemporaryDirectory() as tmp:
-        store = ModelStore(Path(tmp) / "models")
-        shutil.copytree(Path("var/models"), store.root)
-        ensure_defaults(store)
+        store = plain_defaults(Path(tmp) / "models")
         build_wide_mlp(store)
         requests = requests_for("wide-mlp")
         services = [
