@@ -29,8 +29,8 @@ from shared.envelope import split_envelope
 from shared.keyring import LOCAL_KEK_ID, Keyring, create_kek
 from shared.model_store import MANIFEST, ModelStore
 from shared.tensors import from_numpy
-from tests.conftest import sealed_copy
 from tests.e2e.test_training import served_version, wait_for
+from tests.stores import copy_store
 
 KEYS = {"acme": "acme-secret-key-1", "globex": "globex-secret-key-2", "ops": "ops-secret-key-3"}
 ROLES = {"ops": ["admin"]}
@@ -48,7 +48,7 @@ def keyed(model_store, tmp_path_factory):
     keys = var / "keys"
     for kek_id in (LOCAL_KEK_ID, "tenant-acme", "tenant-globex"):
         create_kek(keys, kek_id)
-    sealed_copy(model_store, ModelStore(var / "models", Keyring(keys, LOCAL_KEK_ID)))
+    copy_store(model_store, ModelStore(var / "models", Keyring(keys, LOCAL_KEK_ID)))
     api_keys = var / "api-keys.json"
     api_keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k), "roles": ROLES.get(t, [])}
                                              for t, k in KEYS.items()]}))  # fmt: skip
