@@ -20,6 +20,8 @@ from collections import OrderedDict
 
 import redis.asyncio as redis
 from prometheus_client import Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,12 @@ class ResultCache:
         self.retry_after_s = retry_after_s
         self._down_until = 0.0
         self._redis = (
+            # A pooled connection that went stale when Redis restarted is retried once, at once, on a new
+            # one; a Redis that is down still fails that one call and is then bypassed for retry_after_s.
             redis.Redis.from_url(
-                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
-            )
+                url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
+                retry=Retry(NoBackoff(), 1), retry_on_error=[redis.ConnectionError],
+            )  # fmt: skip
             if url
             else None
         )
