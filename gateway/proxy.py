@@ -24,7 +24,7 @@ from functools import partial
 import grpc
 from google.protobuf.message import DecodeError
 
-from gateway.auth import current_tenant
+from gateway.auth import current_tenant, require_admin
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
@@ -49,15 +49,32 @@ class FamilyRoute:
     service: str
     predict_request: type
     predict_response: type
+    method: str = "Predict"
+
+    @property
+    def path(self) -> str:
+        return f"/{self.service}/{self.method}"
 
     def digest(self, request) -> str:
-        return request_digest(self.family, request)
+        return request_digest(self.family if self.method == "Predict" else f"{self.family}/{self.method}", request)
+
+    def floating_graph(self, request) -> bool:
+        """A query on a stored graph's latest version: which version answers is known only afterwards."""
+        fields = self.predict_request.DESCRIPTOR.fields_by_name
+        return "graph_version" in fields and bool(request.stored_graph) and not request.graph_version
 
 
-ROUTES = [
-    FamilyRoute(f.name, f.service, f.pb2().PredictRequest, f.pb2().PredictResponse) for f in FAMILIES
-]
+def _route(family, method: str) -> FamilyRoute:
+    pb2 = family.pb2()
+    return FamilyRoute(family.name, family.service, getattr(pb2, f"{method}Request"), getattr(pb2, f"{method}Response"),
+                       method)  # fmt: skip
+
+
+# Each family's Predict; then every query rpc, and every update rpc, of every family.
+ROUTES = [_route(f, "Predict") for f in FAMILIES]
 ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
+QUERY_ROUTES = [_route(f, method) for f in FAMILIES for method in f.queries]
+UPDATE_ROUTES = [_route(f, method) for f in FAMILIES for method in f.updates]
 
 
 class GatewayProxy:
@@ -72,15 +89,36 @@ class GatewayProxy:
         self.limits = RequestLimits.from_settings(settings)
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
         self._in_flight: dict[str, asyncio.Task] = {}
+        # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
+        self._unversioned_graphs: set[tuple[str, int, str]] = set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """Each family's data plane; model management is the gateway's ModelService."""
-        return [
-            grpc.method_handlers_generic_handler(
-                route.service, {"Predict": grpc.unary_unary_rpc_method_handler(partial(self.predict, route))}
+        methods: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        for route in QUERY_ROUTES:
+            methods.setdefault(route.service, {})[route.method] = grpc.unary_unary_rpc_method_handler(
+                partial(self.predict, route)
             )
-            for route in ROUTES
-        ]
+        for route in UPDATE_ROUTES:
+            methods.setdefault(route.service, {})[route.method] = grpc.unary_unary_rpc_method_handler(
+                partial(self.update, route)
+            )
+        return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in methods.items()]
+
+    async def update(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """An rpc that changes stored data (a graph update): admins only, never cached, passed on as it is.
+
+        Cached results need no invalidation: they name the graph version they were computed on."""
+        require_admin(route.method)
+        self.limits.check_size(raw)
+        try:
+            request = route.predict_request.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidArgumentError(
+                f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
+            ) from None
+        self.limits.check(request)
+        return await self.backends[route.family].call(route.path, raw, self.timeout(context))
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
@@ -138,7 +176,11 @@ class GatewayProxy:
         # Large requests are hashed off the event loop (hashlib releases the GIL on big buffers).
         digest = await asyncio.to_thread(route.digest, request) if len(raw) > OFF_LOOP_BYTES else route.digest(request)
         owner = self.catalog.owner_of(route.family, request.model_name)
-        key = result_key(route.family, request.model_name, version, digest, owner) if version else None
+        # A query on a stored graph's latest version is never read from the cache: the graph may have
+        # changed since. Its result is stored under the version that answered, for queries naming it.
+        floating = route.floating_graph(request) and (request.model_name, version, request.stored_graph) not in (
+            self._unversioned_graphs)  # fmt: skip
+        key = result_key(route.family, request.model_name, version, digest, owner) if version and not floating else None
         if use_cache and key and control != "no-cache" and (local := self.cache.get_local(route.family, key)):
             return local, "hit"
 
@@ -170,15 +212,28 @@ class GatewayProxy:
                 if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
             timeout = self.timeout(context)
-        response = await asyncio.shield(self._share(flight, backend.predict(raw, timeout)))
+        response = await asyncio.shield(self._share(flight, backend.call(route.path, raw, timeout)))
         if use_cache and outcome in ("miss", "bypass"):
-            ran = route.predict_response.FromString(response).model_version
+            answer = route.predict_response.FromString(response)
+            ran = answer.model_version
             if not request.model_version and ran != version:
                 self.catalog.refresh_soon(route.family)  # the default moved: the catalog is behind
+            if floating:
+                digest = self._pinned_digest(route, request, answer.graph_version, ran)
             if not await self.cache.put(route.family, result_key(route.family, request.model_name, ran, digest, owner),
                                         response, policy.get("ttl_s")):  # fmt: skip
                 outcome = "error"
         return response, outcome
+
+    def _pinned_digest(self, route: FamilyRoute, request, graph_version: int, model_version: int) -> str:
+        """The digest of `request` as if it had named the graph version that answered it."""
+        if not graph_version:  # a graph stored with the model: it has no versions, so it never floats
+            self._unversioned_graphs.add((request.model_name, model_version, request.stored_graph))
+            return route.digest(request)
+        pinned = route.predict_request()
+        pinned.CopyFrom(request)
+        pinned.graph_version = graph_version
+        return route.digest(pinned)
 
     def _share(self, flight: str, call) -> asyncio.Task:
         """Runs `call` as the one in-flight call for `flight`, until it ends."""

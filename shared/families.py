@@ -37,6 +37,11 @@ class Family:
     builtin_datasets: tuple[str, ...]
     # Trainable architectures and their default hidden sizes.
     architectures: dict[str, list[int]] = field(default_factory=dict)
+    # Data-plane rpcs the gateway routes and caches like Predict (each has model_name and
+    # model_version; its response has model_version), and rpcs that change stored data, which
+    # the gateway passes on for admins only, uncached. Messages are named <rpc>Request/Response.
+    queries: tuple[str, ...] = ("Predict",)
+    updates: tuple[str, ...] = ()
 
     @property
     def service(self) -> str:
@@ -93,6 +98,8 @@ FAMILIES: tuple[Family, ...] = (
         dataset_formats=frozenset({"json", "npz"}),
         builtin_datasets=("karate",),
         architectures={"gcn": [16]},
+        queries=("Predict", "PredictLinks", "ClassifyGraphs"),
+        updates=("UpdateGraph",),
     ),
     Family(
         name="nlp",

@@ -131,7 +131,9 @@ class Manifest(BaseModel):
     name: str
     version: int
     family: Literal["dense", "gnn", "nlp"]
-    framework: Literal["onnx", "torch", ""]  # "": a version whose sealed manifest this process cannot open
+    # "numpy": a stored graph (services/gnn/graph_store.py), arrays memory-mapped by numpy.
+    # "": a version whose sealed manifest this process cannot open.
+    framework: Literal["onnx", "torch", "numpy", ""]
     files: dict[str, str] = Field(description="sha256 of every artifact file, by file name")
     inputs: list[TensorSignature]
     outputs: list[TensorSignature]
@@ -452,8 +454,13 @@ class ModelStore:
             raise NotFoundError(f"model {name!r} has no version {version}")
         _write_atomically(self.model_dir(name) / DEFAULT_PIN, f"default-version {version}\n")
 
-    def publish(self, manifest: dict[str, Any], artifacts: dict[str, Path | bytes]) -> Manifest:
+    def publish(
+        self, manifest: dict[str, Any], artifacts: dict[str, Path | bytes], expected_latest: int | None = None
+    ) -> Manifest:
         """Writes a new version from artifacts (bytes, or files); the version number is the next free one.
+
+        With `expected_latest`, fails with FAILED_PRECONDITION unless that is still the latest
+        version when the number is taken: a compare-and-swap for versions derived from the latest.
 
         `manifest` holds every Manifest field except name-derived ones filled here:
         version, files, created_at. With a keyring, every file is sealed under a new data key as it is
@@ -478,6 +485,11 @@ class ModelStore:
                 index = self._index_locked(name)
                 numbers = [int(v) for v in index.versions]
                 numbers += [int(e.name) for e in model_dir.iterdir() if _is_number(e.name)]
+                latest = max((int(v) for v in index.versions), default=0)
+                if expected_latest is not None and latest != expected_latest:
+                    raise FailedPreconditionError(
+                        f"{name!r} is at v{latest} now, not v{expected_latest}: another writer got there first; retry"
+                    )
                 version = max(numbers, default=0) + 1
                 record = Manifest(
                     **{

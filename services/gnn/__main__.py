@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from services.gnn.runtime import GnnRuntime, gcn_loader
+from services.gnn.graph_store import GraphStore
+from services.gnn.runtime import GnnRuntime, gnn_loader
 from services.gnn.servicer import GnnServicer
 from services.gnn.settings import GnnSettings
 from shared.families import family
@@ -18,8 +19,9 @@ FAMILY = family("gnn")
 async def serve(settings: GnnSettings) -> None:
     torch.set_num_threads(settings.torch_threads)
     device = resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb)
-    repository = build_repository(settings, FAMILY.name, gcn_loader(device))
-    servicer = GnnServicer(GnnRuntime(repository))
+    repository = build_repository(settings, FAMILY.name, gnn_loader(device))
+    graphs = GraphStore(settings.model_store, settings.graph_limits())
+    servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()))
     await serve_models(settings, FAMILY, repository, servicer)
 
 

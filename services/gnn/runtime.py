@@ -1,21 +1,34 @@
-"""GNN inference, independent of gRPC: validate the graph, run the GCN off the loop, pick nodes."""
+"""GNN inference, independent of gRPC: validate graphs and queries, sample neighbourhoods, run
+the model off the loop through the batcher, and pick the rows each caller asked for.
+
+A model version has one task (its config's "task"), so its batcher sees one kind of item:
+- node: a GraphInput (an inline graph, a graph stored with the model, or a sampled neighbourhood);
+- link: a LinkQuery (a graph, pairs to score, nodes to find new neighbours for);
+- graph: a list of GraphInputs (one call's small graphs).
+Every batch runs as one disjoint union, so each item gets exactly what it would get alone.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from safetensors.torch import load
 
-from services.gnn.architectures import GCN
+from services.gnn.architectures import build_network
+from services.gnn.graph_store import GraphStore, StoredGraph
+from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index, sample_neighbourhood
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Artifacts, Manifest
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # Arrays decoded from a request are read-only views of its bytes; torch wants writable memory.
+    # Arrays decoded from a request are read-only views of its bytes, and stored graphs are
+    # read-only maps; torch wants writable memory.
     return torch.from_numpy(np.require(array, requirements=["C", "W"])).to(device)
 
 
@@ -29,18 +42,53 @@ class GraphInput:
     def num_nodes(self) -> int:
         return self.node_features.shape[0]
 
+    @property
+    def num_edges(self) -> int:
+        return self.edge_index.shape[1]
 
-class GcnModel:
-    """A GCN version loaded from safetensors weights and its architecture config (no pickle)."""
+
+@dataclass
+class LinkQuery:
+    graph: GraphInput
+    pairs: np.ndarray  # 2 x P local node ids
+    nodes: np.ndarray  # local ids of the nodes whose top_k new neighbours are wanted
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    max_hops: int = 4
+    max_fan_out: int = 1000
+    max_subgraph_nodes: int = 200_000
+    max_full_graph_nodes: int = 200_000
+    max_graph_nodes: int = 100_000
+    max_graph_edges: int = 2_000_000
+    max_graphs_per_call: int = 1024
+    max_top_k: int = 100
+
+
+@dataclass
+class GraphAnswer:
+    """A Predict or PredictLinks result, with what it ran on."""
+
+    prediction: Prediction
+    node_ids: list[int] = field(default_factory=list)
+    graph_version: int = 0
+    nodes_used: int = 0
+    edges_used: int = 0
+
+
+class GnnModel:
+    """A GNN version loaded from safetensors weights and its architecture config (no pickle)."""
 
     def __init__(self, manifest: Manifest, artifacts: Artifacts, device: torch.device) -> None:
         config = manifest.config
         self.torch_device = device
         self.device = str(device)
+        self.task = config.get("task", "node")
         self.in_channels = config["in_channels"]
-        self.net = GCN(
-            config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"]
-        )
+        self.fan_outs = list(config.get("fan_outs") or [10] * config["num_layers"])
+        self.net = build_network(config)
         self.net.load_state_dict(load(artifacts.read(config["weights_file"])))
         self.net.to(self.torch_device).eval()
         self.graphs = {
@@ -53,36 +101,94 @@ class GcnModel:
         graph = next(iter(self.graphs.values()), None) or GraphInput(
             np.zeros((2, self.in_channels), np.float32), np.array([[0], [1]], np.int64)
         )
-        self.predict(graph)
+        if self.task == "graph":
+            self.run_batch([[graph]])
+        elif self.task == "link":
+            self.run_batch([LinkQuery(graph, np.zeros((2, 1), np.int64), np.zeros(1, np.int64), 1)])
+        else:
+            self.predict(graph)
+
+    def _forward(self, graph: GraphInput) -> torch.Tensor:
+        x = _tensor(graph.node_features, self.torch_device)
+        edges = _tensor(graph.edge_index, self.torch_device)
+        weight = None if graph.edge_weight is None else _tensor(graph.edge_weight, self.torch_device)
+        return self.net(x, edges, weight)
 
     def predict(self, graph: GraphInput) -> np.ndarray:
         """Class probabilities for every node of the graph."""
         with torch.inference_mode():
-            x = _tensor(graph.node_features, self.torch_device)
-            edges = _tensor(graph.edge_index, self.torch_device)
-            weight = None if graph.edge_weight is None else _tensor(graph.edge_weight, self.torch_device)
-            return torch.softmax(self.net(x, edges, weight), dim=-1).cpu().numpy()
+            return torch.softmax(self._forward(graph), dim=-1).cpu().numpy()
 
-    def item_size(self, graph: GraphInput) -> int:
-        return graph.num_nodes
+    def item_size(self, item) -> int:
+        if self.task == "graph":
+            return sum(graph.num_nodes for graph in item)
+        return (item.graph if self.task == "link" else item).num_nodes
 
-    def run_batch(self, graphs: list[GraphInput]) -> list[np.ndarray]:
-        """Runs the graphs as one disjoint union and splits the node rows back per graph.
+    def run_batch(self, items: list) -> list:
+        if self.task == "graph":
+            return self._classify_graphs(items)
+        if self.task == "link":
+            return self._score_links(items)
+        return self._label_nodes(items)
+
+    def _per_graph(self, graphs: list[GraphInput], run) -> list[np.ndarray]:
+        """Runs `run` once on the union of the distinct graphs; splits its node rows back per graph.
 
         Graphs share no edges in the union, so each gets exactly what it would alone; a graph
-        several requests name (a stored one) is run once.
-        """
+        several requests name (one stored with the model) is run once."""
         unique = list({id(graph): graph for graph in graphs}.values())
         if len(unique) == 1:
-            probabilities = self.predict(unique[0])
-            return [probabilities for _ in graphs]
+            rows = run(unique[0])
+            return [rows for _ in graphs]
         union, offsets = disjoint_union(unique)
-        probabilities = self.predict(union)
-        rows = {
-            id(graph): probabilities[start : start + graph.num_nodes]
-            for graph, start in zip(unique, offsets, strict=True)
-        }
-        return [rows[id(graph)] for graph in graphs]
+        rows = run(union)
+        by_graph = {id(g): rows[start : start + g.num_nodes] for g, start in zip(unique, offsets, strict=True)}
+        return [by_graph[id(graph)] for graph in graphs]
+
+    def _label_nodes(self, graphs: list[GraphInput]) -> list[np.ndarray]:
+        return self._per_graph(graphs, self.predict)
+
+    def _embed(self, graph: GraphInput) -> np.ndarray:
+        with torch.inference_mode():
+            return self._forward(graph).cpu().numpy()
+
+    def _score_links(self, queries: list[LinkQuery]) -> list[dict[str, np.ndarray]]:
+        embeddings = self._per_graph([query.graph for query in queries], self._embed)
+        return [link_outputs(query, z) for query, z in zip(queries, embeddings, strict=True)]
+
+    def _classify_graphs(self, calls: list[list[GraphInput]]) -> list[np.ndarray]:
+        graphs = [graph for call in calls for graph in call]
+        union, _ = disjoint_union(graphs)
+        batch = np.repeat(np.arange(len(graphs), dtype=np.int64), [graph.num_nodes for graph in graphs])
+        with torch.inference_mode():
+            x = _tensor(union.node_features, self.torch_device)
+            edges = _tensor(union.edge_index, self.torch_device)
+            logits = self.net(x, edges, _tensor(batch, self.torch_device), len(graphs))
+            probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
+        splits = np.cumsum([len(call) for call in calls])[:-1]
+        return np.split(probabilities, splits)
+
+
+def link_outputs(query: LinkQuery, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Link probabilities for the pairs, and each node's top_k nodes it is not linked to yet."""
+    u, v = query.pairs
+    outputs = {"scores": _sigmoid(np.einsum("ij,ij->i", z[u], z[v])).astype(np.float32)}
+    if query.top_k:
+        scores = _sigmoid(z[query.nodes] @ z.T)
+        sources, targets = query.graph.edge_index
+        for row, node in enumerate(query.nodes):
+            scores[row, sources[targets == node]] = -np.inf
+            scores[row, targets[sources == node]] = -np.inf
+            scores[row, node] = -np.inf
+        k = min(query.top_k, z.shape[0])
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        outputs["neighbors"] = best.astype(np.int64)
+        outputs["neighbor_scores"] = np.take_along_axis(scores, best, axis=1).astype(np.float32)
+    return outputs
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
@@ -106,50 +212,85 @@ def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
     return union, offsets
 
 
-def gcn_loader(device: torch.device):
-    def load(manifest: Manifest, artifacts: Artifacts) -> GcnModel:
-        return GcnModel(manifest, artifacts, device)
+def gnn_loader(device: torch.device):
+    def load(manifest: Manifest, artifacts: Artifacts) -> GnnModel:
+        return GnnModel(manifest, artifacts, device)
 
     return load
 
 
-def check_graph(graph: GraphInput, in_channels: int) -> None:
+def check_graph(graph: GraphInput, in_channels: int, limits: QueryLimits, where: str = "graph") -> None:
     x, edges, weight = graph.node_features, graph.edge_index, graph.edge_weight
     if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != in_channels:
         raise InvalidArgumentError(
-            f"graph.node_features: expected FP32 of shape [N, {in_channels}], got {x.dtype} of shape {list(x.shape)}"
+            f"{where}.node_features: expected FP32 of shape [N, {in_channels}], got {x.dtype} of shape {list(x.shape)}"
         )
     if x.shape[0] == 0:
-        raise InvalidArgumentError("graph.node_features: the graph has no nodes")
+        raise InvalidArgumentError(f"{where}.node_features: the graph has no nodes")
+    if x.shape[0] > limits.max_graph_nodes:
+        raise InvalidArgumentError(
+            f"{where}.node_features: the graph has {x.shape[0]} nodes; at most {limits.max_graph_nodes} per graph "
+            "(store a bigger graph and query it by neighbourhood)"
+        )
     if edges.dtype != np.int64 or edges.ndim != 2 or edges.shape[0] != 2:
         raise InvalidArgumentError(
-            f"graph.edge_index: expected INT64 of shape [2, E], got {edges.dtype} of shape {list(edges.shape)}"
+            f"{where}.edge_index: expected INT64 of shape [2, E], got {edges.dtype} of shape {list(edges.shape)}"
+        )
+    if edges.shape[1] > limits.max_graph_edges:
+        raise InvalidArgumentError(
+            f"{where}.edge_index: the graph has {edges.shape[1]} edges; at most {limits.max_graph_edges} per graph"
         )
     if edges.size and (edges.min() < 0 or edges.max() >= graph.num_nodes):
         bad = int(edges.min() if edges.min() < 0 else edges.max())
         raise InvalidArgumentError(
-            f"graph.edge_index: node index {bad} is out of range for a graph of {graph.num_nodes} nodes "
+            f"{where}.edge_index: node index {bad} is out of range for a graph of {graph.num_nodes} nodes "
             f"(valid: 0..{graph.num_nodes - 1})"
         )
     if weight is not None and (weight.dtype != np.float32 or weight.shape != (edges.shape[1],)):
         raise InvalidArgumentError(
-            f"graph.edge_weight: expected FP32 of shape [{edges.shape[1]}] (one per edge), "
+            f"{where}.edge_weight: expected FP32 of shape [{edges.shape[1]}] (one per edge), "
             f"got {weight.dtype} of shape {list(weight.shape)}"
         )
 
 
-def check_node_ids(node_ids: list[int], num_nodes: int) -> None:
-    for i, node in enumerate(node_ids):
-        if not 0 <= node < num_nodes:
+def check_node_ids(node_ids: np.ndarray, num_nodes: int, where: str = "node_ids") -> None:
+    if not node_ids.size:
+        return
+    bad = np.flatnonzero((node_ids < 0) | (node_ids >= num_nodes))
+    if bad.size:
+        i = int(bad[0])
+        raise InvalidArgumentError(
+            f"{where}[{i}]: node {int(node_ids[i])} is out of range for a graph of {num_nodes} nodes "
+            f"(valid: 0..{num_nodes - 1})"
+        )
+
+
+def check_fan_outs(fan_outs: list[int], limits: QueryLimits) -> None:
+    if len(fan_outs) > limits.max_hops:
+        raise InvalidArgumentError(f"fan_outs: {len(fan_outs)} hops (k); at most {limits.max_hops}")
+    for hop, fan_out in enumerate(fan_outs):
+        if fan_out == 0 or fan_out < ALL or fan_out > limits.max_fan_out:
             raise InvalidArgumentError(
-                f"node_ids[{i}]: node {node} is out of range for a graph of {num_nodes} nodes "
-                f"(valid: 0..{num_nodes - 1})"
+                f"fan_outs[{hop}]: {fan_out}; expected 1..{limits.max_fan_out} neighbours per node, or -1 for all"
             )
 
 
 class GnnRuntime:
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, graph_store: GraphStore, limits: QueryLimits | None = None):
         self.repository = repository
+        self.graph_store = graph_store
+        self.limits = limits or QueryLimits()
+        self._whole: OrderedDict[tuple[str, int], GraphInput] = OrderedDict()
+
+    def _model(self, name: str, version: int, task: str):
+        entry = self.repository.resolve(name, version)
+        model: GnnModel = entry.predictor
+        if model.task != task:
+            wanted = {"node": "Predict", "link": "PredictLinks", "graph": "ClassifyGraphs"}
+            raise InvalidArgumentError(
+                f"model_name: {name!r} is a {model.task}-level model; call {wanted[model.task]} for it"
+            )
+        return entry, model
 
     async def predict(
         self,
@@ -159,23 +300,176 @@ class GnnRuntime:
         stored_graph: str,
         node_ids: list[int],
         deadline: float | None = None,
-    ) -> tuple[Prediction, list[int]]:
-        entry = self.repository.resolve(name, version)
-        model: GcnModel = entry.predictor
-        if stored_graph:
-            graph = model.graphs.get(stored_graph)
-            if graph is None:
-                raise NotFoundError(
-                    f"stored_graph: {name!r} v{entry.manifest.version} has no graph {stored_graph!r}; "
-                    f"it has {sorted(model.graphs)}"
-                )
-        elif graph is None:
-            raise InvalidArgumentError("graph_source: send either graph or stored_graph")
-        else:
-            check_graph(graph, model.in_channels)
-        check_node_ids(node_ids, graph.num_nodes)
+        graph_version: int = 0,
+        fan_outs: list[int] | None = None,
+    ) -> GraphAnswer:
+        entry, model = self._model(name, version, "node")
+        ids = np.asarray(node_ids, np.int64)
+        if stored_graph and stored_graph not in model.graphs:
+            return await self._predict_stored(entry, model, stored_graph, graph_version, ids, fan_outs, deadline)
+        graph = self._inline_or_embedded(name, entry.manifest, model, graph, stored_graph, graph_version, fan_outs)
+        check_node_ids(ids, graph.num_nodes)
         probabilities = await entry.batcher.submit(graph, deadline)
-        rows = node_ids or list(range(graph.num_nodes))
-        selected = probabilities[rows]
-        outputs = {"probabilities": selected, "label": selected.argmax(axis=1).astype(np.int64)}
-        return Prediction(entry.manifest, outputs), rows
+        rows = ids if ids.size else np.arange(graph.num_nodes)
+        return GraphAnswer(_node_outputs(entry.manifest, probabilities[rows]), rows.tolist(), 0, graph.num_nodes,
+                           graph.num_edges)  # fmt: skip
+
+    def _inline_or_embedded(self, name, manifest, model, graph, stored_graph, graph_version, fan_outs) -> GraphInput:
+        if stored_graph:
+            if graph_version or fan_outs:
+                field_name = "graph_version" if graph_version else "fan_outs"
+                raise InvalidArgumentError(
+                    f"{field_name}: graph {stored_graph!r} is stored with {name!r} v{manifest.version}, "
+                    "unversioned and always run whole; leave it unset"
+                )
+            return model.graphs[stored_graph]
+        if graph is None:
+            raise InvalidArgumentError("graph_source: send either graph or stored_graph")
+        check_graph(graph, model.in_channels, self.limits)
+        return graph
+
+    async def _open(self, model: GnnModel, stored_graph: str, graph_version: int) -> StoredGraph:
+        try:
+            stored = await self.repository.run(self.graph_store.open, stored_graph, graph_version)
+        except NotFoundError as exc:
+            if not model.graphs or graph_version:
+                raise
+            raise NotFoundError(f"{exc.message}; the model itself holds {sorted(model.graphs)}") from None
+        if stored.feature_width != model.in_channels:
+            raise InvalidArgumentError(
+                f"stored_graph: {stored.label} has {stored.feature_width} features per node; "
+                f"the model takes {model.in_channels}"
+            )
+        return stored
+
+    async def _predict_stored(self, entry, model, stored_graph, graph_version, ids, fan_outs, deadline):
+        stored = await self._open(model, stored_graph, graph_version)
+        check_node_ids(ids, stored.num_nodes)
+        if not ids.size:
+            graph = await self._whole_graph(stored)
+            probabilities = await entry.batcher.submit(graph, deadline)
+            rows, positions = np.arange(stored.num_nodes), slice(None)
+        else:
+            graph, positions = await self._neighbourhood(model, stored, ids, fan_outs)
+            probabilities = await entry.batcher.submit(graph, deadline)
+            rows = ids
+        return GraphAnswer(_node_outputs(entry.manifest, probabilities[positions]), rows.tolist(), stored.version,
+                           graph.num_nodes, graph.num_edges)  # fmt: skip
+
+    async def _whole_graph(self, stored: StoredGraph) -> GraphInput:
+        """A stored graph as one input, for a whole-graph pass: only within the full-graph limit."""
+        if stored.num_nodes > self.limits.max_full_graph_nodes:
+            raise InvalidArgumentError(
+                f"node_ids: empty asks for every node of {stored.label}, whose {stored.num_nodes} nodes are over "
+                f"the whole-graph limit of {self.limits.max_full_graph_nodes}; name the nodes to query"
+            )
+        key = (stored.name, stored.version)
+        graph = self._whole.get(key)
+        if graph is None:
+            graph = await self.repository.run(
+                lambda: GraphInput(np.array(stored.node_features), csr_edge_index(stored.indptr, stored.indices))
+            )
+            self._whole[key] = graph
+            while len(self._whole) > 2:
+                self._whole.popitem(last=False)
+        return graph
+
+    async def _neighbourhood(
+        self, model: GnnModel, stored: StoredGraph, ids: np.ndarray, fan_outs: list[int] | None
+    ) -> tuple[GraphInput, np.ndarray]:
+        fan_outs = list(fan_outs or model.fan_outs)
+        check_fan_outs(fan_outs, self.limits)
+        # The same query samples the same neighbourhood: answers are repeatable, and cacheable.
+        seed = [stored.version, zlib.crc32(ids.tobytes()), *[f + 1 for f in fan_outs]]
+
+        def sample() -> tuple[GraphInput, np.ndarray]:
+            sub = sample_neighbourhood(stored.indptr, stored.indices, ids, fan_outs, np.random.default_rng(seed),
+                                       self.limits.max_subgraph_nodes)  # fmt: skip
+            return GraphInput(np.asarray(stored.node_features[sub.nodes]), sub.edge_index), sub.seed_positions
+
+        try:
+            return await self.repository.run(sample)
+        except NeighbourhoodTooLarge as exc:
+            raise InvalidArgumentError(
+                f"fan_outs: the {len(fan_outs)}-hop neighbourhood of the {len(ids)} nodes is over the limit of "
+                f"{self.limits.max_subgraph_nodes} nodes ({exc}); lower the fan-outs or the hops"
+            ) from None
+
+    async def predict_links(
+        self,
+        name: str,
+        version: int,
+        graph: GraphInput | None,
+        stored_graph: str,
+        graph_version: int,
+        pairs: np.ndarray | None,
+        node_ids: list[int],
+        top_k: int,
+        fan_outs: list[int] | None,
+        deadline: float | None = None,
+    ) -> GraphAnswer:
+        entry, model = self._model(name, version, "link")
+        pairs = np.zeros((2, 0), np.int64) if pairs is None else pairs
+        if pairs.dtype != np.int64 or pairs.ndim != 2 or pairs.shape[0] != 2:
+            raise InvalidArgumentError(
+                f"pairs: expected INT64 of shape [2, P], got {pairs.dtype} of shape {list(pairs.shape)}"
+            )
+        ids = np.asarray(node_ids, np.int64)
+        if top_k < 0 or top_k > self.limits.max_top_k:
+            raise InvalidArgumentError(f"top_k: {top_k}; expected 0..{self.limits.max_top_k}")
+        if bool(top_k) != bool(ids.size):
+            raise InvalidArgumentError("top_k, node_ids: set both (top_k new neighbours of each node) or neither")
+        if not pairs.size and not top_k:
+            raise InvalidArgumentError("pairs: no pairs to score and no top_k asked for")
+        used_version = 0
+        if stored_graph and stored_graph not in model.graphs:
+            stored = await self._open(model, stored_graph, graph_version)
+            used_version = stored.version
+            num_nodes = stored.num_nodes
+        else:
+            whole = self._inline_or_embedded(name, entry.manifest, model, graph, stored_graph, graph_version, fan_outs)
+            num_nodes, stored = whole.num_nodes, None
+        check_node_ids(pairs.reshape(-1), num_nodes, "pairs")
+        check_node_ids(ids, num_nodes)
+        if stored is None:
+            query = LinkQuery(whole, pairs, ids, top_k)
+        elif top_k:
+            if fan_outs:
+                raise InvalidArgumentError("fan_outs: top_k scores every node, on the whole graph; leave it unset")
+            query = LinkQuery(await self._whole_graph(stored), pairs, ids, top_k)
+        else:
+            endpoints = pairs.reshape(-1)
+            sub, positions = await self._neighbourhood(model, stored, endpoints, fan_outs)
+            query = LinkQuery(sub, positions.reshape(2, -1), np.zeros(0, np.int64), 0)
+        outputs = await entry.batcher.submit(query, deadline)
+        return GraphAnswer(Prediction(entry.manifest, outputs), ids.tolist(), used_version, query.graph.num_nodes,
+                           query.graph.num_edges)  # fmt: skip
+
+    async def classify_graphs(
+        self, name: str, version: int, graphs: list[GraphInput], deadline: float | None = None
+    ) -> Prediction:
+        entry, model = self._model(name, version, "graph")
+        if not graphs:
+            raise InvalidArgumentError("graphs: send at least one graph")
+        if len(graphs) > self.limits.max_graphs_per_call:
+            raise InvalidArgumentError(
+                f"graphs: {len(graphs)} graphs; at most {self.limits.max_graphs_per_call} per call"
+            )
+        for i, graph in enumerate(graphs):
+            check_graph(graph, model.in_channels, self.limits, f"graphs[{i}]")
+        return _node_outputs(entry.manifest, await entry.batcher.submit(graphs, deadline))
+
+    async def update_graph(
+        self, name: str, base_version: int, node_features: np.ndarray, edge_index: np.ndarray
+    ) -> StoredGraph:
+        if not name:
+            raise InvalidArgumentError(f"graph_name: required; stored graphs: {self.graph_store.names()}")
+        if base_version < 0:
+            raise InvalidArgumentError(f"base_version: must be 0 (latest) or positive, got {base_version}")
+        return await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index)
+
+
+def _node_outputs(manifest: Manifest, probabilities: np.ndarray) -> Prediction:
+    return Prediction(
+        manifest, {"probabilities": probabilities, "label": probabilities.argmax(axis=1).astype(np.int64)}
+    )

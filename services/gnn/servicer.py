@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from services.gnn.runtime import GnnRuntime, GraphInput
@@ -10,11 +11,11 @@ from shared.batching import deadline_from
 from shared.tensors import encode_outputs, to_numpy
 
 
-def to_graph_input(graph: gnn_pb2.Graph) -> GraphInput:
+def to_graph_input(graph: gnn_pb2.Graph, where: str = "graph") -> GraphInput:
     return GraphInput(
-        node_features=to_numpy(graph.node_features, "graph.node_features"),
-        edge_index=to_numpy(graph.edge_index, "graph.edge_index"),
-        edge_weight=to_numpy(graph.edge_weight, "graph.edge_weight") if graph.HasField("edge_weight") else None,
+        node_features=to_numpy(graph.node_features, f"{where}.node_features"),
+        edge_index=to_numpy(graph.edge_index, f"{where}.edge_index"),
+        edge_weight=to_numpy(graph.edge_weight, f"{where}.edge_weight") if graph.HasField("edge_weight") else None,
     )
 
 
@@ -24,17 +25,75 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
 
     async def Predict(self, request: gnn_pb2.PredictRequest, context: grpc.aio.ServicerContext):
         graph = to_graph_input(request.graph) if request.HasField("graph") else None
-        prediction, rows = await self.runtime.predict(
+        answer = await self.runtime.predict(
             request.model_name,
             request.model_version,
             graph,
             request.stored_graph,
             list(request.node_ids),
             deadline_from(context.time_remaining()),
+            graph_version=request.graph_version,
+            fan_outs=list(request.fan_outs),
         )
         return gnn_pb2.PredictResponse(
+            model_name=answer.prediction.manifest.name,
+            model_version=answer.prediction.manifest.version,
+            node_ids=answer.node_ids,
+            outputs=encode_outputs(answer.prediction.outputs),
+            graph_version=answer.graph_version,
+            nodes_used=answer.nodes_used,
+            edges_used=answer.edges_used,
+        )
+
+    async def PredictLinks(self, request: gnn_pb2.PredictLinksRequest, context: grpc.aio.ServicerContext):
+        graph = to_graph_input(request.graph) if request.HasField("graph") else None
+        pairs = to_numpy(request.pairs, "pairs") if request.HasField("pairs") else None
+        answer = await self.runtime.predict_links(
+            request.model_name,
+            request.model_version,
+            graph,
+            request.stored_graph,
+            request.graph_version,
+            pairs,
+            list(request.node_ids),
+            request.top_k,
+            list(request.fan_outs),
+            deadline_from(context.time_remaining()),
+        )
+        return gnn_pb2.PredictLinksResponse(
+            model_name=answer.prediction.manifest.name,
+            model_version=answer.prediction.manifest.version,
+            graph_version=answer.graph_version,
+            outputs=encode_outputs(answer.prediction.outputs),
+            nodes_used=answer.nodes_used,
+            edges_used=answer.edges_used,
+        )
+
+    async def ClassifyGraphs(self, request: gnn_pb2.ClassifyGraphsRequest, context: grpc.aio.ServicerContext):
+        graphs = [to_graph_input(graph, f"graphs[{i}]") for i, graph in enumerate(request.graphs)]
+        prediction = await self.runtime.classify_graphs(
+            request.model_name, request.model_version, graphs, deadline_from(context.time_remaining())
+        )
+        return gnn_pb2.ClassifyGraphsResponse(
             model_name=prediction.manifest.name,
             model_version=prediction.manifest.version,
-            node_ids=rows,
             outputs=encode_outputs(prediction.outputs),
+        )
+
+    async def UpdateGraph(self, request: gnn_pb2.UpdateGraphRequest, context: grpc.aio.ServicerContext):
+        features = (
+            to_numpy(request.node_features, "node_features")
+            if request.HasField("node_features")
+            else np.zeros((0, 0), np.float32)
+        )
+        edges = (
+            to_numpy(request.edge_index, "edge_index") if request.HasField("edge_index") else np.zeros((2, 0), np.int64)
+        )
+        graph = await self.runtime.update_graph(request.graph_name, request.base_version, features, edges)
+        return gnn_pb2.UpdateGraphResponse(
+            graph_name=graph.name,
+            graph_version=graph.version,
+            num_nodes=graph.num_nodes,
+            num_edges=graph.num_edges,
+            first_new_node_id=graph.num_nodes - len(features),
         )

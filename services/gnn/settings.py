@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.gnn.graph_store import GraphLimits
+from services.gnn.runtime import QueryLimits
 from shared.settings import ModelServiceSettings
 
 
@@ -13,3 +15,25 @@ class GnnSettings(ModelServiceSettings):
 
     port: int = 50062
     max_batch_size: int = Field(4096, description="Most nodes, over all merged graphs, in one batch.")
+    max_hops: int = Field(4, description="Most hops (k) a stored-graph query may sample.")
+    max_fan_out: int = Field(1000, description="Most neighbours per node per hop a query may ask for (-1: all).")
+    max_subgraph_nodes: int = Field(200_000, description="Most nodes a sampled neighbourhood may hold.")
+    max_full_graph_nodes: int = Field(
+        200_000, description="Largest stored graph a query may run whole (node_ids empty, or top_k links)."
+    )
+    max_graph_nodes: int = Field(100_000, description="Most nodes of one graph sent inline.")
+    max_graph_edges: int = Field(2_000_000, description="Most edges of one graph sent inline.")
+    max_graphs_per_call: int = Field(1024, description="Most graphs one ClassifyGraphs call may carry.")
+    max_top_k: int = Field(100, description="Most new neighbours PredictLinks returns per node.")
+    max_stored_graph_nodes: int = Field(50_000_000, description="Most nodes an update may grow a stored graph to.")
+    max_update_nodes: int = Field(100_000, description="Most nodes one UpdateGraph call may add.")
+    max_update_edges: int = Field(1_000_000, description="Most edges one UpdateGraph call may add.")
+
+    def query_limits(self) -> QueryLimits:
+        return QueryLimits(
+            self.max_hops, self.max_fan_out, self.max_subgraph_nodes, self.max_full_graph_nodes,
+            self.max_graph_nodes, self.max_graph_edges, self.max_graphs_per_call, self.max_top_k,
+        )  # fmt: skip
+
+    def graph_limits(self) -> GraphLimits:
+        return GraphLimits(self.max_stored_graph_nodes, self.max_update_nodes, self.max_update_edges)

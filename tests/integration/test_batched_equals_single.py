@@ -5,7 +5,7 @@ import torch
 
 from services.dense.datasets import digits_split, sine_windows
 from services.dense.runtime import onnx_loader
-from services.gnn.runtime import GraphInput, gcn_loader
+from services.gnn.runtime import GraphInput, gnn_loader
 from services.nlp.runtime import nlp_loader
 from shared.onnx_session import OnnxConfig
 
@@ -50,7 +50,7 @@ def random_graph(rng, nodes, edges, weighted):
 
 
 def test_gnn_disjoint_union(model_store):
-    model = load(model_store, gcn_loader(torch.device("cpu")), "karate-gcn")
+    model = load(model_store, gnn_loader(torch.device("cpu")), "karate-gcn")
     rng = np.random.default_rng(0)
     karate = model.graphs["karate"]
     graphs = [

@@ -1,0 +1,160 @@
+"""Graphs as first-class citizens, through the gateway: stored graphs queried by neighbourhood,
+graph updates and the cache, link prediction and graph classification (real default models)."""
+
+import concurrent.futures
+
+import grpc
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
+from services.gnn.defaults import SBM_GRAPH, lesmis_split, motif_graphs, sbm_graph
+from shared.tensors import from_numpy, to_numpy
+
+NO_STORE = (("cache-control", "no-store"),)
+
+
+@pytest.fixture(scope="module")
+def gnn(gateway_channel):
+    return gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+
+
+@pytest.fixture(scope="module")
+def sbm():
+    return sbm_graph()
+
+
+def probabilities(reply):
+    return to_numpy(reply.outputs["probabilities"], "probabilities")
+
+
+def query(gnn, metadata=(), **fields):
+    reply, call = gnn.Predict.with_call(
+        gnn_pb2.PredictRequest(model_name="sbm-sage", stored_graph=SBM_GRAPH, **fields), timeout=60, metadata=metadata
+    )
+    return reply, dict(call.trailing_metadata())["maas-cache"]
+
+
+def test_a_query_whose_fan_out_covers_the_neighbourhood_agrees_with_a_full_graph_pass(gnn, sbm):
+    full, _ = query(gnn, graph_version=1)
+    assert full.nodes_used == len(sbm.labels) and full.graph_version == 1
+    whole = probabilities(full)
+    assert (whole.argmax(1) == sbm.labels).mean() > 0.95
+    nodes = [0, 17, 4242, 99_999, 17]
+    sampled, _ = query(gnn, graph_version=1, node_ids=nodes, fan_outs=[-1, -1])
+    assert list(sampled.node_ids) == nodes
+    assert 0 < sampled.nodes_used < len(sbm.labels) and sampled.edges_used > 0
+    np.testing.assert_allclose(probabilities(sampled), whole[nodes], rtol=1e-4, atol=1e-5)
+
+
+def test_a_sampled_query_costs_its_neighbourhood_and_labels_nodes_well(gnn, sbm):
+    nodes = list(range(0, 100_000, 997))
+    reply, _ = query(gnn, graph_version=1, node_ids=nodes, fan_outs=[10, 10])
+    assert reply.nodes_used <= len(nodes) * (1 + 10 + 100)
+    assert reply.edges_used <= len(nodes) * (10 + 100)
+    labels = to_numpy(reply.outputs["label"], "label")
+    assert (labels == sbm.labels[nodes]).mean() > 0.9
+
+
+def new_block_nodes(sbm, block, count, rng):
+    """Features of `count` new nodes of `block`, and edges to 6 existing nodes of that block each."""
+    members = np.flatnonzero(sbm.labels == block)
+    features = sbm.node_features[rng.choice(members, count)] + rng.normal(scale=0.1, size=(count, 16))
+    first = len(sbm.labels)
+    sources = np.repeat(np.arange(first, first + count), 6)
+    targets = rng.choice(members, count * 6)
+    return features.astype(np.float32), np.stack([sources, targets]).astype(np.int64), targets
+
+
+def test_an_update_makes_a_new_version_whose_new_nodes_are_classified_at_once_and_caches_stay_true(
+    gnn, sbm, gateway_channel
+):
+    rng = np.random.default_rng(7)
+    features, edges, touched = new_block_nodes(sbm, 2, 20, rng)
+    watched = [int(touched[0])]
+    # Before: the latest version answers, and its result is cached under v1 for calls that name v1.
+    before, outcome = query(gnn, node_ids=watched, fan_outs=[-1, -1])
+    assert before.graph_version == 1 and outcome != "hit"
+    _, outcome = query(gnn, node_ids=watched, fan_outs=[-1, -1], graph_version=1)
+    assert outcome == "hit"
+
+    update = gnn_pb2.UpdateGraphRequest(
+        graph_name=SBM_GRAPH, base_version=1, node_features=from_numpy(features), edge_index=from_numpy(edges)
+    )
+    updated = gnn.UpdateGraph(update, timeout=60)
+    assert updated.graph_version == 2 and updated.first_new_node_id == len(sbm.labels)
+    assert updated.num_nodes == len(sbm.labels) + 20
+
+    # The new nodes are classified at once by the inductive model.
+    new_ids = list(range(updated.first_new_node_id, updated.num_nodes))
+    reply, _ = query(gnn, graph_version=2, node_ids=new_ids)
+    assert (to_numpy(reply.outputs["label"], "label") == 2).mean() >= 0.9
+
+    # The latest version now is v2: the cached v1 answer is not served for it.
+    after, outcome = query(gnn, node_ids=watched, fan_outs=[-1, -1])
+    assert after.graph_version == 2 and outcome != "hit"
+    assert after.nodes_used > before.nodes_used
+    assert not np.allclose(probabilities(after), probabilities(before))
+    # v1 still answers as before; v2's answer is cached under v2.
+    old, _ = query(gnn, node_ids=watched, fan_outs=[-1, -1], graph_version=1, metadata=NO_STORE)
+    np.testing.assert_allclose(probabilities(old), probabilities(before), rtol=1e-5, atol=1e-6)
+    again, outcome = query(gnn, node_ids=watched, fan_outs=[-1, -1], graph_version=2)
+    assert outcome == "hit" and again == after
+
+    # A second update from the stale base is refused: updates never drop one another.
+    with pytest.raises(grpc.RpcError) as err:
+        gnn.UpdateGraph(update, timeout=60)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "base_version" in err.value.details()
+
+
+def test_link_prediction_scores_held_out_edges_well_and_suggests_new_neighbours(gnn):
+    train, test = lesmis_split(0)
+    pairs = test.edge_label_index.numpy().astype(np.int64)
+    reply = gnn.PredictLinks(
+        gnn_pb2.PredictLinksRequest(model_name="lesmis-links", stored_graph="les-miserables", pairs=from_numpy(pairs)),
+        timeout=30,
+    )
+    scores = to_numpy(reply.outputs["scores"], "scores")
+    assert scores.shape == (pairs.shape[1],) and reply.graph_version == 1
+    assert roc_auc_score(test.edge_label.numpy(), scores) >= 0.85
+
+    top = gnn.PredictLinks(
+        gnn_pb2.PredictLinksRequest(model_name="lesmis-links", stored_graph="les-miserables", node_ids=[11, 48],
+                                    top_k=5),
+        timeout=30,
+    )  # fmt: skip
+    neighbours = to_numpy(top.outputs["neighbors"], "neighbors")
+    assert neighbours.shape == (2, 5)
+    linked = {(int(u), int(v)) for u, v in train.edge_index.t().tolist()}
+    for row, node in enumerate((11, 48)):
+        assert node not in neighbours[row]
+        assert not any((int(v), node) in linked for v in neighbours[row])
+    assert np.all(np.diff(to_numpy(top.outputs["neighbor_scores"], "neighbor_scores"), axis=1) <= 0)
+
+
+def as_graphs(graphs):
+    return [gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(e)) for x, e, _ in graphs]
+
+
+def test_graph_classification_labels_held_out_motif_graphs(gnn):
+    graphs = motif_graphs(100, seed=123)
+    reply = gnn.ClassifyGraphs(gnn_pb2.ClassifyGraphsRequest(model_name="motif-gin", graphs=as_graphs(graphs)),
+                               timeout=30)  # fmt: skip
+    labels = to_numpy(reply.outputs["label"], "label")
+    assert labels.shape == (100,)
+    assert (labels == np.array([y for _, _, y in graphs])).mean() >= 0.9
+
+
+def test_concurrent_graph_classifications_batched_equal_one_by_one(gnn):
+    graphs = as_graphs(motif_graphs(48, seed=5))
+
+    def classify(graph):
+        request = gnn_pb2.ClassifyGraphsRequest(model_name="motif-gin", graphs=[graph])
+        return probabilities(gnn.ClassifyGraphs(request, timeout=30, metadata=NO_STORE))
+
+    alone = [classify(graph) for graph in graphs]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(classify, graphs))
+    for single, batched in zip(alone, together, strict=True):
+        np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-6)
