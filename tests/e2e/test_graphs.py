@@ -158,3 +158,80 @@ def test_concurrent_graph_classifications_batched_equal_one_by_one(gnn):
         together = list(pool.map(classify, graphs))
     for single, batched in zip(alone, together, strict=True):
         np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-6)
+
+
+def sbm_query(**fields):
+    return "Predict", gnn_pb2.PredictRequest(model_name="sbm-sage", stored_graph=SBM_GRAPH, graph_version=1, **fields)
+
+
+def tensor(array, dtype):
+    return from_numpy(np.asarray(array, dtype))
+
+
+BAD_INPUT = {
+    "node id out of range": (*sbm_query(node_ids=[5, 100_000]), ["node_ids[1]", "100000", "0..99999"]),
+    "negative node id": (*sbm_query(node_ids=[-1]), ["node_ids[0]", "-1"]),
+    "k over the limit": (*sbm_query(node_ids=[1], fan_outs=[2] * 5), ["fan_outs", "5 hops", "at most 4"]),
+    "fan-out of 0": (*sbm_query(node_ids=[1], fan_outs=[10, 0]), ["fan_outs[1]", "0", "-1 for all"]),
+    "fan-out over the limit": (*sbm_query(node_ids=[1], fan_outs=[5000]), ["fan_outs[0]", "5000"]),
+    "update edge to a missing node": (
+        "UpdateGraph",
+        gnn_pb2.UpdateGraphRequest(graph_name=SBM_GRAPH, node_features=tensor(np.zeros((1, 16)), np.float32),
+                                   edge_index=tensor([[100_000], [100_001]], np.int64)),
+        ["edge_index", "node 100001 does not exist", "0..100000"],
+    ),
+    "update feature width mismatch": (
+        "UpdateGraph",
+        gnn_pb2.UpdateGraphRequest(graph_name=SBM_GRAPH, node_features=tensor(np.zeros((2, 3)), np.float32)),
+        ["node_features", "[M, 16]", "[2, 3]"],
+    ),
+    "graph feature width mismatch": (
+        "ClassifyGraphs",
+        gnn_pb2.ClassifyGraphsRequest(model_name="motif-gin", graphs=[
+            gnn_pb2.Graph(node_features=tensor(np.ones((3, 10)), np.float32), edge_index=tensor([[0], [1]], np.int64)),
+            gnn_pb2.Graph(node_features=tensor(np.ones((3, 4)), np.float32), edge_index=tensor([[0], [1]], np.int64)),
+        ]),
+        ["graphs[1].node_features", "[N, 10]", "[3, 4]"],
+    ),
+    "graph over the size limit": (
+        "ClassifyGraphs",
+        gnn_pb2.ClassifyGraphsRequest(model_name="motif-gin", graphs=[gnn_pb2.Graph(
+            node_features=tensor(np.zeros((100_001, 10)), np.float32), edge_index=tensor(np.zeros((2, 0)), np.int64))]),
+        ["graphs[0].node_features", "100001 nodes", "at most 100000"],
+    ),
+    "top_k over the limit": (
+        "PredictLinks",
+        gnn_pb2.PredictLinksRequest(model_name="lesmis-links", stored_graph="les-miserables", node_ids=[1], top_k=500),
+        ["top_k", "500"],
+    ),
+    "pair out of range": (
+        "PredictLinks",
+        gnn_pb2.PredictLinksRequest(model_name="lesmis-links", stored_graph="les-miserables",
+                                    pairs=tensor([[0, 1], [2, 77]], np.int64)),
+        ["pairs[3]", "77"],
+    ),
+    "wrong task for the model": (
+        "ClassifyGraphs",
+        gnn_pb2.ClassifyGraphsRequest(model_name="sbm-sage", graphs=[gnn_pb2.Graph(
+            node_features=tensor(np.ones((2, 16)), np.float32), edge_index=tensor([[0], [1]], np.int64))]),
+        ["model_name", "node-level", "Predict"],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_graph_input_gets_invalid_argument_naming_the_field(gnn, case):
+    method, request, fragments = BAD_INPUT[case]
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(gnn, method)(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    for fragment in fragments:
+        assert fragment in err.value.details()
+
+
+def test_the_gnn_service_keeps_serving_after_bad_graph_input(gnn, sbm):
+    for method, request, _ in BAD_INPUT.values():
+        with pytest.raises(grpc.RpcError):
+            getattr(gnn, method)(request, timeout=30)
+    reply, _ = query(gnn, graph_version=1, node_ids=[3])
+    assert to_numpy(reply.outputs["label"], "label")[0] == sbm.labels[3]

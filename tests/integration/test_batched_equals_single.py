@@ -82,3 +82,15 @@ def test_nlp_length_grouping(model_store):
                 alone = model.predict([text])  # one text, no padding at all
                 assert_same({k: v[one : one + 1] for k, v in result.items()}, alone)
             assert_same(result, single)
+
+
+def test_gnn_graph_classification_batches_calls_as_one_union(model_store):
+    from services.gnn.defaults import motif_graphs
+
+    model = load(model_store, gnn_loader(torch.device("cpu")), "motif-gin")
+    graphs = [GraphInput(x, e) for x, e, _ in motif_graphs(12, seed=9)]
+    calls = [graphs[:1], graphs[1:6], graphs[6:7], graphs[7:]]
+    batched = model.run_batch(calls)
+    for call, result in zip(calls, batched, strict=True):
+        assert result.shape == (len(call), 2)
+        np.testing.assert_allclose(result, np.concatenate(model.run_batch([[g] for g in call])), rtol=1e-5, atol=1e-6)
