@@ -185,6 +185,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_workers
 	$(PY) -m tests.bench.bench_gateway
 	$(PY) -m tests.bench.bench_encryption
+	$(PY) -m tests.bench.bench_graphs
 
 IMAGE_TAG ?= 0.1.0
 VARIANT   ?= gpu

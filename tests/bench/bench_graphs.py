@@ -1,0 +1,191 @@
+"""Graphs: neighbourhood queries on a large stored graph, graph classification batching, memory.
+
+Run with `make bench`. Ratios are against a baseline taken in the same run:
+- k-hop query (2 hops, fan-out 10, 1 node) served on a 1M-node graph vs a 10k-node graph with the
+  same average degree, both stored graphs of one gnn service (target: at most 2x);
+- graph classification, 1 small graph per call at concurrency 64, batching on vs off, several
+  client processes (target: at least 3x), and in process one call of 64 graphs vs 64 calls of one
+  (target: at least 10x);
+- resident memory of a service holding the 1M-node graph, and of a second replica that maps the
+  same files: Pss below Rss on the graph's mappings shows the pages are shared.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maas.gnn.v1 import gnn_pb2
+from services.defaults import ensure_defaults
+from services.gnn.defaults import MOTIF_GIN, SBM_SAGE, motif_graphs
+from services.gnn.generators import block_model_graph
+from services.gnn.graph_store import GraphStore
+from services.gnn.runtime import GraphInput, gnn_loader
+from shared.families import family
+from shared.model_store import ModelStore
+from shared.tensors import from_numpy
+from tests.bench.bench_batching import start_service, stop
+from tests.bench.load import CallSpec, run_interleaved
+
+DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
+BIG_NODES = int(os.environ.get("MAAS_BENCH_GRAPH_NODES", "1000000"))
+SMALL_NODES = 10_000
+GNN = family("gnn")
+PREDICT = f"/{GNN.service}/Predict"
+CLASSIFY = f"/{GNN.service}/ClassifyGraphs"
+
+
+def store_graph(graphs: GraphStore, name: str, num_nodes: int) -> float:
+    """Generates and stores an SBM graph; returns the seconds generation took (vectorised)."""
+    started = time.perf_counter()
+    g = block_model_graph(num_nodes)
+    generated = time.perf_counter() - started
+    graphs.publish_edges(name, g.edge_index, g.node_features, undirected=True)
+    return generated
+
+
+def query_requests(graph: str, num_nodes: int, count: int = 256) -> tuple[bytes, ...]:
+    rng = np.random.default_rng(1)
+    return tuple(
+        gnn_pb2.PredictRequest(
+            model_name=SBM_SAGE, stored_graph=graph, node_ids=[int(node)], fan_outs=[10, 10]
+        ).SerializeToString()
+        for node in rng.integers(0, num_nodes, count)
+    )
+
+
+def graph_mappings(pid: int, directory: Path) -> dict[str, int]:
+    """Rss, Pss and Shared_Clean (kB) over the process's mappings of files under `directory`, and its total Rss."""
+    totals = {"Rss": 0, "Pss": 0, "Shared_Clean": 0}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = str(directory) in line
+        elif inside:
+            key, _, value = line.partition(":")
+            if key in totals:
+                totals[key] += int(value.split()[0])
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    totals["process_Rss"] = int(re.search(r"^Rss:\s+(\d+)", rollup, re.M).group(1))
+    return totals
+
+
+def bench_queries(store: ModelStore) -> None:
+    graphs = GraphStore(store.root)
+    big_s = store_graph(graphs, "sbm-big", BIG_NODES)
+    store_graph(graphs, "sbm-small", SMALL_NODES)
+    started = time.perf_counter()
+    big = GraphStore(store.root).open("sbm-big")  # a fresh store: nothing open yet
+    opened_s = time.perf_counter() - started
+    print(f"\ngenerated the {BIG_NODES}-node SBM graph ({big.num_edges} directed edges) in {big_s:.1f}s; "
+          f"opening it (sha256 of every file, then mmap) took {opened_s:.2f}s")  # fmt: skip
+
+    process, target = start_service(GNN, store.root, batching=True)
+    second = None
+    try:
+        specs = [
+            CallSpec(target, PREDICT, query_requests("sbm-small", SMALL_NODES)),
+            CallSpec(target, PREDICT, query_requests("sbm-big", BIG_NODES)),
+        ]
+        run_interleaved(specs, 1, 0.5, clients=1, warmup_s=0.1, slices=1)  # the service opens both graphs
+        small, large = run_interleaved(specs, 1, DURATION_S, clients=1)
+        ratio = large.percentile_ms(50) / small.percentile_ms(50)
+        print("k-hop query served, 2 hops, fan-out 10, 1 node, one caller (sbm-sage, GraphSAGE)")
+        print(f"{'graph':>12} | {'nodes':>9} | {'queries/s':>9} | {'p50 ms':>7} | {'p99 ms':>7}")
+        for name, nodes, result in (("sbm-small", SMALL_NODES, small), ("sbm-big", BIG_NODES, large)):
+            print(f"{name:>12} | {nodes:>9} | {result.throughput:>9.0f} | {result.percentile_ms(50):>7.2f} | "
+                  f"{result.percentile_ms(99):>7.2f}")  # fmt: skip
+        print(f"p50 {BIG_NODES} / {SMALL_NODES} nodes: {ratio:.2f}x (target <= 2x) -> {'ok' if ratio <= 2 else 'LOSS'}")
+
+        # Memory: a second replica maps the same files; both touch the big graph's pages.
+        second, second_target = start_service(GNN, store.root, batching=True)
+        spec = CallSpec(second_target, PREDICT, query_requests("sbm-big", BIG_NODES, 4096))
+        run_interleaved([spec, CallSpec(target, PREDICT, spec.requests)], 8, DURATION_S, clients=2)
+        directory = graphs.store.root
+        print(f"\nresident memory (kB) with the {BIG_NODES}-node graph "
+              f"({sum(f.stat().st_size for f in graphs.store.version_dir('sbm-big', 1).glob('*.npy')) // 1024} kB "
+              "of .npy files) mapped by two replicas")  # fmt: skip
+        print(f"{'replica':>8} | {'process Rss':>11} | {'graph Rss':>9} | {'graph Pss':>9} | {'graph Shared_Clean':>18}")
+        for name, pid in (("first", process.pid), ("second", second.pid)):
+            m = graph_mappings(pid, directory)
+            print(f"{name:>8} | {m['process_Rss']:>11} | {m['Rss']:>9} | {m['Pss']:>9} | {m['Shared_Clean']:>18}")
+        print("graph Pss < graph Rss: the graph's pages are shared between the replicas (page cache), not copied")
+    finally:
+        stop(process)
+        if second is not None:
+            stop(second)
+    # For reference: a full-graph pass on the big graph, which is what the query no longer costs.
+    model = load(store, SBM_SAGE)
+    from services.gnn.sampling import csr_edge_index
+
+    whole = GraphInput(np.array(big.node_features), csr_edge_index(big.indptr, big.indices))
+    started = time.perf_counter()
+    model.predict(whole)
+    print(f"reference: one full-graph pass of the same model on {BIG_NODES} nodes, in process, one thread: "
+          f"{(time.perf_counter() - started) * 1000:.0f} ms")  # fmt: skip
+
+
+def load(store: ModelStore, name: str):
+    manifest = store.manifest(name, store.default_version(name))
+    return gnn_loader(torch.device("cpu"))(manifest, store.artifacts(manifest))
+
+
+def bench_graph_batching(store: ModelStore) -> None:
+    graphs = motif_graphs(64, seed=11)
+    requests = tuple(
+        gnn_pb2.ClassifyGraphsRequest(
+            model_name=MOTIF_GIN, graphs=[gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(e))]
+        ).SerializeToString()
+        for x, e, _ in graphs
+    )
+    off_process, off_target = start_service(GNN, store.root, batching=False)
+    on_process, on_target = start_service(GNN, store.root, batching=True)
+    try:
+        specs = [CallSpec(target, CLASSIFY, requests) for target in (off_target, on_target)]
+        off, on = run_interleaved(specs, 64, DURATION_S)
+    finally:
+        stop(off_process)
+        stop(on_process)
+    ratio = on.throughput / off.throughput
+    print(f"\ngraph classification served ({MOTIF_GIN}), 1 graph of ~25 nodes per call, concurrency 64")
+    print(f"{'batching':>8} | {'graphs/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | errors")
+    for name, result in (("off", off), ("on", on)):
+        print(f"{name:>8} | {result.throughput:>8.0f} | {result.percentile_ms(50):>7.2f} | "
+              f"{result.percentile_ms(99):>7.2f} | {result.errors}")  # fmt: skip
+    print(f"on / off: {ratio:.2f}x (target >= 3x) -> {'ok' if ratio >= 3 else 'LOSS'}")
+
+    torch.set_num_threads(1)
+    model = load(store, MOTIF_GIN)
+    inputs = [GraphInput(x, e) for x, e, _ in graphs]
+
+    def timed(calls) -> float:
+        started = time.perf_counter()
+        model.run_batch(calls)
+        return time.perf_counter() - started
+
+    singles = statistics.median(sum(timed([[g]]) for g in inputs) for _ in range(5))
+    batched = statistics.median(timed([inputs]) for _ in range(5))
+    print(f"in process, one thread: 64 single calls {singles * 1000:.1f} ms, one call of 64 graphs "
+          f"{batched * 1000:.1f} ms: {singles / batched:.1f}x (target >= 10x) -> "
+          f"{'ok' if singles / batched >= 10 else 'LOSS'}")  # fmt: skip
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ModelStore(Path(tmp) / "models")
+        shutil.copytree(Path("var/models"), store.root, ignore=shutil.ignore_patterns(".staging-*"))
+        ensure_defaults(store)
+        bench_graph_batching(store)
+        bench_queries(store)
+
+
+if __name__ == "__main__":
+    main()
