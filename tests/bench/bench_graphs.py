@@ -113,7 +113,7 @@ def bench_queries(store: ModelStore) -> None:
         print(f"\nresident memory (kB) with the {BIG_NODES}-node graph "
               f"({sum(f.stat().st_size for f in graphs.store.version_dir('sbm-big', 1).glob('*.npy')) // 1024} kB "
               "of .npy files) mapped by two replicas")  # fmt: skip
-        print(f"{'replica':>8} | {'process Rss':>11} | {'graph Rss':>9} | {'graph Pss':>9} | {'graph Shared_Clean':>18}")
+        print(f"{'replica':>8} | {'process Rss':>11} | {'graph Rss':>9} | {'graph Pss':>9} | graph Shared_Clean")
         for name, pid in (("first", process.pid), ("second", second.pid)):
             m = graph_mappings(pid, directory)
             print(f"{name:>8} | {m['process_Rss']:>11} | {m['Rss']:>9} | {m['Pss']:>9} | {m['Shared_Clean']:>18}")
