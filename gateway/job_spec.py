@@ -43,6 +43,8 @@ BUILTIN_DATA = {
     "diabetes": BuiltinData("regression", [10], 442, 1),
     "sine": BuiltinData("regression", [24, 1], 2976, 1),
     "karate": BuiltinData("classification", [34], 34, 4),
+    "sbm": BuiltinData("classification", [16], 2000, 4),
+    "motifs": BuiltinData("classification", [10], 400, 2),  # 400 small graphs, one label each
     "sentiment": BuiltinData("classification", None, 120, 2),
 }
 

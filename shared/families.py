@@ -96,8 +96,9 @@ FAMILIES: tuple[Family, ...] = (
         training_code=2,
         batch_unit="nodes",
         dataset_formats=frozenset({"json", "npz"}),
-        builtin_datasets=("karate",),
-        architectures={"gcn": [16]},
+        # karate and sbm: node classification; motifs: graph classification (BA-2Motifs).
+        builtin_datasets=("karate", "sbm", "motifs"),
+        architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32]},
         queries=("Predict", "PredictLinks", "ClassifyGraphs"),
         updates=("UpdateGraph",),
     ),

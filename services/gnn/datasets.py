@@ -54,6 +54,53 @@ def graph(node_features: Any, edge_index: Any, labels: Any, train_mask: Any, whe
     return GraphData(x, edges, y, mask, class_names=classes)
 
 
+@dataclass
+class GraphSetData:
+    """Many small graphs, one label each: a graph classification data set."""
+
+    graphs: list[tuple[np.ndarray, np.ndarray]]  # (node_features, edge_index) per graph
+    labels: np.ndarray
+    task: str = "classification"
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def node_features(self) -> np.ndarray:
+        """The first graph's features: their width is every graph's."""
+        return self.graphs[0][0]
+
+
+MOTIF_DEGREE_CAP = 9
+
+
+def degree_features(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
+    """The motif classifier's node features: one-hot in-degree, capped at MOTIF_DEGREE_CAP."""
+    degree = np.minimum(np.bincount(edge_index[1], minlength=num_nodes), MOTIF_DEGREE_CAP)
+    return np.eye(MOTIF_DEGREE_CAP + 1, dtype=np.float32)[degree]
+
+
+def motif_graphs(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """BA-2Motifs: 20-node Barabási–Albert graphs with a house (label 0) or a 5-cycle (label 1)
+    attached, from torch_geometric's graph and motif generators: (features, edge_index, label)."""
+    import torch
+    from torch_geometric.datasets import ExplainerDataset
+    from torch_geometric.datasets.graph_generator import BAGraph
+    from torch_geometric.datasets.motif_generator import CycleMotif, HouseMotif
+
+    torch.manual_seed(seed)
+    graphs = []
+    for i in range(count):
+        label = i % 2
+        motif = HouseMotif() if label == 0 else CycleMotif(5)
+        data = ExplainerDataset(BAGraph(num_nodes=20, num_edges=1), motif, num_motifs=1)[0]
+        edges = data.edge_index.numpy().astype(np.int64)
+        graphs.append((degree_features(edges, data.num_nodes), edges, label))
+    return graphs
+
+
 def parse_json(data: bytes) -> GraphData:
     try:
         record = json.loads(data)
@@ -82,12 +129,22 @@ def parse(fmt: str, data: bytes) -> GraphData:
     return parse_with(PARSERS, "gnn", fmt, data)
 
 
-def describe(parsed: GraphData) -> dict:
+def describe(parsed: GraphData | GraphSetData) -> dict:
     return {"num_examples": parsed.num_examples, "feature_shape": [parsed.node_features.shape[1]],
             "task": parsed.task, "class_names": parsed.class_names}  # fmt: skip
 
 
-def load_builtin(name: str) -> GraphData:
+def load_builtin(name: str) -> GraphData | GraphSetData:
+    if name == "sbm":
+        from services.gnn.generators import block_model_graph
+
+        sbm = block_model_graph(2000, seed=0)
+        edges = np.concatenate([sbm.edge_index, sbm.edge_index[::-1]], axis=1)
+        return graph(sbm.node_features, edges, sbm.labels, None, "sbm")
+    if name == "motifs":
+        graphs = motif_graphs(400, seed=0)
+        return GraphSetData([(x, e) for x, e, _ in graphs], np.array([y for *_, y in graphs]),
+                            class_names=["house", "cycle"])  # fmt: skip
     if name != "karate":
         raise InvalidArgumentError(f"builtin_dataset: {name!r} is not a built-in gnn data set")
     from torch_geometric.datasets import KarateClub

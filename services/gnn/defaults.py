@@ -15,6 +15,8 @@ from sklearn.model_selection import train_test_split
 from torch_geometric.datasets import KarateClub
 
 from services.gnn.architectures import GCN, build_network
+from services.gnn.datasets import MOTIF_DEGREE_CAP, motif_graphs
+from services.gnn.export import model_files
 from services.gnn.generators import block_model_graph
 from services.gnn.graph_store import GraphStore
 from services.gnn.sampling import csr_edge_index, csr_from_edges
@@ -100,14 +102,11 @@ SBM_NODES = 100_000
 LESMIS_LINKS = "lesmis-links"
 LESMIS_GRAPH = "les-miserables"
 MOTIF_GIN = "motif-gin"
-MOTIF_DEGREE_CAP = 9
 
 
 def _publish_torch(store: ModelStore, net: torch.nn.Module, record: dict) -> Manifest:
-    # In memory: the weights reach disk only as the store writes them (sealed, when it is encrypted).
-    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
-    record["config"]["weights_file"] = "weights.safetensors"
-    manifest = store.publish({"family": "gnn", "framework": "torch", **record}, {"weights.safetensors": weights})
+    files = model_files(net, record["config"])
+    manifest = store.publish({"family": "gnn", "framework": "torch", **record}, files)
     log.info("built %s v%d: %s", manifest.name, manifest.version, manifest.metrics)
     return manifest
 
@@ -231,30 +230,6 @@ def build_lesmis_links(store: ModelStore, seed: int = 0) -> Manifest:
         "description": f"2-layer GCN encoder, dot-product decoder; stored graph {LESMIS_GRAPH!r} (training edges)",
         "config": {**config, "stored_graphs": [LESMIS_GRAPH]},
     })  # fmt: skip
-
-
-def degree_features(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
-    """The motif classifier's node features: one-hot in-degree, capped at MOTIF_DEGREE_CAP."""
-    degree = np.minimum(np.bincount(edge_index[1], minlength=num_nodes), MOTIF_DEGREE_CAP)
-    return np.eye(MOTIF_DEGREE_CAP + 1, dtype=np.float32)[degree]
-
-
-def motif_graphs(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, int]]:
-    """BA-2Motifs: 20-node Barabási–Albert graphs with a house (label 0) or a 5-cycle (label 1)
-    attached, from torch_geometric's graph and motif generators: (features, edge_index, label)."""
-    from torch_geometric.datasets import ExplainerDataset
-    from torch_geometric.datasets.graph_generator import BAGraph
-    from torch_geometric.datasets.motif_generator import CycleMotif, HouseMotif
-
-    torch.manual_seed(seed)
-    graphs = []
-    for i in range(count):
-        label = i % 2
-        motif = HouseMotif() if label == 0 else CycleMotif(5)
-        data = ExplainerDataset(BAGraph(num_nodes=20, num_edges=1), motif, num_motifs=1)[0]
-        edges = data.edge_index.numpy().astype(np.int64)
-        graphs.append((degree_features(edges, data.num_nodes), edges, label))
-    return graphs
 
 
 def build_motif_gin(store: ModelStore, seed: int = 0) -> Manifest:

@@ -25,7 +25,8 @@ import torch
 
 from maas.gnn.v1 import gnn_pb2
 from services.defaults import ensure_defaults
-from services.gnn.defaults import MOTIF_GIN, SBM_SAGE, motif_graphs
+from services.gnn.datasets import motif_graphs
+from services.gnn.defaults import MOTIF_GIN, SBM_SAGE
 from services.gnn.generators import block_model_graph
 from services.gnn.graph_store import GraphStore
 from services.gnn.runtime import GraphInput, gnn_loader

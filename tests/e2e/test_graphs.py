@@ -9,7 +9,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
-from services.gnn.defaults import SBM_GRAPH, lesmis_split, motif_graphs, sbm_graph
+from services.gnn.datasets import motif_graphs
+from services.gnn.defaults import SBM_GRAPH, lesmis_split, sbm_graph
 from shared.tensors import from_numpy, to_numpy
 
 NO_STORE = (("cache-control", "no-store"),)

@@ -484,3 +484,46 @@ def test_a_200_mb_upload_streams_through_the_gateway_without_growing_its_memory(
     with stored.open("rb") as sealed:  # sealed as it streamed in, chunk by chunk
         assert sealed.read(len(SEALED_MAGIC)) == SEALED_MAGIC
     assert plaintext_size(stored.stat().st_size, CHUNK_BYTES) == dataset.size_bytes
+
+
+@pytest.mark.parametrize("architecture", ["sage", "gat"])
+def test_gnn_architectures_train_on_a_built_in_graph_and_are_served_with_their_metrics(
+    training, gateway_channel, architecture
+):
+    name = f"e2e-sbm-{architecture}"
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_GNN, architecture=architecture, learning_rate=0.01, epochs=40,
+                           builtin_dataset="sbm", output_model=name),
+        timeout=10,
+    ).job  # fmt: skip
+    assert watch(training, job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.metrics["accuracy"] >= 0.8
+    models = models_pb2_grpc.ModelServiceStub(gateway_channel)
+    described = wait_for(lambda: served_version(lambda: models.GetModel.with_call(
+        models_pb2.GetModelRequest(model_name=name), timeout=10)), what="described")[0]  # fmt: skip
+    assert described.model.versions[-1].metrics["accuracy"] == pytest.approx(done.metrics["accuracy"])
+    stub = gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+    request = gnn_pb2.PredictRequest(model_name=name, stored_graph="sbm", node_ids=[0, 1, 2])
+    reply, _ = wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10)), what="served")
+    assert reply.model_version == done.model_version and list(reply.node_ids) == [0, 1, 2]
+
+
+def test_gin_trains_as_a_graph_classifier_and_serves_classify_graphs(training, gateway_channel):
+    from services.gnn.datasets import motif_graphs
+
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gin", learning_rate=0.01, epochs=15, batch_size=64,
+                           builtin_dataset="motifs", output_model="e2e-motifs"),
+        timeout=10,
+    ).job  # fmt: skip
+    assert watch(training, job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.metrics["accuracy"] >= 0.9
+    graphs = motif_graphs(40, seed=77)
+    request = gnn_pb2.ClassifyGraphsRequest(model_name="e2e-motifs", graphs=[
+        gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(e)) for x, e, _ in graphs])  # fmt: skip
+    stub = gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+    reply, _ = wait_for(lambda: served_version(lambda: stub.ClassifyGraphs.with_call(request, timeout=10)),
+                        what="served")  # fmt: skip
+    assert (to_numpy(reply.outputs["label"], "label") == np.array([y for *_, y in graphs])).mean() >= 0.9

@@ -85,7 +85,7 @@ def test_nlp_length_grouping(model_store):
 
 
 def test_gnn_graph_classification_batches_calls_as_one_union(model_store):
-    from services.gnn.defaults import motif_graphs
+    from services.gnn.datasets import motif_graphs
 
     model = load(model_store, gnn_loader(torch.device("cpu")), "motif-gin")
     graphs = [GraphInput(x, e) for x, e, _ in motif_graphs(12, seed=9)]
