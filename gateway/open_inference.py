@@ -15,7 +15,7 @@ import numpy as np
 from gateway.auth import current_tenant
 from gateway.catalog import ModelCatalog
 from gateway.model_service import GatewayModelService
-from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
+from gateway.proxy import QUERY_ROUTE, GatewayProxy
 from inference import open_inference_pb2 as oip
 from inference import open_inference_pb2_grpc
 from maas.common.v1 import model_pb2, tensor_pb2
@@ -150,7 +150,7 @@ class InferInputs:
         return self.inputs[name]
 
 
-def to_family_request(family: str, request: oip.ModelInferRequest, version: int):
+def to_family_request(family: str, request: oip.ModelInferRequest, version: int, links: bool = False):
     inputs = InferInputs(request)
     wanted = [output.name for output in request.outputs]
     if family == "dense":
@@ -165,20 +165,53 @@ def to_family_request(family: str, request: oip.ModelInferRequest, version: int)
         return nlp_pb2.PredictRequest(
             model_name=request.model_name, model_version=version, texts=inputs.texts(texts_input)
         )
-    message = gnn_pb2.PredictRequest(model_name=request.model_name, model_version=version)
-    stored = request.parameters.get("stored_graph")
-    if stored is not None and stored.string_param:
-        message.stored_graph = stored.string_param
+    return to_gnn_request(request, version, inputs, links)
+
+
+def _integers(inputs: InferInputs, name: str) -> list[int]:
+    """An INT32 or INT64 input as a list of ints ([] when absent)."""
+    if not inputs.has(name):
+        return []
+    tensor = inputs.tensor(name)
+    if tensor.dtype not in (tensor_pb2.DATA_TYPE_INT64, tensor_pb2.DATA_TYPE_INT32):
+        raise InvalidArgumentError(f"inputs ({name!r}): must be INT64 or INT32")
+    return np.frombuffer(tensor.data, dtype="<i8" if tensor.dtype == tensor_pb2.DATA_TYPE_INT64 else "<i4").tolist()
+
+
+def _stored_graph(request: oip.ModelInferRequest, inputs: InferInputs) -> tuple[str, int]:
+    """The stored graph and its version: BYTES / INT64 inputs, or request parameters of the same names."""
+    name = inputs.texts("stored_graph")[0] if inputs.has("stored_graph") else ""
+    parameter = request.parameters.get("stored_graph")
+    name = name or (parameter.string_param if parameter is not None else "")
+    versions = _integers(inputs, "graph_version")
+    parameter = request.parameters.get("graph_version")
+    version = versions[0] if versions else (parameter.int64_param if parameter is not None else 0)
+    return name, version
+
+
+def to_gnn_request(request: oip.ModelInferRequest, version: int, inputs: InferInputs, links: bool):
+    """Predict, or PredictLinks for a link-prediction model: an inline graph (node_features, edge_index,
+    edge_weight) or a stored one (stored_graph, graph_version), with node_ids and fan_outs; for links,
+    pairs and top_k."""
+    stored, graph_version = _stored_graph(request, inputs)
+    if links:
+        message = gnn_pb2.PredictLinksRequest(model_name=request.model_name, model_version=version)
+        if inputs.has("pairs"):
+            message.pairs.CopyFrom(inputs.tensor("pairs"))
+        top_k = _integers(inputs, "top_k")
+        message.top_k = top_k[0] if top_k else 0
+    else:
+        message = gnn_pb2.PredictRequest(model_name=request.model_name, model_version=version)
+    if stored:
+        message.stored_graph = stored
+        message.graph_version = graph_version
     else:
         message.graph.node_features.CopyFrom(inputs.tensor("node_features"))
         message.graph.edge_index.CopyFrom(inputs.tensor("edge_index"))
         if inputs.has("edge_weight"):
             message.graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
-    if inputs.has("node_ids"):
-        ids = inputs.tensor("node_ids")
-        if ids.dtype != tensor_pb2.DATA_TYPE_INT64:
-            raise InvalidArgumentError("inputs ('node_ids'): must be INT64")
-        message.node_ids.extend(np.frombuffer(ids.data, dtype="<i8").tolist())
+    message.node_ids.extend(_integers(inputs, "node_ids"))
+    message.fan_outs.extend(_integers(inputs, "fan_outs"))
     return message
 
 
@@ -254,9 +287,11 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         )
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context):
-        family, _ = await self.catalog.find_visible(request.model_name, current_tenant())
-        route = ROUTE_BY_FAMILY[family]
-        message = to_family_request(family, request, parse_version(request.model_version))
+        family, model = await self.catalog.find_visible(request.model_name, current_tenant())
+        # A link-prediction model (its signature takes pairs) answers through PredictLinks.
+        links = family == "gnn" and any(s.name == "pairs" for v in model.versions for s in v.inputs)
+        route = QUERY_ROUTE[family, "PredictLinks" if links else "Predict"]
+        message = to_family_request(family, request, parse_version(request.model_version), links)
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context)
         response = route.predict_response.FromString(raw)
         return to_infer_response(request, response)

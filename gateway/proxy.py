@@ -74,6 +74,7 @@ def _route(family, method: str) -> FamilyRoute:
 ROUTES = [_route(f, "Predict") for f in FAMILIES]
 ROUTE_BY_FAMILY = {route.family: route for route in ROUTES}
 QUERY_ROUTES = [_route(f, method) for f in FAMILIES for method in f.queries]
+QUERY_ROUTE = {(route.family, route.method): route for route in QUERY_ROUTES}
 UPDATE_ROUTES = [_route(f, method) for f in FAMILIES for method in f.updates]
 
 

@@ -104,6 +104,22 @@ LESMIS_GRAPH = "les-miserables"
 MOTIF_GIN = "motif-gin"
 
 
+# The inputs a query may carry, as the manifest documents them (and Open Inference's ModelMetadata
+# shows them): an inline graph, or a stored graph's name and version with the nodes to ask about.
+def INLINE_GRAPH(width: int) -> list[dict]:  # noqa: N802 - reads as the constants beside it
+    return [{"name": "node_features", "dtype": "FP32", "shape": [-1, width]},
+            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]}]  # fmt: skip
+
+
+STORED_GRAPH_QUERY = [
+    {"name": "stored_graph", "dtype": "STRING", "shape": [1]},
+    {"name": "graph_version", "dtype": "INT64", "shape": [1]},
+    {"name": "node_ids", "dtype": "INT64", "shape": [-1]},
+    {"name": "fan_outs", "dtype": "INT32", "shape": [-1]},
+]
+LINK_QUERY = [{"name": "pairs", "dtype": "INT64", "shape": [2, -1]}, {"name": "top_k", "dtype": "INT64", "shape": [1]}]
+
+
 def _publish_torch(store: ModelStore, net: torch.nn.Module, record: dict) -> Manifest:
     files = model_files(net, record["config"])
     manifest = store.publish({"family": "gnn", "framework": "torch", **record}, files)
@@ -148,10 +164,7 @@ def build_sbm_sage(store: ModelStore, seed: int = 0) -> Manifest:
     metrics["final_train_loss"] = loss.item()
     return _publish_torch(store, net, {
         "name": SBM_SAGE,
-        "inputs": [
-            {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
-            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-        ],
+        "inputs": [*INLINE_GRAPH(config["in_channels"]), *STORED_GRAPH_QUERY],
         "outputs": [
             {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
             {"name": "label", "dtype": "INT64", "shape": [-1]},
@@ -215,11 +228,7 @@ def build_lesmis_links(store: ModelStore, seed: int = 0) -> Manifest:
                                    "node features: one-hot node ids")  # fmt: skip
     return _publish_torch(store, net, {
         "name": LESMIS_LINKS,
-        "inputs": [
-            {"name": "node_features", "dtype": "FP32", "shape": [-1, n]},
-            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-            {"name": "pairs", "dtype": "INT64", "shape": [2, -1]},
-        ],
+        "inputs": [*INLINE_GRAPH(n), *STORED_GRAPH_QUERY, *LINK_QUERY],
         "outputs": [
             {"name": "scores", "dtype": "FP32", "shape": [-1]},
             {"name": "neighbors", "dtype": "INT64", "shape": [-1, -1]},

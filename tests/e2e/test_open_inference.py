@@ -163,3 +163,38 @@ def test_a_shape_no_tensor_has_is_invalid_not_internal(gateway_channel):
         service_pb2_grpc.GRPCInferenceServiceStub(gateway_channel).ModelInfer(request, timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "has dimension 4611686018427387904" in err.value.details()
+
+
+def test_stored_graph_queries_and_link_scores_through_open_inference(client, gateway_channel):
+    from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
+    from services.gnn.defaults import lesmis_split
+    from shared.tensors import from_numpy, to_numpy
+
+    metadata = {i.name: i for i in client.get_model_metadata("sbm-sage").inputs}
+    assert {"stored_graph", "graph_version", "node_ids", "fan_outs"} <= set(metadata)
+    assert metadata["stored_graph"].datatype == "BYTES" and metadata["node_ids"].datatype == "INT64"
+
+    def tensor(name, value, datatype):
+        result = triton.InferInput(name, list(value.shape), datatype)
+        result.set_data_from_numpy(value)
+        return result
+
+    graph = tensor("stored_graph", np.array([b"sbm-100k"], dtype=object), "BYTES")
+    query = [graph, tensor("graph_version", np.array([1], np.int64), "INT64"),
+             tensor("node_ids", np.array([0, 7, 9], np.int64), "INT64"),
+             tensor("fan_outs", np.array([-1, -1], np.int32), "INT32")]  # fmt: skip
+    labels = client.infer("sbm-sage", query).as_numpy("label")
+    native = gnn_pb2_grpc.GnnServiceStub(gateway_channel).Predict(
+        gnn_pb2.PredictRequest(model_name="sbm-sage", stored_graph="sbm-100k", graph_version=1, node_ids=[0, 7, 9],
+                               fan_outs=[-1, -1]), timeout=30)  # fmt: skip
+    assert labels.tolist() == to_numpy(native.outputs["label"], "label").tolist()
+
+    assert "pairs" in {i.name for i in client.get_model_metadata("lesmis-links").inputs}
+    pairs = lesmis_split(0)[1].edge_label_index.numpy().astype(np.int64)
+    graph = tensor("stored_graph", np.array([b"les-miserables"], dtype=object), "BYTES")
+    scores = client.infer("lesmis-links", [graph, tensor("pairs", pairs, "INT64")]).as_numpy("scores")
+    native = gnn_pb2_grpc.GnnServiceStub(gateway_channel).PredictLinks(
+        gnn_pb2.PredictLinksRequest(model_name="lesmis-links", stored_graph="les-miserables", pairs=from_numpy(pairs)),
+        timeout=30,
+    )
+    np.testing.assert_allclose(scores, to_numpy(native.outputs["scores"], "scores"), rtol=1e-6)
