@@ -5,6 +5,7 @@ a GIN that tells BA graphs with a house motif from those with a cycle."""
 from __future__ import annotations
 
 import logging
+import random
 
 import networkx as nx
 import numpy as np
@@ -185,31 +186,52 @@ def lesmis_split(seed: int = 0):
     from torch_geometric.transforms import RandomLinkSplit
 
     torch.manual_seed(seed)
+    random.seed(seed)  # RandomLinkSplit draws the held-out non-edges with Python's random
     graph = nx.convert_node_labels_to_integers(nx.les_miserables_graph(), ordering="sorted")
     n = graph.number_of_nodes()
     edges = torch.tensor(list(graph.edges())).t()
     data = Data(x=torch.eye(n), edge_index=torch.cat([edges, edges.flip(0)], 1), num_nodes=n)
     train, _, test = RandomLinkSplit(num_val=0.0, num_test=0.15, is_undirected=True,
                                      add_negative_train_samples=False)(data)  # fmt: skip
+    # Node features: each node's row of the training adjacency (plus itself), so that embeddings
+    # see shared neighbours; one-hot ids alone gave held-out AUCs of 0.78-0.84.
+    adjacency = torch.eye(n)
+    adjacency[train.edge_index[0], train.edge_index[1]] = 1.0
+    train.x, test.x = adjacency, adjacency
     return train, test
 
 
 def build_lesmis_links(store: ModelStore, seed: int = 0) -> Manifest:
-    """A GCN link predictor on Les Misérables; the stored graph holds the training edges only."""
-    from torch_geometric.utils import negative_sampling
+    """A GCN link predictor on Les Misérables; the stored graph holds the training edges only.
 
+    The configuration (adjacency features, 3 negatives per positive, 150 epochs, 2 layers) was
+    chosen by mean AUC over the splits of seeds 1-4 (0.91, lowest 0.89); seed 0's split stays
+    held out for the recorded AUC."""
     train, test = lesmis_split(seed)
     n = train.num_nodes
-    config = {"task": "link", "architecture": "gcn", "in_channels": n, "hidden": 64, "embedding_size": 32,
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread sums in one order: the same model, and AUC, on every build
+    try:
+        return _train_lesmis_links(store, train, test, n, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_lesmis_links(store: ModelStore, train, test, n: int, seed: int) -> Manifest:
+    from torch_geometric.utils import negative_sampling
+
+    torch.manual_seed(seed)
+    random.seed(seed)  # negative_sampling draws with Python's random
+    config = {"task": "link", "architecture": "gcn", "in_channels": n, "hidden": 64, "embedding_size": 16,
               "num_layers": 2, "dropout": 0.0, "fan_outs": [-1, -1]}  # fmt: skip
     net = build_network(config)
     opt = make_optimizer("adam", net.parameters(), lr=0.01)
-    for _ in range(100):
+    for _ in range(150):
         net.train()
         opt.zero_grad()
         z = net(train.x, train.edge_index)
         pos = train.edge_label_index
-        neg = negative_sampling(train.edge_index, num_nodes=n, num_neg_samples=pos.shape[1])
+        neg = negative_sampling(train.edge_index, num_nodes=n, num_neg_samples=3 * pos.shape[1])
         logits = torch.cat([(z[pos[0]] * z[pos[1]]).sum(1), (z[neg[0]] * z[neg[1]]).sum(1)])
         labels = torch.cat([torch.ones(pos.shape[1]), torch.zeros(neg.shape[1])])
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
@@ -225,7 +247,7 @@ def build_lesmis_links(store: ModelStore, seed: int = 0) -> Manifest:
         indptr, indices = csr_from_edges(test.edge_index.numpy(), n)
         graphs.publish(LESMIS_GRAPH, indptr, indices, test.x.numpy(), undirected=True,
                        description="Les Misérables co-appearances (networkx), training edges only; "
-                                   "node features: one-hot node ids")  # fmt: skip
+                                   "node features: rows of the training adjacency plus identity")  # fmt: skip
     return _publish_torch(store, net, {
         "name": LESMIS_LINKS,
         "inputs": [*INLINE_GRAPH(n), *STORED_GRAPH_QUERY, *LINK_QUERY],

@@ -178,8 +178,8 @@ BAD_INPUT = {
     "update edge to a missing node": (
         "UpdateGraph",
         gnn_pb2.UpdateGraphRequest(graph_name=SBM_GRAPH, node_features=tensor(np.zeros((1, 16)), np.float32),
-                                   edge_index=tensor([[100_000], [100_001]], np.int64)),
-        ["edge_index", "node 100001 does not exist", "0..100000"],
+                                   edge_index=tensor([[0], [10**9]], np.int64)),
+        ["edge_index", "node 1000000000 does not exist", "plus 1 new"],
     ),
     "update feature width mismatch": (
         "UpdateGraph",
