@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from services.defaults import ensure_defaults
+from services.gnn.graph_store import GRAPHS_DIR
 from shared.keyring import LOCAL_KEK_ID, Keyring, create_kek
 from shared.model_store import ModelStore
 
@@ -25,8 +26,12 @@ def default_models() -> ModelStore:
 
 
 def copy_store(source: ModelStore, store: ModelStore) -> ModelStore:
-    """Every version of `source` published into `store`, decrypted in memory and sealed again under `store`'s
-    KEK, or written plain when `store` has none; versions keep their numbers, pins stay pinned."""
+    """Every version of `source`, and of its stored graphs, published into `store`, decrypted in memory and
+    sealed again under `store`'s KEK, or written plain when `store` has none; versions keep their numbers,
+    pins stay pinned."""
+    if source.root.name != GRAPHS_DIR and (source.root / GRAPHS_DIR).is_dir():
+        copy_store(ModelStore(source.root / GRAPHS_DIR, source.keyring), ModelStore(store.root / GRAPHS_DIR,
+                                                                                    store.keyring))  # fmt: skip
     for name in source.model_names():
         for version in source.versions(name):
             copied = store.copy_version(source, name, version)

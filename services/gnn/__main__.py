@@ -20,7 +20,7 @@ async def serve(settings: GnnSettings) -> None:
     torch.set_num_threads(settings.torch_threads)
     device = resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb)
     repository = build_repository(settings, FAMILY.name, gnn_loader(device))
-    graphs = GraphStore(settings.model_store, settings.graph_limits())
+    graphs = GraphStore(repository.store, settings.graph_limits())
     servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()))
     await serve_models(settings, FAMILY, repository, servicer)
 

@@ -152,7 +152,7 @@ def build_sbm_sage(store: ModelStore, seed: int = 0) -> Manifest:
         loss.backward()
         opt.step()
     net.eval()
-    graphs = GraphStore(store.root)
+    graphs = GraphStore(store)
     served = sbm_graph(SBM_NODES, seed)
     if not graphs.store.versions(SBM_GRAPH):
         about = f"stochastic block model, {SBM_NODES} nodes, 4 blocks, seed {seed}"
@@ -242,7 +242,7 @@ def _train_lesmis_links(store: ModelStore, train, test, n: int, seed: int) -> Ma
         z = net(test.x, test.edge_index)
         scores = (z[test.edge_label_index[0]] * z[test.edge_label_index[1]]).sum(1)
     metrics = {"auc": float(roc_auc_score(test.edge_label.numpy(), scores.numpy())), "final_train_loss": loss.item()}
-    graphs = GraphStore(store.root)
+    graphs = GraphStore(store)
     if not graphs.store.versions(LESMIS_GRAPH):
         indptr, indices = csr_from_edges(test.edge_index.numpy(), n)
         graphs.publish(LESMIS_GRAPH, indptr, indices, test.x.numpy(), undirected=True,

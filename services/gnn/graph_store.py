@@ -9,11 +9,15 @@ it samples.
 
 An update writes a new version (the old one is never changed), so a query that names a version
 always gets the same graph, and caches keyed by version are never stale.
+
+When the model store is encrypted at rest, graphs are sealed like every artifact: a sealed version
+is checked and decrypted into the process's memory instead of mapped, so replicas do not share its
+pages and opening it costs its size.
 """
 
 from __future__ import annotations
 
-import tempfile
+import io
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -63,8 +67,8 @@ class GraphLimits:
 
 
 class GraphStore:
-    def __init__(self, model_store: Path | str, limits: GraphLimits | None = None, keep_open: int = 8) -> None:
-        self.store = ModelStore(Path(model_store) / GRAPHS_DIR)
+    def __init__(self, model_store: ModelStore, limits: GraphLimits | None = None, keep_open: int = 8) -> None:
+        self.store = ModelStore(Path(model_store.root) / GRAPHS_DIR, model_store.keyring)
         self.limits = limits or GraphLimits()
         self.keep_open = keep_open
         self._open: OrderedDict[tuple[str, int], StoredGraph] = OrderedDict()
@@ -107,7 +111,11 @@ class GraphStore:
     def _map(self, manifest: Manifest) -> StoredGraph:
         directory = self.store.version_dir(manifest.name, manifest.version)
         arrays = {}
-        for array in ARRAYS:
+        if manifest.sealed:
+            artifacts = self.store.artifacts(manifest).check_all()  # sha256 over the ciphertext, then decrypted
+            for array in ARRAYS:
+                arrays[array] = np.load(io.BytesIO(artifacts.read(f"{array}.npy")), allow_pickle=False)
+        for array in () if manifest.sealed else ARRAYS:
             file_name = f"{array}.npy"
             path = manifest.artifact(directory, file_name)
             if sha256_file(path) != manifest.files[file_name]:
@@ -129,32 +137,32 @@ class GraphStore:
         expected_latest: int | None = None,
     ) -> StoredGraph:
         check_model_name(name, "graph_name")
-        with tempfile.TemporaryDirectory() as tmp:
-            files = {}
-            for array, value in (("indptr", indptr), ("indices", indices), ("node_features", node_features)):
-                files[f"{array}.npy"] = Path(tmp) / f"{array}.npy"
-                np.save(files[f"{array}.npy"], np.ascontiguousarray(value))
-            manifest = self.store.publish(
-                {
-                    "name": name,
-                    "family": "gnn",
-                    "framework": "numpy",
-                    "inputs": [],
-                    "outputs": [],
-                    "description": description,
-                    "config": {
-                        "kind": "graph",
-                        "layout": "CSR by target: indices[indptr[v]:indptr[v+1]] are the in-neighbours of v",
-                        "num_nodes": len(indptr) - 1,
-                        "num_edges": len(indices),
-                        "feature_width": int(node_features.shape[1]),
-                        "undirected": undirected,
-                        "parent_version": parent,
-                    },
+        files = {}
+        for array, value in (("indptr", indptr), ("indices", indices), ("node_features", node_features)):
+            buffer = io.BytesIO()  # in memory: the store writes it, sealed when it is encrypted
+            np.save(buffer, np.ascontiguousarray(value))
+            files[f"{array}.npy"] = buffer.getvalue()
+        manifest = self.store.publish(
+            {
+                "name": name,
+                "family": "gnn",
+                "framework": "numpy",
+                "inputs": [],
+                "outputs": [],
+                "description": description,
+                "config": {
+                    "kind": "graph",
+                    "layout": "CSR by target: indices[indptr[v]:indptr[v+1]] are the in-neighbours of v",
+                    "num_nodes": len(indptr) - 1,
+                    "num_edges": len(indices),
+                    "feature_width": int(node_features.shape[1]),
+                    "undirected": undirected,
+                    "parent_version": parent,
                 },
-                files,
-                expected_latest=expected_latest,
-            )
+            },
+            files,
+            expected_latest=expected_latest,
+        )
         return self.open(name, manifest.version)
 
     def publish_edges(

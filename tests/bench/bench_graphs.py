@@ -80,11 +80,11 @@ def graph_mappings(pid: int, directory: Path) -> dict[str, int]:
 
 
 def bench_queries(store: ModelStore) -> None:
-    graphs = GraphStore(store.root)
+    graphs = GraphStore(store)
     big_s = store_graph(graphs, "sbm-big", BIG_NODES)
     store_graph(graphs, "sbm-small", SMALL_NODES)
     started = time.perf_counter()
-    big = GraphStore(store.root).open("sbm-big")  # a fresh store: nothing open yet
+    big = GraphStore(store).open("sbm-big")  # a fresh store: nothing open yet
     opened_s = time.perf_counter() - started
     print(f"\ngenerated the {BIG_NODES}-node SBM graph ({big.num_edges} directed edges) in {big_s:.1f}s; "
           f"opening it (sha256 of every file, then mmap) took {opened_s:.2f}s")  # fmt: skip

@@ -16,6 +16,7 @@ from services.gnn.sampling import (
     sample_neighbourhood,
 )
 from shared.errors import FailedPreconditionError, InvalidArgumentError
+from shared.model_store import ModelStore
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_adding_edges_in_place_equals_rebuilding(graph):
 
 
 def test_graph_store_versions_are_memory_mapped_and_updates_leave_old_ones_alone(tmp_path):
-    store = GraphStore(tmp_path)
+    store = GraphStore(ModelStore(tmp_path))
     edges = np.array([[0, 1], [1, 2]])
     first = store.publish_edges("g", edges, np.ones((3, 2), np.float32), undirected=True)
     assert isinstance(first.indices, np.memmap) and first.num_edges == 4
@@ -82,3 +83,19 @@ def test_graph_store_versions_are_memory_mapped_and_updates_leave_old_ones_alone
     with pytest.raises(InvalidArgumentError, match="node 9 does not exist"):
         store.update("g", 0, np.zeros((0, 2), np.float32), np.array([[0], [9]]))
     assert store.store.versions("g") == [1, 2]
+
+
+def test_an_encrypted_store_seals_graphs_and_opens_them_in_memory(tmp_path):
+    from shared.keyring import Keyring, create_kek
+
+    create_kek(tmp_path / "keys", "a")
+    store = GraphStore(ModelStore(tmp_path / "models", Keyring(tmp_path / "keys", "a")))
+    features = np.arange(6, dtype=np.float32).reshape(3, 2) + 1000.5
+    store.publish_edges("g", np.array([[0, 1], [1, 2]]), features, undirected=True)
+    on_disk = (store.store.version_dir("g", 1) / "node_features.npy").read_bytes()
+    assert features.tobytes() not in on_disk
+    opened = GraphStore(ModelStore(tmp_path / "models", Keyring(tmp_path / "keys", "a"))).open("g")
+    assert not isinstance(opened.node_features, np.memmap)
+    np.testing.assert_array_equal(opened.node_features, features)
+    updated = store.update("g", 1, np.ones((1, 2), np.float32), np.array([[3], [0]]))
+    assert updated.num_nodes == 4 and store.open("g", 1).num_nodes == 3
