@@ -473,3 +473,8 @@ def _node_outputs(manifest: Manifest, probabilities: np.ndarray) -> Prediction:
     return Prediction(
         manifest, {"probabilities": probabilities, "label": probabilities.argmax(axis=1).astype(np.int64)}
     )
+
+
+# The names before GNNs had several tasks, for code written against them (branches in flight).
+GcnModel = GnnModel
+gcn_loader = gnn_loader

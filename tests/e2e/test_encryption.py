@@ -26,7 +26,7 @@ from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
 from services.dense.datasets import digits_split
 from services.dense.runtime import onnx_loader
-from services.gnn.runtime import gcn_loader
+from services.gnn.runtime import gnn_loader
 from services.nlp.runtime import nlp_loader
 from shared.envelope import ENVELOPE_MAGIC, SEALED_MAGIC, split_envelope
 from shared.keyring import LOCAL_KEK_ID
@@ -164,7 +164,7 @@ def test_the_default_models_serve_from_the_sealed_store_as_they_do_from_the_plai
     expected = plain("digits-mlp", onnx_loader(cpu)).predict({"pixels": x_test[:32]})
     np.testing.assert_allclose(to_numpy(reply.outputs["probabilities"], "p"), expected["probabilities"], **served())
 
-    graph = plain("karate-gcn", gcn_loader(torch.device("cpu")))
+    graph = plain("karate-gcn", gnn_loader(torch.device("cpu")))
     reply = gnn_pb2_grpc.GnnServiceStub(gateway_channel).Predict(
         gnn_pb2.PredictRequest(model_name="karate-gcn", model_version=1, stored_graph="karate"), timeout=30,
         metadata=NO_STORE,
