@@ -37,20 +37,32 @@ def rotation_target(request: keys_pb2.RotateKeysRequest) -> tuple[str, str | Non
 
 
 class KeyServicer(keys_pb2_grpc.KeyServiceServicer):
-    def __init__(self, store: ModelStore, family: str) -> None:
+    def __init__(self, store: ModelStore, family: str, extra_stores: dict[str, ModelStore] | None = None) -> None:
         self.store = store
         self.family = family
+        # Other stores of this service that seal with the same keys, by kind (the gnn service's "graphs").
+        self.extra_stores = extra_stores or {}
 
     @property
     def name(self) -> str:
         return f"models:{self.family}"
 
+    def _stores(self) -> list[tuple[str, ModelStore]]:
+        extra = [(f"{kind}:{self.family}", store) for kind, store in self.extra_stores.items()]
+        return [(self.name, self.store), *extra]
+
     async def RotateKeys(self, request, context):
         kek_id, tenant = rotation_target(request)
-        # File work, off the event loop: serving goes on while headers are rewritten.
-        report = await asyncio.to_thread(self.store.rewrap, kek_id, tenant, self.family)
-        return keys_pb2.RotateKeysResponse(stores=[to_store_rotation(self.name, report)])
+        rotations = []
+        for name, store in self._stores():
+            # File work, off the event loop: serving goes on while headers are rewritten.
+            report = await asyncio.to_thread(store.rewrap, kek_id, tenant, self.family)
+            rotations.append(to_store_rotation(name, report))
+        return keys_pb2.RotateKeysResponse(stores=rotations)
 
     async def ListKeys(self, request, context):
-        usage = await asyncio.to_thread(self.store.key_usage, self.family)
-        return keys_pb2.ListKeysResponse(stores=[to_store_keys(self.name, self.store.keyring, usage)])
+        stores = []
+        for name, store in self._stores():
+            usage = await asyncio.to_thread(store.key_usage, self.family)
+            stores.append(to_store_keys(name, store.keyring, usage))
+        return keys_pb2.ListKeysResponse(stores=stores)

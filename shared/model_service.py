@@ -41,12 +41,19 @@ def build_repository(settings: ModelServiceSettings, family: str, loader: Loader
 
 
 async def serve_models(
-    settings: ModelServiceSettings, family: Family, repository: ModelRepository, servicer: Any
+    settings: ModelServiceSettings,
+    family: Family,
+    repository: ModelRepository,
+    servicer: Any,
+    key_stores: dict[str, ModelStore] | None = None,
 ) -> None:
+    """`key_stores`: other stores the service writes with the model store's keys, rotated with it."""
+
     def register(server: grpc.aio.Server) -> None:
         getattr(family.pb2_grpc(), f"add_{family.service_name}Servicer_to_server")(servicer, server)
         models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(repository), server)
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(repository.store, family.name), server)
+        keys = KeyServicer(repository.store, family.name, key_stores)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(keys, server)
 
     # KeyService is for the gateway only (which checks the caller is an admin): not listed by reflection here.
     server = GrpcServer(settings, register, [family.service, MODEL_SERVICE], known_model=repository.knows)

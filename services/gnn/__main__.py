@@ -22,7 +22,7 @@ async def serve(settings: GnnSettings) -> None:
     repository = build_repository(settings, FAMILY.name, gnn_loader(device))
     graphs = GraphStore(repository.store, settings.graph_limits())
     servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()))
-    await serve_models(settings, FAMILY, repository, servicer)
+    await serve_models(settings, FAMILY, repository, servicer, key_stores={"graphs": graphs.store})
 
 
 def main() -> None:

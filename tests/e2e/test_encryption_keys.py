@@ -136,7 +136,7 @@ def test_key_management_is_for_admins_and_names_what_is_wrong(keyed):
             keys.RotateKeys(keys_pb2.RotateKeysRequest(to_kek_id=kek_id), timeout=10, metadata=key("ops"))
         assert err.value.code() == code and message in err.value.details()
     stores = keys.ListKeys(keys_pb2.ListKeysRequest(), timeout=30, metadata=key("ops")).stores
-    assert {s.store for s in stores} == {"datasets", "models:dense", "models:gnn", "models:nlp"}
+    assert {s.store for s in stores} == {"datasets", "models:dense", "models:gnn", "graphs:gnn", "models:nlp"}
     for store in stores:
         assert store.encrypted and store.active_kek_id == LOCAL_KEK_ID and not store.errors, store
         assert set(store.available_kek_ids) == {LOCAL_KEK_ID, "tenant-acme", "tenant-globex"}
@@ -260,6 +260,11 @@ def test_rotation_under_load_fails_no_request_and_then_the_old_kek_can_be_delete
     for model in store.model_names():
         states = versions_at(cluster, store.family(model), model)
         assert all(state == READY for state, _ in states.values()), (model, states)
+    # Stored graphs were rotated with the models: the gnn service still opens them.
+    graph = gnn_pb2_grpc.GnnServiceStub(channel).Predict(gnn_pb2.PredictRequest(
+        model_name="sbm-sage", stored_graph="sbm-100k", graph_version=1, node_ids=[3]), timeout=30,
+        metadata=key("ops"))  # fmt: skip
+    assert graph.graph_version == 1 and graph.nodes_used > 1
     # The data sets too: globex trains on its upload from before the rotation; a new upload gets kek-2.
     training = training_pb2_grpc.TrainingServiceStub(channel)
     job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=3,
