@@ -52,6 +52,21 @@ def test_gnn_on_a_stored_and_an_inline_graph(maas):
     assert inline.node_ids.tolist() == [0, 1, 2, 3] and inline["label"].shape == (4,)
 
 
+def test_gnn_graph_tasks_through_the_sdk(maas):
+    sampled = maas.gnn.predict("sbm-sage", stored_graph="sbm-100k", graph_version=1, node_ids=[4, 5], fan_outs=[5, 5])
+    assert sampled.graph_version == 1 and 2 < sampled.nodes_used <= 2 * (1 + 5 + 25) and sampled["label"].shape == (2,)
+    links = maas.gnn.links("lesmis-links", stored_graph="les-miserables", pairs=np.array([[0, 11], [11, 48]]),
+                           node_ids=[11], top_k=3)  # fmt: skip
+    assert links["scores"].shape == (2,) and links["neighbors"].shape == (1, 3)
+    from services.gnn.datasets import motif_graphs
+
+    graphs = motif_graphs(6, seed=4)
+    labels = maas.gnn.classify("motif-gin", [(x, e) for x, e, _ in graphs])["label"]
+    assert labels.tolist() == [y for *_, y in graphs]
+    with pytest.raises(InvalidArgument, match="edge_index"):
+        maas.gnn.update_graph("sbm-100k", edge_index=np.array([[0], [10**9]]))
+
+
 def test_nlp_embed_and_classify(maas):
     vectors = maas.nlp.embed(EMBED_TEXTS)
     assert vectors.shape == (2, 384)

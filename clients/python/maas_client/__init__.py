@@ -19,6 +19,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "GraphPrediction",
+    "GraphVersion",
     "InvalidArgument",
     "MaasError",
     "NotFound",
@@ -30,7 +31,8 @@ __all__ = [
     "family_name",
     "state_name",
 ]
-_FROM_CLIENT = {"FAMILIES", "TERMINAL_STATES", "Client", "GraphPrediction", "Prediction", "family_name", "state_name"}
+_FROM_CLIENT = {"FAMILIES", "TERMINAL_STATES", "Client", "GraphPrediction", "GraphVersion", "Prediction", "family_name",
+                "state_name"}  # fmt: skip
 
 if TYPE_CHECKING:
     from maas_client.aio import AsyncClient
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         TERMINAL_STATES,
         Client,
         GraphPrediction,
+        GraphVersion,
         Prediction,
         family_name,
         state_name,

@@ -79,6 +79,21 @@ class Prediction:
 @dataclass(frozen=True)
 class GraphPrediction(Prediction):
     node_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    # For a stored graph: the version that answered, and the nodes and edges the model ran on.
+    graph_version: int = 0
+    nodes_used: int = 0
+    edges_used: int = 0
+
+
+@dataclass(frozen=True)
+class GraphVersion:
+    """A stored graph's version, as an update made it."""
+
+    name: str
+    version: int
+    num_nodes: int
+    num_edges: int
+    first_new_node_id: int
 
 
 @dataclass
@@ -183,20 +198,82 @@ def gnn_predict(
     node_ids: Iterable[int],
     version: int,
     timeout: float | None,
+    graph_version: int = 0,
+    fan_outs: Iterable[int] = (),
 ) -> Call[GraphPrediction]:
-    request = gnn_pb2.PredictRequest(model_name=model, model_version=version, node_ids=list(node_ids))
-    if stored_graph:
-        request.stored_graph = stored_graph
-    elif node_features is not None and edge_index is not None:
-        request.graph.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
-        request.graph.edge_index.CopyFrom(encode(np.asarray(edge_index, np.int64)))
-        if edge_weight is not None:
-            request.graph.edge_weight.CopyFrom(encode(np.asarray(edge_weight, np.float32)))
-    else:
-        raise ValueError("pass stored_graph, or node_features and edge_index")
+    request = gnn_pb2.PredictRequest(model_name=model, model_version=version, node_ids=list(node_ids),
+                                     fan_outs=list(fan_outs))  # fmt: skip
+    _set_graph(request, node_features, edge_index, edge_weight, stored_graph, graph_version)
     reply = yield Rpc("gnn", "Predict", request, timeout)
     node_ids = np.array(reply.node_ids, np.int64)
-    return GraphPrediction(reply.model_name, reply.model_version, _outputs(reply), node_ids=node_ids)
+    return GraphPrediction(reply.model_name, reply.model_version, _outputs(reply), node_ids=node_ids,
+                           graph_version=reply.graph_version, nodes_used=reply.nodes_used,
+                           edges_used=reply.edges_used)  # fmt: skip
+
+
+def _graph(node_features: np.ndarray, edge_index: np.ndarray, edge_weight: np.ndarray | None = None) -> Any:
+    graph = gnn_pb2.Graph(node_features=encode(np.asarray(node_features, np.float32)),
+                          edge_index=encode(np.asarray(edge_index, np.int64)))  # fmt: skip
+    if edge_weight is not None:
+        graph.edge_weight.CopyFrom(encode(np.asarray(edge_weight, np.float32)))
+    return graph
+
+
+def _set_graph(request: Any, node_features, edge_index, edge_weight, stored_graph: str, graph_version: int) -> None:
+    if stored_graph:
+        request.stored_graph = stored_graph
+        request.graph_version = graph_version
+    elif node_features is not None and edge_index is not None:
+        request.graph.CopyFrom(_graph(node_features, edge_index, edge_weight))
+    else:
+        raise ValueError("pass stored_graph, or node_features and edge_index")
+
+
+def gnn_links(
+    model: str,
+    node_features: np.ndarray | None,
+    edge_index: np.ndarray | None,
+    stored_graph: str,
+    graph_version: int,
+    pairs: np.ndarray | None,
+    node_ids: Iterable[int],
+    top_k: int,
+    fan_outs: Iterable[int],
+    version: int,
+    timeout: float | None,
+) -> Call[GraphPrediction]:
+    request = gnn_pb2.PredictLinksRequest(model_name=model, model_version=version, node_ids=list(node_ids),
+                                          top_k=top_k, fan_outs=list(fan_outs))  # fmt: skip
+    _set_graph(request, node_features, edge_index, None, stored_graph, graph_version)
+    if pairs is not None:
+        request.pairs.CopyFrom(encode(np.asarray(pairs, np.int64)))
+    reply = yield Rpc("gnn", "PredictLinks", request, timeout)
+    return GraphPrediction(reply.model_name, reply.model_version, _outputs(reply),
+                           node_ids=np.array(request.node_ids, np.int64), graph_version=reply.graph_version,
+                           nodes_used=reply.nodes_used, edges_used=reply.edges_used)  # fmt: skip
+
+
+def gnn_classify(
+    model: str, graphs: Sequence[tuple[np.ndarray, np.ndarray]], version: int, timeout: float | None
+) -> Call[Prediction]:
+    request = gnn_pb2.ClassifyGraphsRequest(model_name=model, model_version=version,
+                                            graphs=[_graph(x, edges) for x, edges in graphs])  # fmt: skip
+    reply = yield Rpc("gnn", "ClassifyGraphs", request, timeout)
+    return Prediction(reply.model_name, reply.model_version, _outputs(reply))
+
+
+def gnn_update_graph(
+    name: str, node_features: np.ndarray | None, edge_index: np.ndarray | None, base_version: int,
+    timeout: float | None,
+) -> Call[GraphVersion]:  # fmt: skip
+    request = gnn_pb2.UpdateGraphRequest(graph_name=name, base_version=base_version)
+    if node_features is not None:
+        request.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
+    if edge_index is not None:
+        request.edge_index.CopyFrom(encode(np.asarray(edge_index, np.int64)))
+    reply = yield Rpc("gnn", "UpdateGraph", request, timeout)
+    return GraphVersion(reply.graph_name, reply.graph_version, reply.num_nodes, reply.num_edges,
+                        reply.first_new_node_id)  # fmt: skip
 
 
 def nlp_predict(model: str, texts: Sequence[str], version: int, timeout: float | None) -> Call[Prediction]:

@@ -37,6 +37,7 @@ from maas_client.calls import (
     FAMILIES,
     TERMINAL_STATES,
     GraphPrediction,
+    GraphVersion,
     Prediction,
     SubmitOptions,
     family_code,
@@ -50,6 +51,7 @@ __all__ = [
     "TERMINAL_STATES",
     "Client",
     "GraphPrediction",
+    "GraphVersion",
     "Prediction",
     "family_code",
     "family_name",
@@ -103,11 +105,51 @@ class GnnApi:
         node_ids: Iterable[int] = (),
         version: int = 0,
         timeout: float | None = None,
+        graph_version: int = 0,
+        fan_outs: Iterable[int] = (),
     ) -> GraphPrediction:
-        """Predicts for `node_ids` (all nodes when empty) of an inline graph or a stored one."""
+        """Predicts for `node_ids` (all nodes when empty) of an inline graph or a stored one; on a stored
+        graph, over their neighbourhood sampled with `fan_outs` (per hop; -1 takes every neighbour)."""
         return self._client.run(
-            calls.gnn_predict(model, node_features, edge_index, edge_weight, stored_graph, node_ids, version, timeout)
+            calls.gnn_predict(model, node_features, edge_index, edge_weight, stored_graph, node_ids, version, timeout,
+                              graph_version, fan_outs)  # fmt: skip
         )
+
+    def links(
+        self,
+        model: str,
+        *,
+        stored_graph: str = "",
+        node_features: np.ndarray | None = None,
+        edge_index: np.ndarray | None = None,
+        pairs: np.ndarray | None = None,
+        node_ids: Iterable[int] = (),
+        top_k: int = 0,
+        graph_version: int = 0,
+        fan_outs: Iterable[int] = (),
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> GraphPrediction:
+        """Link probabilities for `pairs` (2 x P) ("scores"), and with `top_k` each of `node_ids`' likeliest
+        new neighbours ("neighbors", "neighbor_scores")."""
+        return self._client.run(
+            calls.gnn_links(model, node_features, edge_index, stored_graph, graph_version, pairs, node_ids, top_k,
+                            fan_outs, version, timeout)  # fmt: skip
+        )
+
+    def classify(
+        self, model: str, graphs: Sequence[tuple[np.ndarray, np.ndarray]], *, version: int = 0,
+        timeout: float | None = None,
+    ) -> Prediction:  # fmt: skip
+        """One label per (node_features, edge_index) graph: "probabilities" and "label"."""
+        return self._client.run(calls.gnn_classify(model, graphs, version, timeout))
+
+    def update_graph(
+        self, name: str, *, node_features: np.ndarray | None = None, edge_index: np.ndarray | None = None,
+        base_version: int = 0, timeout: float | None = None,
+    ) -> GraphVersion:  # fmt: skip
+        """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
+        return self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
 
 
 class NlpApi:
