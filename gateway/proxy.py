@@ -45,6 +45,8 @@ OFF_LOOP_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class FamilyRoute:
+    """One unary rpc of a family's data plane: Predict, Explain, Similarity, ..."""
+
     family: str
     service: str
     predict_request: type

@@ -85,6 +85,7 @@ FAMILIES: tuple[Family, ...] = (
         dataset_formats=frozenset({"npz", "csv"}),
         builtin_datasets=("digits", "digits-images", "iris", "wine", "breast_cancer", "diabetes", "sine"),
         architectures={"mlp": [128, 64], "cnn": [16], "gru": [32]},
+        queries=("Predict", "Explain"),
     ),
     Family(
         name="gnn",
@@ -99,7 +100,7 @@ FAMILIES: tuple[Family, ...] = (
         # karate and sbm: node classification; motifs: graph classification (BA-2Motifs).
         builtin_datasets=("karate", "sbm", "motifs"),
         architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32]},
-        queries=("Predict", "PredictLinks", "ClassifyGraphs"),
+        queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain"),
         updates=("UpdateGraph",),
     ),
     Family(
@@ -114,6 +115,7 @@ FAMILIES: tuple[Family, ...] = (
         dataset_formats=frozenset({"jsonl"}),
         builtin_datasets=("sentiment",),
         architectures={"linear": [], "mlp": [128]},
+        queries=("Predict", "Explain", "Similarity"),
     ),
 )
 BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}

@@ -132,6 +132,13 @@ class ModelServiceSettings(ServerSettings):
         "best on 2 cores (make bench): requests that wait form bigger batches. More can keep many cores busy "
         "when batches are small; run a worker per core first (workers).",
     )
+    explain_threads: int = Field(
+        1, description="Threads that compute explanations, apart from the ones that serve Predict."
+    )
+    max_explain_rows: int = Field(64, description="Most rows (dense) or nodes (gnn) one Explain call explains.")
+    max_explain_steps: int = Field(
+        1024, description="Most integration steps, optimisation epochs or samples one Explain call may ask for."
+    )
 
 
 class TrainerSettings(EncryptionSettings):

@@ -87,8 +87,8 @@ def from_numpy(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=code, shape=list(array.shape), data=data)
 
 
-def decode_inputs(inputs: Mapping[str, tensor_pb2.Tensor]) -> dict[str, np.ndarray]:
-    return {name: to_numpy(tensor, f"inputs['{name}']") for name, tensor in inputs.items()}
+def decode_inputs(inputs: Mapping[str, tensor_pb2.Tensor], field: str = "inputs") -> dict[str, np.ndarray]:
+    return {name: to_numpy(tensor, f"{field}['{name}']") for name, tensor in inputs.items()}
 
 
 def encode_outputs(outputs: Mapping[str, np.ndarray], wanted: Sequence[str] = ()) -> dict[str, tensor_pb2.Tensor]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from services.dense import torch_form
 from services.dense.datasets import PIXEL_MAX, SINE_WINDOW, digits_split, held_out, sine_windows
 from shared.model_store import Manifest, ModelStore
 from shared.training import ExportableClassifier, classification_metrics, export_onnx_bytes, fit, regression_metrics
@@ -31,8 +31,11 @@ def publish_onnx(
     module: torch.nn.Module,
     example: torch.Tensor,
     record: dict[str, Any],
+    net: torch.nn.Module,
+    form: dict[str, Any],
 ) -> Manifest:
-    """Exports `module` (one input, batch-first) to ONNX, in memory, and publishes it as the next version."""
+    """Exports `module` (one input, batch-first) to ONNX, in memory, and publishes it as the next version,
+    with `net`'s weights beside it as the version's torch form (for gradient explanations)."""
     input_name = record["inputs"][0]["name"]
     output_names = [output["name"] for output in record["outputs"]]
     onnx_model = export_onnx_bytes(
@@ -42,9 +45,10 @@ def publish_onnx(
         output_names=output_names,
         dynamic_axes={name: {0: "batch"} for name in [input_name, *output_names]},
     )
+    torch_files, torch_config = torch_form.save(net, form)
     record = {**record, "family": "dense", "framework": "onnx"}
-    record["config"] = {**record["config"], "onnx_file": "model.onnx"}
-    manifest = store.publish(record, {"model.onnx": onnx_model})
+    record["config"] = {**record["config"], "onnx_file": "model.onnx", **torch_config}
+    manifest = store.publish(record, {"model.onnx": onnx_model, **torch_files})
     log.info("built %s v%d: %s", manifest.name, manifest.version, manifest.metrics)
     return manifest
 
@@ -53,7 +57,9 @@ def build_digits_mlp(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     x_train, _, y_train, _ = digits_split(seed)
     arch = {"architecture": "mlp", "in_features": 64, "hidden": [128, 64], "out_features": 10}
-    net = MLP(arch["in_features"], arch["hidden"], arch["out_features"], dropout=0.1)
+    form = {"architecture": "mlp", "input_shape": [64], "hidden_sizes": arch["hidden"], "outputs": 10,
+            "task": "classification", "input_scale": 1.0 / PIXEL_MAX, "dropout": 0.1}  # fmt: skip
+    net = torch_form.build_net(form)
     losses = fit(net, x_train / PIXEL_MAX, y_train, optimizer="adam", lr=2e-3, epochs=40, batch_size=64, seed=seed)
     exportable = ExportableClassifier(net, input_scale=1.0 / PIXEL_MAX)
     return publish_onnx(
@@ -70,6 +76,8 @@ def build_digits_mlp(store: ModelStore, seed: int = 0) -> Manifest:
             "description": "MLP 64-128-64-10 on 8x8 digit images; send raw pixels (0..16)",
             "config": {**arch, "dataset": "sklearn.digits", "optimizer": "adam", "epochs": 40},
         },
+        net,
+        form,
     )
 
 
@@ -77,7 +85,9 @@ def build_digits_cnn(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     x_train, _, y_train, _ = digits_split(seed)
     arch = {"architecture": "cnn", "channels": 16, "out_features": 10}
-    net = SmallCNN(arch["channels"], arch["out_features"])
+    form = {"architecture": "cnn", "input_shape": [1, 8, 8], "hidden_sizes": [arch["channels"]], "outputs": 10,
+            "task": "classification", "input_scale": 1.0 / PIXEL_MAX}  # fmt: skip
+    net = torch_form.build_net(form)
     images = x_train.reshape(-1, 1, 8, 8) / PIXEL_MAX
     losses = fit(net, images, y_train, optimizer="adam", lr=2e-3, epochs=15, batch_size=64, seed=seed)
     exportable = ExportableClassifier(net, input_scale=1.0 / PIXEL_MAX)
@@ -95,6 +105,8 @@ def build_digits_cnn(store: ModelStore, seed: int = 0) -> Manifest:
             "description": "CNN (2 conv layers, max-pool) on 1x8x8 digit images; send raw pixels (0..16)",
             "config": {**arch, "dataset": "sklearn.digits.images", "optimizer": "adam", "epochs": 15},
         },
+        net,
+        form,
     )
 
 
@@ -102,7 +114,9 @@ def build_sine_gru(store: ModelStore, seed: int = 0) -> Manifest:
     torch.manual_seed(seed)
     x_train, x_test, y_train, y_test = sine_windows(seed)
     arch = {"architecture": "gru", "in_features": 1, "hidden": 32, "out_features": 1}
-    net = GRUForecaster(arch["in_features"], arch["hidden"], arch["out_features"])
+    form = {"architecture": "gru", "input_shape": [SINE_WINDOW, 1], "hidden_sizes": [arch["hidden"]], "outputs": 1,
+            "task": "regression"}  # fmt: skip
+    net = torch_form.build_net(form)
     losses = fit(
         net, x_train, y_train, task="regression", optimizer="adam", lr=1e-2, epochs=8, batch_size=64, seed=seed
     )
@@ -125,6 +139,8 @@ def build_sine_gru(store: ModelStore, seed: int = 0) -> Manifest:
             "description": f"GRU forecaster: the next value from the last {SINE_WINDOW} steps",
             "config": {**arch, "dataset": "generated.sine", "optimizer": "adam", "epochs": 8},
         },
+        net,
+        form,
     )
 
 

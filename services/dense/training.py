@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
 
-from services.dense.architectures import MLP, GRUForecaster, SmallCNN
+from services.dense import torch_form
 from services.dense.datasets import ColumnFilter, TabularData, parse
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.training import (
     ExportableClassifier,
-    Standardize,
     export_onnx_bytes,
     loss_and_targets,
     make_optimizer,
@@ -24,32 +21,21 @@ from shared.training import (
 from shared.training_worker import JobContext, JobResult
 
 
-class ZeroColumns(nn.Module):
-    """Multiplies a job's masked feature columns by 0: whatever a caller sends there is ignored."""
-
-    def __init__(self, width: int, masked: list[int]) -> None:
-        super().__init__()
-        keep = torch.ones(width)
-        keep[masked] = 0.0
-        self.register_buffer("keep", keep)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.keep
+def network_form(spec: dict, shape: list[int], outputs: int, task: str, masked: list[int] | None = None) -> dict:
+    """The torch form (services.dense.torch_form) of the network a job trains."""
+    form = {"architecture": spec["architecture"], "input_shape": shape, "hidden_sizes": spec["hidden_sizes"],
+            "outputs": outputs, "task": task, "standardize": True}  # fmt: skip
+    if masked:
+        form["masked"] = list(masked)
+    return form
 
 
-def build_network(
-    spec: dict, shape: list[int], outputs: int, mean: np.ndarray, std: np.ndarray, masked: list[int] | None = None
-) -> nn.Module:
-    hidden = spec["hidden_sizes"]
-    if spec["architecture"] == "mlp":
-        core = nn.Sequential(nn.Flatten(), MLP(math.prod(shape), hidden, outputs))
-    elif spec["architecture"] == "cnn":
-        channels, height, width = shape
-        core = SmallCNN(hidden[0], outputs, channels, height, width)
-    else:
-        core = GRUForecaster(shape[-1], hidden[0], outputs)
-    masking = [ZeroColumns(shape[-1], masked)] if masked else []
-    return nn.Sequential(*masking, Standardize(mean, std), core)
+def build_network(form: dict, mean: np.ndarray, std: np.ndarray) -> nn.Module:
+    net = torch_form.build_net(form)
+    standardize = net[1] if form.get("masked") else net[0]
+    standardize.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+    standardize.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+    return net
 
 
 class Regressor(nn.Module):
@@ -98,11 +84,12 @@ def run_job(context: JobContext) -> JobResult:
     loss_fn, y_all = loss_and_targets(data.task, data.y)
     y_all = y_all.to(device)
 
+    form = network_form(spec, shape, outputs, data.task, data.masked_features)
     rest, test = split_indices(len(data.x), labels, TEST_SHARE, spec["seed"])
     mean, std = data.x[rest].mean(axis=0), data.x[rest].std(axis=0) + 1e-6
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
-        net = build_network(spec, shape, outputs, mean, std, data.masked_features).to(device)
+        net = build_network(form, mean, std).to(device)
         return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
 
     def evaluate(net: nn.Module, idx: np.ndarray) -> dict[str, float]:
@@ -135,6 +122,7 @@ def run_job(context: JobContext) -> JobResult:
         output_names=names,
         dynamic_axes={name: {0: "batch"} for name in ["x", *names]},
     )
+    torch_files, torch_config = torch_form.save(net, form)
     record = {
         "family": "dense",
         "framework": "onnx",
@@ -150,7 +138,8 @@ def run_job(context: JobContext) -> JobResult:
             "task": data.task,
             "job": context.job_id,
             "spec": spec,
+            **torch_config,
         },  # fmt: skip
     }
     context.message("evaluated; writing the version", state="EVALUATING")
-    return context.publish(record, {"model.onnx": onnx_bytes}, data.task)
+    return context.publish(record, {"model.onnx": onnx_bytes, **torch_files}, data.task)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from services.gnn.explain import GnnExplainLimits, GnnExplanations
 from services.gnn.graph_store import GraphStore
 from services.gnn.runtime import GnnRuntime, gnn_loader
 from services.gnn.servicer import GnnServicer
 from services.gnn.settings import GnnSettings
+from shared.explanations import ExplanationRunner
 from shared.families import family
 from shared.model_service import build_repository, serve_models
 from shared.torch_device import resolve_torch_device
@@ -21,7 +23,9 @@ async def serve(settings: GnnSettings) -> None:
     device = resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb)
     repository = build_repository(settings, FAMILY.name, gnn_loader(device))
     graphs = GraphStore(repository.store, settings.graph_limits())
-    servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()))
+    limits = GnnExplainLimits(settings.max_explain_rows, settings.max_explain_steps)
+    explanations = GnnExplanations(repository, ExplanationRunner(threads=settings.explain_threads), limits)
+    servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()), explanations)
     await serve_models(settings, FAMILY, repository, servicer, key_stores={"graphs": graphs.store})
 
 

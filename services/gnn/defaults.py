@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 KARATE_GCN = "karate-gcn"
 KARATE_GRAPH = "karate"
+BA_SHAPES_GCN = "ba-shapes-gcn"
+BA_SHAPES_GRAPH = "ba-shapes"
 
 
 def karate_split(seed: int = 0):
@@ -310,10 +312,81 @@ def build_motif_gin(store: ModelStore, seed: int = 0) -> Manifest:
     })  # fmt: skip
 
 
+
+def ba_shapes(seed: int = 0):
+    """BA-Shapes (Ying et al., 2019): a 300-node Barabasi-Albert graph with 80 five-node houses attached;
+    a node's class is its place in a house (top, middle, bottom) or 0 off the houses, and the houses'
+    edges are the ground truth an explanation should find. Generated here, seeded: nothing is downloaded."""
+    import torch_geometric.transforms as T
+    from torch_geometric.datasets import ExplainerDataset
+    from torch_geometric.datasets.graph_generator import BAGraph
+    from torch_geometric.datasets.motif_generator import HouseMotif
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    dataset = ExplainerDataset(
+        graph_generator=BAGraph(num_nodes=300, num_edges=5), motif_generator=HouseMotif(), num_motifs=80,
+        transform=T.Constant(),
+    )  # fmt: skip
+    return dataset[0]
+
+
+def build_ba_shapes_gcn(store: ModelStore, seed: int = 0) -> Manifest:
+    data = ba_shapes(seed)
+    nodes = np.arange(data.num_nodes)
+    train, test = train_test_split(nodes, test_size=0.2, stratify=data.y.numpy(), random_state=seed)
+    config = {"architecture": "gcn", "in_channels": data.num_features, "hidden": 20, "num_classes": 4,
+              "num_layers": 3, "dropout": 0.0}  # fmt: skip
+    net = GCN(config["in_channels"], config["hidden"], config["num_classes"], config["num_layers"], config["dropout"])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=5e-4)
+    for _ in range(300):
+        net.train()
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(data.x, data.edge_index)[train], data.y[train])
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        predicted = net(data.x, data.edge_index).argmax(dim=1)
+    metrics = classification_metrics(data.y[test].numpy(), predicted[test].numpy())
+    metrics["final_train_loss"] = loss.item()
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
+    # The ground truth travels with the graph (the loader reads only features and edges).
+    graph = save({"node_features": data.x.contiguous(), "edge_index": data.edge_index.contiguous(),
+                  "labels": data.y.contiguous(), "motif_edge_mask": data.edge_mask.float().contiguous()})  # fmt: skip
+    manifest = store.publish(
+        {
+            "name": BA_SHAPES_GCN,
+            "family": "gnn",
+            "framework": "torch",
+            "inputs": [
+                {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
+                {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
+                {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
+            ],
+            "outputs": [
+                {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
+                {"name": "label", "dtype": "INT64", "shape": [-1]},
+            ],
+            "metrics": metrics,
+            "class_names": ["base", "house-top", "house-middle", "house-bottom"],
+            "source": f"generated:torch_geometric ExplainerDataset(BAGraph(300, 5), HouseMotif, 80) seed={seed}",
+            "description": "3-layer GCN on BA-Shapes; explanations are checked against the houses' edges",
+            "config": {**config, "weights_file": "weights.safetensors",
+                       "graphs": {BA_SHAPES_GRAPH: "graph-ba-shapes.safetensors"}},  # fmt: skip
+        },
+        {"weights.safetensors": weights, "graph-ba-shapes.safetensors": graph},
+    )
+    log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
+    return manifest
+
+
+# What `python -m services.defaults` builds for this family, in order.
 # What `python -m services.defaults` builds for this family, in order.
 DEFAULT_MODELS = {
     KARATE_GCN: build_karate_gcn,
     SBM_SAGE: build_sbm_sage,
     LESMIS_LINKS: build_lesmis_links,
     MOTIF_GIN: build_motif_gin,
+    BA_SHAPES_GCN: build_ba_shapes_gcn,
 }

@@ -6,9 +6,11 @@ import grpc
 import numpy as np
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
+from services.gnn.explain import GnnExplanations, GraphExplanation
 from services.gnn.runtime import GnnRuntime, GraphInput
 from shared.batching import deadline_from
-from shared.tensors import encode_outputs, to_numpy
+from shared.model_store import Manifest
+from shared.tensors import encode_outputs, from_numpy, to_numpy
 
 
 def to_graph_input(graph: gnn_pb2.Graph, where: str = "graph") -> GraphInput:
@@ -20,8 +22,9 @@ def to_graph_input(graph: gnn_pb2.Graph, where: str = "graph") -> GraphInput:
 
 
 class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
-    def __init__(self, runtime: GnnRuntime) -> None:
+    def __init__(self, runtime: GnnRuntime, explanations: GnnExplanations) -> None:
         self.runtime = runtime
+        self.explanations = explanations
 
     async def Predict(self, request: gnn_pb2.PredictRequest, context: grpc.aio.ServicerContext):
         graph = to_graph_input(request.graph) if request.HasField("graph") else None
@@ -97,3 +100,27 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
             num_edges=graph.num_edges,
             first_new_node_id=graph.num_nodes - len(features),
         )
+
+    async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
+        graph = to_graph_input(request.graph) if request.HasField("graph") else None
+        manifest, explanation = await self.explanations.explain(
+            request.model_name, request.model_version, graph, request.stored_graph, list(request.node_ids),
+            request.method, request.epochs, request.target if request.HasField("target") else None, request.seed,
+            deadline_from(context.time_remaining()),
+        )  # fmt: skip
+        return to_explain_response(manifest, explanation)
+
+
+def to_explain_response(manifest: Manifest, explanation: GraphExplanation) -> gnn_pb2.ExplainResponse:
+    probabilities = explanation.probabilities
+    return gnn_pb2.ExplainResponse(
+        model_name=manifest.name,
+        model_version=manifest.version,
+        method=explanation.method,
+        node_ids=explanation.node_ids,
+        edge_mask=from_numpy(explanation.edge_mask),
+        node_feature_mask=from_numpy(explanation.node_feature_mask),
+        subgraph_edge_ids=explanation.subgraph_edge_ids.tolist(),
+        subgraph_node_ids=explanation.subgraph_node_ids.tolist(),
+        outputs=encode_outputs({"probabilities": probabilities, "label": probabilities.argmax(axis=1)}),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.nlp.runtime import NlpRuntime, nlp_loader
 from services.nlp.servicer import NlpServicer
 from services.nlp.settings import NlpSettings
+from shared.explanations import ExplanationRunner
 from shared.families import family
 from shared.keyring import Keyring
 from shared.model_service import build_repository, serve_models
@@ -21,7 +22,8 @@ async def serve(settings: NlpSettings) -> None:
     loader = nlp_loader(ModelStore(settings.model_store, Keyring.from_settings(settings)), config,
                         settings.max_sequence_length)  # fmt: skip
     repository = build_repository(settings, FAMILY.name, loader)
-    servicer = NlpServicer(NlpRuntime(repository, settings.max_batch_texts))
+    explainer = ExplanationRunner(repository.store, loader, settings.explain_threads)
+    servicer = NlpServicer(NlpRuntime(repository, settings.max_batch_texts, explainer))
     await serve_models(settings, FAMILY, repository, servicer)
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from services.nlp.explain import TextExplanation, explain_text
 from shared.batching import split_rows
 from shared.errors import InvalidArgumentError
+from shared.explanations import ExplanationRunner
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Artifacts, Manifest, ModelStore
 from shared.onnx_session import OnnxConfig, OnnxSession
@@ -18,22 +20,57 @@ from shared.onnx_session import OnnxConfig, OnnxSession
 LENGTH_GROUP_SIZE = 16
 
 
+# Outputs the predictors add for the runtime, which takes them out before a response is built.
+TOKEN_COUNT = "token_count"
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
 class TextEncoder:
-    """Sentence embeddings: a tokenizer plus an ONNX graph that pools and L2-normalises."""
+    """Sentence embeddings: a tokenizer plus an ONNX graph that pools and L2-normalises.
+
+    Texts are tokenised whole, so each one's token count is known; the few over `max_tokens` are
+    tokenised again with truncation, which keeps the special tokens at both ends."""
 
     def __init__(self, manifest: Manifest, artifacts: Artifacts, config: OnnxConfig, max_length: int) -> None:
-        self.tokenizer = Tokenizer.from_str(artifacts.read(manifest.config["tokenizer_file"]).decode("utf-8"))
-        self.tokenizer.enable_truncation(min(max_length, manifest.config["max_sequence_length"]))
+        spec = artifacts.read(manifest.config["tokenizer_file"]).decode("utf-8")
+        self.max_tokens = min(max_length, manifest.config["max_sequence_length"])
+        self.tokenizer = Tokenizer.from_str(spec)
+        self.tokenizer.no_truncation()
         self.tokenizer.no_padding()  # each length group is padded to its own longest text
+        self.truncating = Tokenizer.from_str(spec)
+        self.truncating.enable_truncation(self.max_tokens)
+        self.truncating.no_padding()
         self.session = OnnxSession(artifacts.read(manifest.config["onnx_file"]), config)
         self.device = self.session.device
 
     def warm_up(self, max_batch_size: int = 1) -> None:
         self.embed(["warm up"])
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """Embeds texts in groups of similar token length, so padding stays small; keeps the order."""
+    def encode(self, texts: list[str]) -> tuple[list, np.ndarray]:
+        """Encodings held to the token limit, and each text's whole token count."""
         encodings = self.tokenizer.encode_batch(texts)
+        counts = np.array([len(encoding.ids) for encoding in encodings], dtype=np.int32)
+        long = [i for i, count in enumerate(counts) if count > self.max_tokens]
+        if long:
+            for i, encoding in zip(long, self.truncating.encode_batch([texts[i] for i in long]), strict=True):
+                encodings[i] = encoding
+        return encodings, counts
+
+    def count_tokens(self, texts: list[str]) -> np.ndarray:
+        return np.array([len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts)], dtype=np.int32)
+
+    def run_encoder(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Embeddings of padded token rows; a token whose mask is 0 is neither attended to nor pooled."""
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": np.zeros_like(input_ids)}
+        return self.session.run(feeds)["embedding"]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeds texts in groups of similar token length, so padding stays small; keeps the order.
+        Returns the embeddings and each text's whole token count."""
+        encodings, counts = self.encode(texts)
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
         embeddings: np.ndarray | None = None
         for start in range(0, len(order), LENGTH_GROUP_SIZE):
@@ -52,10 +89,11 @@ class TextEncoder:
             if embeddings is None:
                 embeddings = np.empty((len(texts), vectors.shape[1]), dtype=vectors.dtype)
             embeddings[group] = vectors
-        return embeddings
+        return embeddings, counts
 
     def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return {"embedding": self.embed(texts)}
+        embeddings, counts = self.embed_counted(texts)
+        return {"embedding": embeddings, TOKEN_COUNT: counts}
 
     def item_size(self, texts: list[str]) -> int:
         return len(texts)
@@ -76,7 +114,11 @@ class TextClassifier:
         self.predict(["warm up"])
 
     def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return self.head.run({"embedding": self.encoder.embed(texts)})
+        embeddings, counts = self.encoder.embed_counted(texts)
+        return {**self.head.run({"embedding": embeddings}), TOKEN_COUNT: counts}
+
+    def classify(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.head.run({"embedding": embeddings})["probabilities"]
 
     def item_size(self, texts: list[str]) -> int:
         return len(texts)
@@ -104,30 +146,100 @@ def nlp_loader(store: ModelStore, config: OnnxConfig, max_length: int) -> Callab
     return load
 
 
+CUT, ERROR = "cut", "error"
+
+
 @dataclass
 class TextPrediction(Prediction):
     labels: list[str]
+    token_counts: np.ndarray
+    max_tokens: int
+
+
+@dataclass
+class Similarity:
+    manifest: Manifest
+    scores: np.ndarray
+    ranking: np.ndarray
+    token_counts: np.ndarray
+    max_tokens: int
 
 
 class NlpRuntime:
-    def __init__(self, repository: ModelRepository, max_batch_texts: int) -> None:
+    def __init__(self, repository: ModelRepository, max_batch_texts: int,
+                 explainer: ExplanationRunner | None = None) -> None:  # fmt: skip
         self.repository = repository
         self.max_batch_texts = max_batch_texts
+        self.explainer = explainer
 
-    def check_texts(self, texts: list[str]) -> None:
+    def check_texts(self, texts: list[str], field: str = "texts") -> None:
         if not texts:
-            raise InvalidArgumentError("texts: must hold at least one text, got an empty list")
+            raise InvalidArgumentError(f"{field}: must hold at least one text, got an empty list")
         if len(texts) > self.max_batch_texts:
-            raise InvalidArgumentError(f"texts: at most {self.max_batch_texts} texts per request, got {len(texts)}")
+            raise InvalidArgumentError(f"{field}: at most {self.max_batch_texts} texts per request, got {len(texts)}")
         for i, text in enumerate(texts):
             if not text.strip():
-                raise InvalidArgumentError(f"texts[{i}]: empty text; every text needs at least one word")
+                raise InvalidArgumentError(f"{field}[{i}]: empty text; every text needs at least one word")
 
-    async def predict(self, name: str, version: int, texts: list[str], deadline: float | None = None) -> TextPrediction:
+    @staticmethod
+    def check_token_limit(encoder: TextEncoder, texts: list[str], fields: list[str]) -> None:
+        """Truncation ERROR: a text over the limit fails the request before it is batched."""
+        for field, count in zip(fields, encoder.count_tokens(texts), strict=True):
+            if count > encoder.max_tokens:
+                raise InvalidArgumentError(
+                    f"{field}: {count} tokens, over the model's limit of {encoder.max_tokens}, and truncation is "
+                    "ERROR; shorten the text or ask for TRUNCATION_CUT"
+                )
+
+    async def predict(self, name: str, version: int, texts: list[str], deadline: float | None = None,
+                      truncation: str = CUT) -> TextPrediction:  # fmt: skip
         entry = self.repository.resolve(name, version)
         self.check_texts(texts)
-        outputs = await entry.batcher.submit(texts, deadline)
+        encoder = _encoder_of(entry.predictor)
+        if truncation == ERROR:
+            self.check_token_limit(encoder, texts, [f"texts[{i}]" for i in range(len(texts))])
+        outputs = dict(await entry.batcher.submit(texts, deadline))
+        counts = outputs.pop(TOKEN_COUNT)
         labels = []
         if "label" in outputs and entry.manifest.class_names:
             labels = [entry.manifest.class_names[i] for i in outputs["label"]]
-        return TextPrediction(entry.manifest, outputs, labels)
+        return TextPrediction(entry.manifest, outputs, labels, counts, encoder.max_tokens)
+
+    async def similarity(self, name: str, version: int, query: str, candidates: list[str],
+                         deadline: float | None = None, truncation: str = CUT) -> Similarity:  # fmt: skip
+        entry = self.repository.resolve(name, version)
+        if not query.strip():
+            raise InvalidArgumentError("query: empty; send the text to compare the candidates with")
+        self.check_texts(candidates, "candidates")
+        if len(candidates) + 1 > self.max_batch_texts:
+            raise InvalidArgumentError(f"candidates: at most {self.max_batch_texts - 1} per request (with the query, "
+                                       f"{self.max_batch_texts} texts), got {len(candidates)}")  # fmt: skip
+        texts = [query, *candidates]
+        encoder_entry = entry
+        if "encoder" in entry.manifest.config:  # a classifier: compare with the encoder it was trained on
+            base = entry.manifest.config["encoder"]
+            encoder_entry = self.repository.resolve(base["name"], base["version"])
+        encoder = _encoder_of(encoder_entry.predictor)
+        if truncation == ERROR:
+            self.check_token_limit(encoder, texts, ["query", *(f"candidates[{i}]" for i in range(len(candidates)))])
+        outputs = await encoder_entry.batcher.submit(texts, deadline)
+        embeddings = outputs["embedding"]
+        scores = embeddings[1:] @ embeddings[0]  # embeddings are L2-normalised: the dot product is the cosine
+        ranking = np.argsort(-scores, kind="stable")
+        return Similarity(entry.manifest, scores, ranking, outputs[TOKEN_COUNT], encoder.max_tokens)
+
+    async def explain(
+        self, name: str, version: int, text: str, method: str, target: int | None, compare_text: str,
+        deadline: float | None = None,
+    ) -> tuple[Manifest, TextExplanation]:  # fmt: skip
+        entry = self.repository.resolve(name, version)
+        assert self.explainer is not None
+        explanation = await self.explainer.run(
+            explain_text, entry.predictor, entry.manifest.class_names, text, method, target, compare_text,
+            deadline=deadline,
+        )  # fmt: skip
+        return entry.manifest, explanation
+
+
+def _encoder_of(predictor) -> TextEncoder:
+    return predictor.encoder if isinstance(predictor, TextClassifier) else predictor
