@@ -12,6 +12,7 @@ from gateway.auth import AuthInterceptor, KeysFile, server_credentials
 from gateway.backends import Backend
 from gateway.cache import ResultCache
 from gateway.catalog import ModelCatalog
+from gateway.explanation_jobs import ExplanationServicer
 from gateway.fanout import FanoutServicer
 from gateway.http.server import GatewayServer, attach_http
 from gateway.keys import KEY_SERVICE, GatewayKeyService, dataset_store
@@ -34,6 +35,7 @@ from shared.workers import run_server_process
 
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+EXPLANATION_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["ExplanationService"].full_name
 OPEN_INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -82,9 +84,12 @@ async def serve(settings: GatewaySettings) -> None:
         keys_pb2_grpc.add_KeyServiceServicer_to_server(GatewayKeyService(datasets, backends, proxy.timeout), server)
         if training is not None:
             training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
+            gateway_pb2_grpc.add_ExplanationServiceServicer_to_server(
+                ExplanationServicer(proxy, jobs, training), server
+            )
 
     names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE, KEY_SERVICE] + (
-        [TRAINING_SERVICE] if jobs is not None else []
+        [TRAINING_SERVICE, EXPLANATION_SERVICE] if jobs is not None else []
     )
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.api_keys_file:

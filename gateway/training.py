@@ -15,10 +15,10 @@ from gateway.job_spec import normalize
 from gateway.settings import GatewaySettings
 from maas.training.v1 import training_pb2, training_pb2_grpc
 from shared.datasets import DatasetStore
-from shared.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from shared.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 from shared.families import BY_NAME, BY_TRAINING_CODE
 from shared.families import FAMILIES as FAMILY_ENTRIES
-from shared.jobs import TERMINAL, JobEventFeed, JobStore
+from shared.jobs import EXPLAIN, TERMINAL, JobEventFeed, JobStore
 
 # Uploads are written (hashed, sealed) on two threads of their own: glibc gives each thread that allocates
 # its own arena and keeps what it freed, so the default executor's many threads would each keep megabytes.
@@ -87,6 +87,10 @@ def to_event(event: dict) -> training_pb2.JobEvent:
         message=event.get("message", ""),
         time=event.get("time", ""),
     )
+
+
+def is_explanation(record: dict) -> bool:
+    return record["spec"].get("kind") == EXPLAIN
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -165,18 +169,26 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         return training_pb2.SubmitJobResponse(job=to_job(await self.jobs.get(job_id)), created=created)
 
     async def GetJob(self, request, context):
-        return training_pb2.GetJobResponse(job=to_job(await self.jobs.get(request.job_id, current_tenant())))
+        record = await self.jobs.get(request.job_id, current_tenant())
+        if is_explanation(record):
+            raise NotFoundError(f"job {request.job_id!r} is an explanation, not a training job; call GetExplanation")
+        return training_pb2.GetJobResponse(job=to_job(record))
 
     async def ListJobs(self, request, context):
         family = FAMILIES.get(request.family, "")
         records = await self.jobs.list(family, request.limit or 100, current_tenant())
-        return training_pb2.ListJobsResponse(jobs=[to_job(record) for record in records])
+        return training_pb2.ListJobsResponse(jobs=[to_job(record) for record in records if not is_explanation(record)])
 
     async def CancelJob(self, request, context):
         record = await self.jobs.request_cancel(request.job_id, current_tenant())
         return training_pb2.CancelJobResponse(job=to_job(record))
 
     async def WatchJob(self, request, context):
+        async for event in self.job_events(request.job_id):
+            yield training_pb2.WatchJobResponse(event=event)
+
+    async def job_events(self, job_id: str):
+        """A job's events, its history first, until the terminal state; the caller's tenant's jobs only."""
         tenant = current_tenant()
         if self.watching[tenant] >= self.max_watches_per_tenant:
             raise ResourceExhaustedError(
@@ -185,20 +197,20 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             )
         self.watching[tenant] += 1
         try:
-            await self.jobs.get(request.job_id, tenant)  # NOT_FOUND for an unknown job
+            await self.jobs.get(job_id, tenant)  # NOT_FOUND for an unknown job
             last = "0-0"
-            for entry_id, event in await self.jobs.history(request.job_id):  # the history first, for late watchers
+            for entry_id, event in await self.jobs.history(job_id):  # the history first, for late watchers
                 last = entry_id
-                yield training_pb2.WatchJobResponse(event=to_event(event))
+                yield to_event(event)
                 if event.get("state") in TERMINAL:
                     return
-            async with self.feed.follow(request.job_id, last) as updates:
+            async with self.feed.follow(job_id, last) as updates:
                 while True:
                     events = await updates.get()
                     if isinstance(events, Exception):
                         raise UnavailableError(f"the job queue is unavailable; watch again: {events}")
                     for _, event in events:
-                        yield training_pb2.WatchJobResponse(event=to_event(event))
+                        yield to_event(event)
                         if event.get("state") in TERMINAL:
                             return
         finally:

@@ -3,6 +3,7 @@
 Keys (in the queue's Redis, which runs with AOF and noeviction):
   maas:job:<id>                       hash: the job record (its `attempts` are counted here)
   maas:job:<id>:events                stream: every state change and epoch, for WatchJob's history
+  maas:job:<id>:result                string: the result of a job that makes bytes, not a version (explanations)
   maas:jobs:<family>:t:<tenant>       stream: one tenant's queue of a family, read by the "trainers" group
   maas:jobs:<family>:tenants          set: the tenants whose queue of that family holds entries
   maas:jobs:<family>                  stream: the single queue of earlier versions; drained, never written
@@ -43,6 +44,8 @@ from shared.job_limits import JobLimits
 log = logging.getLogger(__name__)
 
 GROUP = "trainers"
+# The spec "kind" of an explanation job; training jobs have none. Both share a family's queue and trainers.
+EXPLAIN = "explain"
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 INDEX = "maas:jobs:index"
 # An entry handed back is marked idle for this long, so any trainer's XAUTOCLAIM takes it at once.
@@ -73,6 +76,11 @@ return 1
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def result_key(job_id: str) -> str:
+    """A job's result bytes, when it makes one (an explanation's response)."""
+    return f"maas:job:{job_id}:result"
 
 
 def job_key(job_id: str) -> str:
@@ -210,15 +218,21 @@ class JobStore:
                     break
         return records
 
-    async def update(self, job_id: str, event_message: str = "", event: dict[str, Any] | None = None, **fields) -> None:
-        """Updates the record and appends an event, in one transaction."""
+    async def update(self, job_id: str, event_message: str = "", event: dict[str, Any] | None = None,
+                     result: bytes | None = None, **fields) -> None:  # fmt: skip
+        """Updates the record and appends an event (and stores a result), in one transaction."""
         fields["updated_at"] = now_iso()
         state = fields.get("state", "")
         if not state and (event is not None or event_message):
             state = (await self.redis.hget(job_key(job_id), "state") or b"").decode()
         async with self.redis.pipeline(transaction=True) as pipe:
+            if result is not None:
+                pipe.set(result_key(job_id), result)
             _stage_update(pipe, job_id, state, event_message, event, fields)
             await pipe.execute()
+
+    async def result(self, job_id: str) -> bytes | None:
+        return await self.redis.get(result_key(job_id))
 
     async def request_cancel(self, job_id: str, tenant: str | None = None) -> dict[str, Any]:
         record = await self.get(job_id, tenant)

@@ -51,7 +51,7 @@ from shared.errors import (
     NotFoundError,
 )
 from shared.job_limits import JobLimits, check_job_size
-from shared.jobs import TERMINAL, JobQueue, JobStore, QueueEntry
+from shared.jobs import EXPLAIN, TERMINAL, JobQueue, JobStore, QueueEntry
 from shared.keyring import Keyring, KeyUnavailableError
 from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_events import ModelEvent, ModelEvents
@@ -87,6 +87,19 @@ class JobResult:
     metrics: dict[str, float]
     promoted: bool
     gate_result: str
+    # A job that makes bytes rather than a version (an explanation): stored with the job.
+    result: bytes | None = None
+
+
+
+def by_kind(train: Callable[[JobContext], JobResult],
+            explain: Callable[[JobContext], JobResult]) -> Callable[[JobContext], JobResult]:  # fmt: skip
+    """A family's job function: explanation jobs (spec kind "explain") share the queue with training jobs."""
+
+    def run(context: JobContext) -> JobResult:
+        return explain(context) if context.spec.get("kind") == EXPLAIN else train(context)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -449,10 +462,14 @@ class TrainingWorker:
             gate_result=result.gate_result,
             error="",
             run_s=round(context.run_s(), 3),
+            result=result.result,
         )
         await self.queue.ack(entry)
         self._drop_checkpoint(job_id)
         JOBS.labels(self.family, "succeeded").inc()
+        if result.result is not None:
+            log.info("job %s succeeded: %s", job_id, result.gate_result)
+            return
         # The family's services load the new version now, not at their next poll of the store.
         await self.events.publish(ModelEvent(self.family, record["spec"]["output_model"], "published",
                                              result.model_version))  # fmt: skip

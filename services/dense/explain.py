@@ -79,7 +79,9 @@ class ExplainableDense:
         steps: int,
         target: int | None,
         limits: DenseExplainLimits,
-    ) -> DenseExplanation:
+        validate_only: bool = False,
+    ) -> DenseExplanation | None:
+        """Explains every row; with `validate_only`, checks the request and returns None."""
         method = method or self.default_method()
         check_method(method, METHODS)
         if method == INTEGRATED_GRADIENTS and self.scored is None:
@@ -102,13 +104,15 @@ class ExplainableDense:
             if name not in self.names:
                 raise InvalidArgumentError(f"baselines: unknown input {name!r}; the model takes {self.names}")
 
-        outputs = self.session.run(inputs)
-        width = outputs[self.score_output].shape[-1]
-        if target is None:
-            targets = outputs["label"].astype(np.int64) if self.classifier else np.zeros(rows, np.int64)
-        elif not 0 <= target < width:
+        width = self.output_width()
+        if target is not None and not 0 <= target < width:
             raise InvalidArgumentError(f"target: must be 0..{width - 1} (an output column of {self.score_output!r}), "
                                        f"got {target}")  # fmt: skip
+        if validate_only:
+            return None
+        outputs = self.session.run(inputs)
+        if target is None:
+            targets = outputs["label"].astype(np.int64) if self.classifier else np.zeros(rows, np.int64)
         else:
             targets = np.full(rows, target, np.int64)
 
@@ -153,6 +157,14 @@ class ExplainableDense:
             scores=scores.astype(np.float64),
             baseline_scores=baseline_scores.astype(np.float64),
         )
+
+    def output_width(self) -> int:
+        """Columns of the explained output, from the signature (or one run of zeros when it is dynamic)."""
+        spec = next((o for o in self.manifest.outputs if o.name == self.score_output), None)
+        if spec is not None and len(spec.shape) == 2 and spec.shape[1] > 0:
+            return spec.shape[1]
+        zeros = {i.name: np.zeros([1, *(max(d, 1) for d in i.shape[1:])], np.float32) for i in self.manifest.inputs}
+        return int(self.session.run(zeros)[self.score_output].shape[-1])
 
     @staticmethod
     def _baseline(name: str, array: np.ndarray, given: np.ndarray | None) -> np.ndarray:

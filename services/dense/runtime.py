@@ -49,12 +49,14 @@ class DenseRuntime:
         steps: int,
         target: int | None,
         deadline: float | None = None,
-    ) -> tuple[Manifest, DenseExplanation]:
+        validate_only: bool = False,
+    ) -> tuple[Manifest, DenseExplanation | None]:
         entry = self.repository.resolve(name, version)
         check_inputs(entry.manifest.inputs, inputs)
         assert self.explainer is not None
         form = await self.explainer.form(entry.manifest)
         explanation = await self.explainer.run(
-            form.explain, inputs, method, baselines, steps, target, self.explain_limits, deadline=deadline
+            form.explain, inputs, method, baselines, steps, target, self.explain_limits, validate_only,
+            deadline=deadline,
         )
         return entry.manifest, explanation

@@ -12,7 +12,9 @@ from shared.model_store import Manifest
 from shared.tensors import decode_inputs, encode_outputs
 
 
-def to_explain_response(manifest: Manifest, explanation: DenseExplanation) -> dense_pb2.ExplainResponse:
+def to_explain_response(manifest: Manifest, explanation: DenseExplanation | None) -> dense_pb2.ExplainResponse:
+    if explanation is None:  # validate_only
+        return dense_pb2.ExplainResponse(model_name=manifest.name, model_version=manifest.version)
     return dense_pb2.ExplainResponse(
         model_name=manifest.name,
         model_version=manifest.version,
@@ -52,5 +54,6 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             request.steps,
             request.target if request.HasField("target") else None,
             deadline_from(context.time_remaining()),
+            request.validate_only,
         )
         return to_explain_response(manifest, explanation)

@@ -70,8 +70,11 @@ def explain_nodes(
     seed: int,
     limits: GnnExplainLimits,
     device: torch.device | None = None,
-) -> GraphExplanation:
-    """Explains the predictions of `node_ids` (already checked to be in range) together."""
+    num_classes: int | None = None,
+    validate_only: bool = False,
+) -> GraphExplanation | None:
+    """Explains the predictions of `node_ids` (already checked to be in range) together; with
+    `validate_only`, checks the request and returns None."""
     method = method or GNN_EXPLAINER
     check_method(method, METHODS)
     check_steps(epochs, limits.max_epochs, "epochs")
@@ -81,6 +84,10 @@ def explain_nodes(
     if len(node_ids) > limits.max_nodes:
         raise InvalidArgumentError(f"node_ids: {len(node_ids)} nodes; the service explains at most {limits.max_nodes} "
                                    "per call (max_explain_rows)")  # fmt: skip
+    if target is not None and num_classes is not None and not 0 <= target < num_classes:
+        raise InvalidArgumentError(f"target: must be 0..{num_classes - 1} (a class), got {target}")
+    if validate_only:
+        return None
     device = device or torch.device("cpu")
     x = torch.as_tensor(np.array(node_features, dtype=np.float32), device=device)
     edges = torch.as_tensor(np.array(edge_index, dtype=np.int64), device=device)
@@ -136,7 +143,8 @@ class GnnExplanations:
         self.limits = limits
 
     async def explain(self, name: str, version: int, graph, stored_graph: str, node_ids: list[int], method: str,
-                      epochs: int, target: int | None, seed: int, deadline: float | None = None):  # fmt: skip
+                      epochs: int, target: int | None, seed: int, deadline: float | None = None,
+                      validate_only: bool = False):  # fmt: skip
         from services.gnn.runtime import check_graph, check_node_ids
 
         entry = self.repository.resolve(name, version)
@@ -158,7 +166,7 @@ class GnnExplanations:
         def run() -> GraphExplanation:
             return explain_nodes(copy.deepcopy(model.net), layers, graph.node_features, graph.edge_index,
                                  graph.edge_weight, node_ids, method, epochs, target, seed, self.limits,
-                                 model.torch_device)  # fmt: skip
+                                 model.torch_device, entry.manifest.config["num_classes"], validate_only)  # fmt: skip
 
         explanation = await self.runner.run(run, deadline=deadline)
         return entry.manifest, explanation

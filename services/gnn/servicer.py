@@ -106,12 +106,14 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
         manifest, explanation = await self.explanations.explain(
             request.model_name, request.model_version, graph, request.stored_graph, list(request.node_ids),
             request.method, request.epochs, request.target if request.HasField("target") else None, request.seed,
-            deadline_from(context.time_remaining()),
+            deadline_from(context.time_remaining()), request.validate_only,
         )  # fmt: skip
         return to_explain_response(manifest, explanation)
 
 
-def to_explain_response(manifest: Manifest, explanation: GraphExplanation) -> gnn_pb2.ExplainResponse:
+def to_explain_response(manifest: Manifest, explanation: GraphExplanation | None) -> gnn_pb2.ExplainResponse:
+    if explanation is None:  # validate_only
+        return gnn_pb2.ExplainResponse(model_name=manifest.name, model_version=manifest.version)
     probabilities = explanation.probabilities
     return gnn_pb2.ExplainResponse(
         model_name=manifest.name,

@@ -50,7 +50,7 @@ def check_token_limit(field: str, count: int, limit: int) -> None:
 
 
 def explain_text(predictor, class_names: list[str], text: str, method: str, target: int | None,
-                 compare_text: str) -> TextExplanation:  # fmt: skip
+                 compare_text: str, validate_only: bool = False) -> TextExplanation | None:  # fmt: skip
     """`predictor` is a loaded services.nlp.runtime TextEncoder or TextClassifier."""
     method = method or OCCLUSION
     check_method(method, METHODS)
@@ -69,6 +69,8 @@ def explain_text(predictor, class_names: list[str], text: str, method: str, targ
     check_token_limit("text", len(encoding.ids), encoder.max_tokens)
     if compare_text:
         check_token_limit("compare_text", int(encoder.count_tokens([compare_text])[0]), encoder.max_tokens)
+    if validate_only:
+        return None
 
     ids = np.array([encoding.ids], dtype=np.int64)
     special = np.array(encoding.special_tokens_mask, dtype=bool)

@@ -230,13 +230,13 @@ class NlpRuntime:
 
     async def explain(
         self, name: str, version: int, text: str, method: str, target: int | None, compare_text: str,
-        deadline: float | None = None,
-    ) -> tuple[Manifest, TextExplanation]:  # fmt: skip
+        deadline: float | None = None, validate_only: bool = False,
+    ) -> tuple[Manifest, TextExplanation | None]:  # fmt: skip
         entry = self.repository.resolve(name, version)
         assert self.explainer is not None
         explanation = await self.explainer.run(
             explain_text, entry.predictor, entry.manifest.class_names, text, method, target, compare_text,
-            deadline=deadline,
+            validate_only, deadline=deadline,
         )  # fmt: skip
         return entry.manifest, explanation
 

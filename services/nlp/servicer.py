@@ -29,7 +29,9 @@ def token_counts(counts: np.ndarray, limit: int) -> list[nlp_pb2.TokenCount]:
     return [nlp_pb2.TokenCount(tokens=int(count), truncated=bool(count > limit)) for count in counts]
 
 
-def to_explain_response(manifest: Manifest, explanation: TextExplanation) -> nlp_pb2.ExplainResponse:
+def to_explain_response(manifest: Manifest, explanation: TextExplanation | None) -> nlp_pb2.ExplainResponse:
+    if explanation is None:  # validate_only
+        return nlp_pb2.ExplainResponse(model_name=manifest.name, model_version=manifest.version)
     response = nlp_pb2.ExplainResponse(
         model_name=manifest.name,
         model_version=manifest.version,
@@ -89,6 +91,6 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
         manifest, explanation = await self.runtime.explain(
             request.model_name, request.model_version, request.text, request.method,
             request.target if request.HasField("target") else None, request.compare_text,
-            deadline_from(context.time_remaining()),
+            deadline_from(context.time_remaining()), request.validate_only,
         )  # fmt: skip
         return to_explain_response(manifest, explanation)
