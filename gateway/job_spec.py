@@ -16,7 +16,11 @@ from shared.job_limits import JobLimits, check_job_size
 
 ARCHITECTURES = {name: family.architectures for name, family in BY_NAME.items()}
 BUILTIN = {name: family.builtin_datasets for name, family in BY_NAME.items()}
-METRICS = {"classification": {"accuracy", "f1_macro"}, "regression": {"mse", "rmse"}}
+METRICS = {
+    "classification": {"accuracy", "f1_macro"},
+    "multilabel": {"f1_macro", "f1_micro", "exact_match"},
+    "regression": {"mse", "rmse"},
+}
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
 MAX_FILTERED_COLUMNS = 1024
@@ -46,6 +50,8 @@ BUILTIN_DATA = {
     "sbm": BuiltinData("classification", [16], 2000, 4),
     "motifs": BuiltinData("classification", [10], 400, 2),  # 400 small graphs, one label each
     "sentiment": BuiltinData("classification", None, 120, 2),
+    "topics": BuiltinData("classification", None, 100, 5),
+    "aspects": BuiltinData("multilabel", None, 60, 4),
 }
 
 
@@ -111,7 +117,7 @@ def normalize(
     _check_size(spec, family, dataset, limits or JobLimits.defaults())
     gate = spec.get("gate") or {}
     metric = gate.get("metric")
-    known = METRICS[task] if task else METRICS["classification"] | METRICS["regression"]
+    known = METRICS[task] if task else set().union(*METRICS.values())
     if metric and metric not in known:
         raise InvalidArgumentError(
             f"gate.metric: {metric!r} is not a {task or 'known'} metric; choose from {sorted(known)}"
@@ -206,5 +212,8 @@ def _check_fit(architecture: str, task: str, shape: list[int], family: str) -> N
         raise InvalidArgumentError(f"architecture: cnn needs image-shaped examples [C, H, W], the data has {shape}")
     if family == "dense" and architecture == "gru" and len(shape) != 2:
         raise InvalidArgumentError(f"architecture: gru needs sequences [T, F], the data has {shape}")
-    if family != "dense" and task != "classification":
+    if family == "gnn" and task != "classification":
         raise InvalidArgumentError(f"{family} jobs train classifiers; the data set is a {task} set")
+    if family == "nlp" and task not in ("classification", "multilabel"):
+        raise InvalidArgumentError(f"{family} jobs train multi-class or multi-label classifiers; the data set is a "
+                                   f"{task} set")  # fmt: skip

@@ -113,7 +113,7 @@ FAMILIES: tuple[Family, ...] = (
         training_code=3,
         batch_unit="texts",
         dataset_formats=frozenset({"jsonl"}),
-        builtin_datasets=("sentiment",),
+        builtin_datasets=("sentiment", "topics", "aspects"),
         architectures={"linear": [], "mlp": [128]},
         queries=("Predict", "Explain", "Similarity"),
     ),

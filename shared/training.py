@@ -16,6 +16,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
+MULTILABEL = "multilabel"  # a task: any number of classes per example, each scored on its own
 
 
 class MLP(nn.Module):
@@ -77,7 +78,9 @@ def loss_and_targets(task: str, targets: np.ndarray) -> tuple[Callable, torch.Te
     if task == "regression":
         y = torch.as_tensor(targets, dtype=torch.float32)
         return torch.nn.MSELoss(), y.reshape(len(y), -1)
-    raise ValueError(f"task must be classification or regression, got {task!r}")
+    if task == MULTILABEL:
+        return torch.nn.BCEWithLogitsLoss(), torch.as_tensor(targets, dtype=torch.float32)
+    raise ValueError(f"task must be classification, multilabel or regression, got {task!r}")
 
 
 def fit(
@@ -133,6 +136,8 @@ def task_metrics(task: str, y_true: np.ndarray, outputs: np.ndarray) -> dict[str
     """Held-out metrics from a model's raw outputs: logits for classification, values for regression."""
     if task == "classification":
         return classification_metrics(y_true, outputs.argmax(axis=-1))
+    if task == MULTILABEL:
+        return multilabel_metrics(y_true, outputs > 0)  # logit > 0: probability > 0.5
     return regression_metrics(np.asarray(y_true).reshape(len(y_true), -1), outputs)
 
 
@@ -140,6 +145,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, 
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, average="macro")),
+    }
+
+
+def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Macro-F1 over the labels (each label's F1, averaged), micro-F1, and the share of texts whose whole
+    label set is right."""
+    y_true, y_pred = np.asarray(y_true) > 0.5, np.asarray(y_pred).astype(bool)
+    return {
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "f1_micro": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "exact_match": float(np.mean(np.all(y_true == y_pred, axis=1))),
     }
 
 
@@ -158,6 +174,19 @@ class Standardize(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class ExportableMultiLabel(torch.nn.Module):
+    """Wraps a logits model so the exported graph returns each label's probability (sigmoid) and the
+    multi-hot labels (probability > 0.5), as INT64."""
+
+    def __init__(self, logits_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.logits_model = logits_model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities = torch.sigmoid(self.logits_model(x))
+        return probabilities, (probabilities > 0.5).to(torch.int64)
 
 
 class ExportableClassifier(torch.nn.Module):

@@ -201,8 +201,13 @@ class NlpRuntime:
         outputs = dict(await entry.batcher.submit(texts, deadline))
         counts = outputs.pop(TOKEN_COUNT)
         labels = []
-        if "label" in outputs and entry.manifest.class_names:
-            labels = [entry.manifest.class_names[i] for i in outputs["label"]]
+        names = entry.manifest.class_names
+        if "label" in outputs and names:
+            chosen = outputs["label"]
+            if chosen.ndim == 2:  # multi-label: every label a text has, comma-separated
+                labels = [",".join(name for name, on in zip(names, row, strict=True) if on) for row in chosen]
+            else:
+                labels = [names[i] for i in chosen]
         return TextPrediction(entry.manifest, outputs, labels, counts, encoder.max_tokens)
 
     async def similarity(self, name: str, version: int, query: str, candidates: list[str],

@@ -1,4 +1,8 @@
-"""Training jobs for text classifiers: a head on the default MiniLM encoder's embeddings, exported to ONNX."""
+"""Training jobs for text classifiers: a head on the default MiniLM encoder's embeddings, exported to ONNX.
+
+Multi-class heads (one label per text: softmax, cross-entropy) and multi-label heads (any number of
+labels per text: one sigmoid each, binary cross-entropy) are evaluated with macro-F1 on held-out texts.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.onnx_session import OnnxConfig
 from shared.training import (
     MLP,
+    MULTILABEL,
     ExportableClassifier,
+    ExportableMultiLabel,
     export_onnx_bytes,
     loss_and_targets,
     make_optimizer,
@@ -31,10 +37,12 @@ def run_job(context: JobContext) -> JobResult:
     context.message(f"embedding {len(data.texts)} texts with {MINILM} v{encoder_version}")
     device = context.device
     x_all = torch.as_tensor(encoder.embed(data.texts)).to(device)
-    loss_fn, y_all = loss_and_targets("classification", data.labels)
+    task = data.task
+    loss_fn, y_all = loss_and_targets(task, data.labels)
     y_all = y_all.to(device)
     classes = len(data.class_names)
-    rest, test = split_indices(len(data.texts), data.labels, TEST_SHARE, spec["seed"])
+    strata = data.labels if task == "classification" else None  # label sets are not stratified
+    rest, test = split_indices(len(data.texts), strata, TEST_SHARE, spec["seed"])
     hidden = spec["hidden_sizes"] if spec["architecture"] == "mlp" else []
 
     def fresh():
@@ -48,12 +56,14 @@ def run_job(context: JobContext) -> JobResult:
 
     def evaluate(net, idx) -> dict[str, float]:
         with torch.no_grad():
-            return task_metrics("classification", data.labels[idx], net(x_all[idx]).cpu().numpy())
+            return task_metrics(task, data.labels[idx], net(x_all[idx]).cpu().numpy())
 
-    net, metrics = fit_and_evaluate(context, len(data.texts), data.labels, rest, test, fresh, epoch_fn, evaluate)
+    net, metrics = fit_and_evaluate(context, len(data.texts), strata, rest, test, fresh, epoch_fn, evaluate)
+    exportable = ExportableMultiLabel(net.cpu()) if task == MULTILABEL else ExportableClassifier(net.cpu())
+    label_shape = [-1, classes] if task == MULTILABEL else [-1]
     # In memory: the head reaches disk only sealed by the model store.
     onnx_bytes = export_onnx_bytes(
-        ExportableClassifier(net.cpu()),
+        exportable,
         (torch.zeros(1, EMBEDDING_DIM),),
         input_names=["embedding"],
         output_names=["probabilities", "label"],
@@ -65,7 +75,7 @@ def run_job(context: JobContext) -> JobResult:
         "inputs": [TEXT_INPUT],
         "outputs": [
             {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
-            {"name": "label", "dtype": "INT64", "shape": [-1]},
+            {"name": "label", "dtype": "INT64", "shape": label_shape},
         ],
         "metrics": metrics,
         "class_names": data.class_names,
@@ -73,6 +83,7 @@ def run_job(context: JobContext) -> JobResult:
         f"trained on {context.dataset_name()}",
         "config": {
             "kind": "classifier",
+            "task": task,
             "onnx_file": "head.onnx",
             "encoder": {"name": MINILM, "version": encoder_version},
             "job": context.job_id,
@@ -80,4 +91,4 @@ def run_job(context: JobContext) -> JobResult:
         },  # fmt: skip
     }
     context.message("evaluated; writing the version", state="EVALUATING")
-    return context.publish(record, {"head.onnx": onnx_bytes}, "classification")
+    return context.publish(record, {"head.onnx": onnx_bytes}, task)
