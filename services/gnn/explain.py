@@ -46,6 +46,7 @@ class GraphExplanation:
     node_feature_mask: np.ndarray
     subgraph_edge_ids: np.ndarray
     subgraph_node_ids: np.ndarray
+    subgraph_edge_index: np.ndarray
     probabilities: np.ndarray
 
 
@@ -128,6 +129,7 @@ def explain_nodes(
         node_feature_mask=node_mask.cpu().numpy().astype(np.float32),
         subgraph_edge_ids=edge_ids.cpu().numpy().astype(np.int64),
         subgraph_node_ids=subset.cpu().numpy().astype(np.int64),
+        subgraph_edge_index=edges[:, edge_ids].cpu().numpy().astype(np.int64),
         probabilities=probabilities.cpu().numpy(),
     )
 

@@ -124,5 +124,6 @@ def to_explain_response(manifest: Manifest, explanation: GraphExplanation | None
         node_feature_mask=from_numpy(explanation.node_feature_mask),
         subgraph_edge_ids=explanation.subgraph_edge_ids.tolist(),
         subgraph_node_ids=explanation.subgraph_node_ids.tolist(),
+        subgraph_edge_index=from_numpy(explanation.subgraph_edge_index),
         outputs=encode_outputs({"probabilities": probabilities, "label": probabilities.argmax(axis=1)}),
     )

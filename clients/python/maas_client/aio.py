@@ -51,6 +51,15 @@ class AsyncDenseApi:
             calls.dense_predict(self._client.lookups, model, inputs, version, outputs, timeout)
         )
 
+    async def explain(
+        self, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray, *, method: str = "",
+        baselines: Mapping[str, np.ndarray] | np.ndarray | None = None, steps: int = 0, target: int | None = None,
+        version: int = 0, timeout: float | None = None,
+    ) -> calls.DenseExplanation:  # fmt: skip
+        """As `Client.dense.explain`."""
+        return await self._client.run(calls.dense_explain(self._client.lookups, model, inputs, method, baselines,
+                                                          steps, target, version, timeout))  # fmt: skip
+
 
 class AsyncGnnApi:
     """Graph models: node classification on a graph sent inline or stored with the model."""
@@ -115,6 +124,17 @@ class AsyncGnnApi:
         """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
         return await self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
 
+    async def explain(
+        self, model: str, node_ids: Iterable[int], *, node_features: np.ndarray | None = None,
+        edge_index: np.ndarray | None = None, edge_weight: np.ndarray | None = None, stored_graph: str = "",
+        method: str = "", epochs: int = 0, target: int | None = None, seed: int = 0, version: int = 0,
+        timeout: float | None = None,
+    ) -> calls.GraphExplanation:  # fmt: skip
+        """As `Client.gnn.explain`."""
+        request = calls.gnn_explain_request(model, node_ids, node_features, edge_index, edge_weight, stored_graph,
+                                            method, epochs, target, seed, version)  # fmt: skip
+        return await self._client.run(calls.gnn_explain(request, timeout))
+
 
 class AsyncNlpApi:
     """Language models: sentence embeddings and text classification."""
@@ -138,6 +158,21 @@ class AsyncNlpApi:
     ) -> Prediction:
         """Labels (`.labels`) and class probabilities (`["probabilities"]`) for each text."""
         return await self._client.run(calls.nlp_predict(model, texts, 0, timeout))
+
+    async def explain(
+        self, model: str, text: str, *, compare_text: str = "", method: str = "", target: int | None = None,
+        version: int = 0, timeout: float | None = None,
+    ) -> calls.TextExplanation:  # fmt: skip
+        """As `Client.nlp.explain`."""
+        return await self._client.run(calls.nlp_explain(model, text, method, target, compare_text, version, timeout))
+
+    async def similarity(
+        self, query: str, candidates: Sequence[str], *, model: str = "minilm-l6-v2", error_on_truncation: bool = False,
+        version: int = 0, timeout: float | None = None,
+    ) -> calls.Similarity:  # fmt: skip
+        """As `Client.nlp.similarity`."""
+        return await self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation,
+                                                           timeout))  # fmt: skip
 
 
 class AsyncModelsApi:

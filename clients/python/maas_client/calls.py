@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2
+from maas.gateway.v1 import gateway_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.keys.v1 import keys_pb2
 from maas.models.v1 import models_pb2
@@ -37,6 +38,7 @@ SERVICES = {
     "models": "maas.models.v1.ModelService",
     "training": "maas.training.v1.TrainingService",
     "keys": "maas.keys.v1.KeyService",
+    "explanations": "maas.gateway.v1.ExplanationService",
     "health": "grpc.health.v1.Health",
 }
 _DATASET_FORMATS = {
@@ -286,6 +288,222 @@ def nlp_predict(model: str, texts: Sequence[str], version: int, timeout: float |
 
 def embedding(call: Call[Prediction]) -> Call[np.ndarray]:
     return (yield from call)["embedding"]
+
+
+# --- explanations and similarity -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What every family's Explain returns: the version explained and the method that ran."""
+
+    model: str
+    version: int
+    method: str
+
+
+@dataclass(frozen=True)
+class DenseExplanation(Explanation):
+    """Attributions by input name, each in its input's shape; `targets` the output column explained per row,
+    `scores` and `baseline_scores` that output at the input and at the baseline."""
+
+    attributions: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    targets: np.ndarray
+    scores: np.ndarray
+    baseline_scores: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.attributions[name]
+
+
+@dataclass(frozen=True)
+class TextExplanation(Explanation):
+    """One attribution per token; `spans[i]` is token i's [start, end) in the text."""
+
+    text: str
+    tokens: list[str]
+    attributions: np.ndarray
+    spans: np.ndarray
+    target: int
+    label: str
+    score: float
+    baseline_score: float
+    probabilities: np.ndarray | None
+
+    def top(self, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-self.attributions)[:k]
+        return [(self.tokens[i], float(self.attributions[i])) for i in order]
+
+
+@dataclass(frozen=True)
+class GraphExplanation(Explanation):
+    """An importance per edge of the graph ([E]) and per node feature ([N, F]), zero outside the subgraph used."""
+
+    node_ids: np.ndarray
+    edge_mask: np.ndarray
+    node_feature_mask: np.ndarray
+    subgraph_edge_ids: np.ndarray
+    subgraph_node_ids: np.ndarray
+    subgraph_edge_index: np.ndarray  # 2 x len(subgraph_edge_ids): each subgraph edge's (source, target)
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """Cosine similarity of each candidate to the query (in the request's order), and the ranking, best first."""
+
+    model: str
+    version: int
+    scores: np.ndarray
+    ranking: np.ndarray
+    truncated: np.ndarray  # per candidate
+
+
+def dense_explanation(reply: dense_pb2.ExplainResponse) -> DenseExplanation:
+    return DenseExplanation(
+        reply.model_name, reply.model_version, reply.method,
+        attributions={name: decode(tensor) for name, tensor in reply.attributions.items()}, outputs=_outputs(reply),
+        targets=np.array(reply.targets, np.int64), scores=np.array(reply.scores),
+        baseline_scores=np.array(reply.baseline_scores),
+    )  # fmt: skip
+
+
+def text_explanation(reply: nlp_pb2.ExplainResponse, text: str) -> TextExplanation:
+    return TextExplanation(
+        reply.model_name, reply.model_version, reply.method, text=text,
+        tokens=[token.token for token in reply.tokens],
+        attributions=np.array([token.attribution for token in reply.tokens], np.float32),
+        spans=np.array([(token.start, token.end) for token in reply.tokens], np.int64).reshape(-1, 2),
+        target=reply.target, label=reply.label, score=reply.score, baseline_score=reply.baseline_score,
+        probabilities=decode(reply.probabilities) if reply.HasField("probabilities") else None,
+    )  # fmt: skip
+
+
+def graph_explanation(reply: gnn_pb2.ExplainResponse) -> GraphExplanation:
+    return GraphExplanation(
+        reply.model_name, reply.model_version, reply.method, node_ids=np.array(reply.node_ids, np.int64),
+        edge_mask=decode(reply.edge_mask), node_feature_mask=decode(reply.node_feature_mask),
+        subgraph_edge_ids=np.array(reply.subgraph_edge_ids, np.int64),
+        subgraph_node_ids=np.array(reply.subgraph_node_ids, np.int64),
+        subgraph_edge_index=decode(reply.subgraph_edge_index), outputs=_outputs(reply),
+    )  # fmt: skip
+
+
+def dense_explain_request(
+    model: str, inputs: Mapping[str, np.ndarray], method: str, baselines: Mapping[str, np.ndarray] | None,
+    steps: int, target: int | None, version: int,
+) -> dense_pb2.ExplainRequest:  # fmt: skip
+    request = dense_pb2.ExplainRequest(
+        model_name=model, model_version=version, method=method, steps=steps,
+        inputs={name: encode(value) for name, value in inputs.items()},
+        baselines={name: encode(value) for name, value in (baselines or {}).items()},
+    )  # fmt: skip
+    if target is not None:
+        request.target = target
+    return request
+
+
+def dense_explain(
+    lookups: Lookups, model: str, inputs: Mapping[str, np.ndarray] | np.ndarray, method: str,
+    baselines: Mapping[str, np.ndarray] | np.ndarray | None, steps: int, target: int | None, version: int,
+    timeout: float | None,
+) -> Call[DenseExplanation]:  # fmt: skip
+    if not isinstance(inputs, Mapping) or (baselines is not None and not isinstance(baselines, Mapping)):
+        name = yield from single_input(lookups, model, version)
+        inputs = inputs if isinstance(inputs, Mapping) else {name: inputs}
+        baselines = baselines if baselines is None or isinstance(baselines, Mapping) else {name: baselines}
+    request = dense_explain_request(model, inputs, method, baselines, steps, target, version)
+    return dense_explanation((yield Rpc("dense", "Explain", request, timeout)))
+
+
+def nlp_explain_request(model: str, text: str, method: str, target: int | None, compare_text: str,
+                        version: int) -> nlp_pb2.ExplainRequest:  # fmt: skip
+    request = nlp_pb2.ExplainRequest(model_name=model, model_version=version, text=text, method=method,
+                                     compare_text=compare_text)  # fmt: skip
+    if target is not None:
+        request.target = target
+    return request
+
+
+def nlp_explain(model: str, text: str, method: str, target: int | None, compare_text: str, version: int,
+                timeout: float | None) -> Call[TextExplanation]:  # fmt: skip
+    request = nlp_explain_request(model, text, method, target, compare_text, version)
+    return text_explanation((yield Rpc("nlp", "Explain", request, timeout)), text)
+
+
+def gnn_explain_request(
+    model: str, node_ids: Iterable[int], node_features: np.ndarray | None, edge_index: np.ndarray | None,
+    edge_weight: np.ndarray | None, stored_graph: str, method: str, epochs: int, target: int | None, seed: int,
+    version: int,
+) -> gnn_pb2.ExplainRequest:  # fmt: skip
+    request = gnn_pb2.ExplainRequest(model_name=model, model_version=version, node_ids=list(node_ids), method=method,
+                                     epochs=epochs, seed=seed)  # fmt: skip
+    if stored_graph:
+        request.stored_graph = stored_graph
+    elif node_features is not None and edge_index is not None:
+        request.graph.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
+        request.graph.edge_index.CopyFrom(encode(np.asarray(edge_index, np.int64)))
+        if edge_weight is not None:
+            request.graph.edge_weight.CopyFrom(encode(np.asarray(edge_weight, np.float32)))
+    else:
+        raise ValueError("pass stored_graph, or node_features and edge_index")
+    if target is not None:
+        request.target = target
+    return request
+
+
+def gnn_explain(request: gnn_pb2.ExplainRequest, timeout: float | None) -> Call[GraphExplanation]:
+    return graph_explanation((yield Rpc("gnn", "Explain", request, timeout)))
+
+
+def nlp_similarity(model: str, query: str, candidates: Sequence[str], version: int, error_on_truncation: bool,
+                   timeout: float | None) -> Call[Similarity]:  # fmt: skip
+    truncation = nlp_pb2.TRUNCATION_ERROR if error_on_truncation else nlp_pb2.TRUNCATION_CUT
+    request = nlp_pb2.SimilarityRequest(model_name=model, model_version=version, query=query,
+                                        candidates=list(candidates), truncation=truncation)  # fmt: skip
+    reply = yield Rpc("nlp", "Similarity", request, timeout)
+    return Similarity(reply.model_name, reply.model_version, np.array(reply.scores, np.float32),
+                      np.array(reply.ranking, np.int64),
+                      np.array([count.truncated for count in reply.candidate_tokens], bool))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExplanationJob:
+    """An explanation job's record and, once it succeeded, its explanation."""
+
+    job: gateway_pb2.ExplanationJob
+    explanation: Explanation | None
+
+    @property
+    def state(self) -> str:
+        return state_name(self.job.state)
+
+
+def _explanation_job(reply: gateway_pb2.GetExplanationResponse | gateway_pb2.SubmitExplanationResponse,
+                     text: str = "") -> ExplanationJob:  # fmt: skip
+    kind = reply.WhichOneof("result") if isinstance(reply, gateway_pb2.GetExplanationResponse) else None
+    explanation: Explanation | None = None
+    if kind == "dense":
+        explanation = dense_explanation(reply.dense)
+    elif kind == "nlp":
+        explanation = text_explanation(reply.nlp, text)
+    elif kind == "gnn":
+        explanation = graph_explanation(reply.gnn)
+    return ExplanationJob(reply.job, explanation)
+
+
+def explanation_submit(request: Any, idempotency_key: str = "", timeout: float | None = None) -> Call[ExplanationJob]:
+    """Queues a family's ExplainRequest (dense_pb2, gnn_pb2 or nlp_pb2) as a job."""
+    family = request.DESCRIPTOR.full_name.split(".")[1]
+    submit = gateway_pb2.SubmitExplanationRequest(idempotency_key=idempotency_key or uuid.uuid4().hex)
+    getattr(submit, family).CopyFrom(request)
+    return _explanation_job((yield Rpc("explanations", "SubmitExplanation", submit, timeout)))
+
+
+def explanation_get(job_id: str, text: str = "", timeout: float | None = None) -> Call[ExplanationJob]:
+    reply = yield Rpc("explanations", "GetExplanation", gateway_pb2.GetExplanationRequest(job_id=job_id), timeout)
+    return _explanation_job(reply, text)
 
 
 # --- the model repository ------------------------------------------------------------------

@@ -11,6 +11,7 @@
     maasctl train watch JOB_ID --plot curves.png
     maasctl jobs list | cancel JOB_ID
     maasctl keys rotate --to NEW_KEK_ID [--tenant T] | list      (admin)
+    maasctl explain dense|text|graph MODEL ... [--top K] [--png FILE] [--job]   (maasctl explain --help)
 
 The gateway comes from --target or $MAAS_TARGET, the API key from --api-key or $MAAS_API_KEY.
 A failure prints one line, `maasctl: error: ...`, and exits 1 (2 for a bad command line).
@@ -38,6 +39,7 @@ from maas.common.v1 import model_pb2, tensor_pb2  # noqa: E402
 from maas.training.v1 import training_pb2  # noqa: E402
 from maas_client.client import FAMILIES, Client, Prediction, family_name, state_name  # noqa: E402
 from maas_client.errors import MaasError  # noqa: E402
+from maas_client.explain_cli import add_explain_commands  # noqa: E402
 
 
 class UsageError(Exception):
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.set_defaults(run=cmd_keys_rotate)
     keys_list = keys.add_parser("list", help="per store: the active KEK, the KEKs available, data keys per KEK")
     keys_list.set_defaults(run=cmd_keys_list)
+    add_explain_commands(commands, read_inputs, read_graph, numeric_dtype)
     return parser
 
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from maas.common.v1 import model_pb2
 from maas.dense.v1 import dense_pb2_grpc
+from maas.gateway.v1 import gateway_pb2_grpc
 from maas.gnn.v1 import gnn_pb2_grpc
 from maas.keys.v1 import keys_pb2, keys_pb2_grpc
 from maas.models.v1 import models_pb2_grpc
@@ -36,10 +37,15 @@ from maas_client import calls, errors
 from maas_client.calls import (
     FAMILIES,
     TERMINAL_STATES,
+    DenseExplanation,
+    ExplanationJob,
+    GraphExplanation,
     GraphPrediction,
     GraphVersion,
     Prediction,
+    Similarity,
     SubmitOptions,
+    TextExplanation,
     family_code,
     family_name,
     state_name,
@@ -50,6 +56,11 @@ __all__ = [
     "FAMILIES",
     "TERMINAL_STATES",
     "Client",
+    "DenseExplanation",
+    "ExplanationJob",
+    "GraphExplanation",
+    "Similarity",
+    "TextExplanation",
     "GraphPrediction",
     "GraphVersion",
     "Prediction",
@@ -65,6 +76,7 @@ STUBS = {
     "models": models_pb2_grpc.ModelServiceStub,
     "training": training_pb2_grpc.TrainingServiceStub,
     "keys": keys_pb2_grpc.KeyServiceStub,
+    "explanations": gateway_pb2_grpc.ExplanationServiceStub,
     "health": health_pb2_grpc.HealthStub,
 }
 
@@ -86,6 +98,25 @@ class DenseApi:
     ) -> Prediction:
         """Runs a model. A bare array goes to the model's only input."""
         return self._client.run(calls.dense_predict(self._client.lookups, model, inputs, version, outputs, timeout))
+
+    def explain(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray] | np.ndarray,
+        *,
+        method: str = "",
+        baselines: Mapping[str, np.ndarray] | np.ndarray | None = None,
+        steps: int = 0,
+        target: int | None = None,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> DenseExplanation:
+        """Attributions of each row's prediction to its features, as numpy arrays in the inputs' shapes.
+
+        `method`: "integrated_gradients" (the default where the version has a torch form), "feature_ablation"
+        or "kernel_shap"; `baselines` default to zeros; `target` defaults to each row's predicted class."""
+        return self._client.run(calls.dense_explain(self._client.lookups, model, inputs, method, baselines, steps,
+                                                    target, version, timeout))  # fmt: skip
 
 
 class GnnApi:
@@ -151,6 +182,28 @@ class GnnApi:
         """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
         return self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
 
+    def explain(
+        self,
+        model: str,
+        node_ids: Iterable[int],
+        *,
+        node_features: np.ndarray | None = None,
+        edge_index: np.ndarray | None = None,
+        edge_weight: np.ndarray | None = None,
+        stored_graph: str = "",
+        method: str = "",
+        epochs: int = 0,
+        target: int | None = None,
+        seed: int = 0,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> GraphExplanation:
+        """The edges and node features the nodes' predictions rest on: "gnn_explainer" (default),
+        "integrated_gradients" or "saliency"."""
+        request = calls.gnn_explain_request(model, node_ids, node_features, edge_index, edge_weight, stored_graph,
+                                            method, epochs, target, seed, version)  # fmt: skip
+        return self._client.run(calls.gnn_explain(request, timeout))
+
 
 class NlpApi:
     """Language models: sentence embeddings and text classification."""
@@ -170,6 +223,60 @@ class NlpApi:
     def classify(self, texts: Sequence[str], *, model: str = "sentiment", timeout: float | None = None) -> Prediction:
         """Labels (`.labels`) and class probabilities (`["probabilities"]`) for each text."""
         return self._client.run(calls.nlp_predict(model, texts, 0, timeout))
+
+    def explain(
+        self,
+        model: str,
+        text: str,
+        *,
+        compare_text: str = "",
+        method: str = "",
+        target: int | None = None,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> TextExplanation:
+        """Per-token attributions of a classifier's label (or of `text`'s similarity to `compare_text`, for an
+        embedding model), with each token's character span."""
+        return self._client.run(calls.nlp_explain(model, text, method, target, compare_text, version, timeout))
+
+    def similarity(
+        self,
+        query: str,
+        candidates: Sequence[str],
+        *,
+        model: str = "minilm-l6-v2",
+        error_on_truncation: bool = False,
+        version: int = 0,
+        timeout: float | None = None,
+    ) -> Similarity:
+        """Cosine similarity of each candidate to the query, and the candidates' ranking, best first."""
+        return self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation, timeout))
+
+
+class ExplanationsApi:
+    """Explanations as jobs: for the ones that take longer than a call's deadline."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def submit(self, request: Any, *, idempotency_key: str = "", timeout: float | None = None) -> ExplanationJob:
+        """Queues a dense_pb2, gnn_pb2 or nlp_pb2 ExplainRequest; returns the queued job."""
+        return self._client.run(calls.explanation_submit(request, idempotency_key, timeout))
+
+    def get(self, job_id: str, *, text: str = "", timeout: float | None = None) -> ExplanationJob:
+        """The job, and its explanation once it succeeded (`text` fills in an nlp explanation's text)."""
+        return self._client.run(calls.explanation_get(job_id, text, timeout))
+
+    def wait(self, job_id: str, *, text: str = "", timeout: float = 3600.0, poll_s: float = 0.5) -> ExplanationJob:
+        """Polls the job until it ends; returns it with its explanation (None unless it succeeded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.get(job_id, text=text)
+            if found.job.state in calls.TERMINAL_STATES:
+                return found
+            if time.monotonic() + poll_s > deadline:
+                raise errors.DeadlineExceeded(f"explanation job {job_id} still {found.state} after {timeout:g} s")
+            time.sleep(poll_s)
 
 
 class ModelsApi:
@@ -338,6 +445,7 @@ class Client:
         self.datasets = DatasetsApi(self)
         self.training = TrainingApi(self)
         self.keys = KeysApi(self)
+        self.explanations = ExplanationsApi(self)
 
     def health(self, timeout: float | None = 5.0) -> dict[str, str]:
         """The gateway's health ("gateway") and each family's, as the gateway sees its backends."""
