@@ -213,7 +213,9 @@ def save_text_png(result: TextExplanation, path: Path) -> None:
     for (start, end), attribution in zip(result.spans, result.attributions, strict=True):
         word = result.text[start:end]
         shade = colours(0.5 + 0.5 * float(attribution) / limit)
-        label = figure.text(x, y, word, fontsize=14, va="top", bbox={"facecolor": shade, "edgecolor": "none", "pad": 2})
+        ink = "white" if abs(float(attribution)) > 0.6 * limit else "black"
+        label = figure.text(x, y, word, fontsize=14, va="top", color=ink,
+                            bbox={"facecolor": shade, "edgecolor": "none", "pad": 2})
         width = label.get_window_extent(renderer).width / figure.bbox.width
         x += width + 0.008
         if x > 0.95:
