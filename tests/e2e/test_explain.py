@@ -78,6 +78,8 @@ def test_integrated_gradients_is_complete_within_one_percent(gateway_channel):
         assert reply.method == "integrated_gradients"  # the default for a version with a torch form
         sums = to_numpy(reply.attributions["pixels"], "attributions").sum(axis=1)
         change = np.array(reply.scores) - np.array(reply.baseline_scores)
+        print(f"\nIG completeness, digits-mlp, 128 steps, {'given' if baselines else 'zeros'} baseline: largest "
+              f"|sum - change| / |change| = {np.max(np.abs(sums - change) / np.abs(change)):.5f}")  # fmt: skip
         np.testing.assert_allclose(sums, change, rtol=0.01, atol=1e-4)
         # The score explained is the served prediction's probability of the explained class.
         probabilities = to_numpy(reply.outputs["probabilities"], "probabilities")
