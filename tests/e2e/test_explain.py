@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load
 from sklearn.metrics import roc_auc_score
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
@@ -200,7 +200,8 @@ def test_gnn_explanation_finds_the_house_motifs_of_ba_shapes(gateway_channel, mo
     store = model_store  # the cluster serves a copy of it
     version = store.default_version("ba-shapes-gcn")
     manifest = store.manifest("ba-shapes-gcn", version)
-    graph = load_file(store.version_dir("ba-shapes-gcn", version) / manifest.config["graphs"]["ba-shapes"])
+    # Read as the service reads it: checked, and unsealed when the store is encrypted.
+    graph = load(store.artifacts(manifest).read(manifest.config["graphs"]["ba-shapes"]))
     every_house, labels, edges = graph["motif_edge_mask"], graph["labels"], graph["edge_index"]
     first = int(np.flatnonzero(labels > 0)[0])  # houses are five consecutive nodes after the BA graph
     # Eight nodes, from houses spread over the graph, at every place in a house.
