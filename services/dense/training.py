@@ -30,9 +30,13 @@ def network_form(spec: dict, shape: list[int], outputs: int, task: str, masked: 
     return form
 
 
-def build_network(form: dict, mean: np.ndarray, std: np.ndarray) -> nn.Module:
-    net = torch_form.build_net(form)
-    standardize = net[1] if form.get("masked") else net[0]
+def build_network(
+    spec: dict, shape: list[int], outputs: int, mean: np.ndarray, std: np.ndarray, masked: list[int] | None = None,
+    task: str = "classification",
+) -> nn.Module:
+    """The network a job trains, built from its torch form, with the training set's statistics."""
+    net = torch_form.build_net(network_form(spec, shape, outputs, task, masked))
+    standardize = net[1] if masked else net[0]
     standardize.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
     standardize.std.copy_(torch.as_tensor(std, dtype=torch.float32))
     return net
@@ -89,7 +93,7 @@ def run_job(context: JobContext) -> JobResult:
     mean, std = data.x[rest].mean(axis=0), data.x[rest].std(axis=0) + 1e-6
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
-        net = build_network(form, mean, std).to(device)
+        net = build_network(spec, shape, outputs, mean, std, data.masked_features, data.task).to(device)
         return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
 
     def evaluate(net: nn.Module, idx: np.ndarray) -> dict[str, float]:

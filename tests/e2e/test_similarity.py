@@ -8,6 +8,7 @@ import pytest
 
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from shared.tensors import to_numpy
+from tests.tolerance import served
 
 LONG = "the quick brown fox jumps over the lazy dog " * 40  # 360 words: far past 128 tokens
 
@@ -45,7 +46,7 @@ def test_similarity_scores_are_the_cosine_of_the_embeddings(nlp):
     reply = nlp.Similarity(
         nlp_pb2.SimilarityRequest(model_name="minilm-l6-v2", query=texts[0], candidates=texts[1:]), timeout=30
     )
-    np.testing.assert_allclose(reply.scores, vectors[1:] @ vectors[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(reply.scores, vectors[1:] @ vectors[0], **served())
 
 
 def test_truncation_is_reported(nlp):
