@@ -14,14 +14,14 @@ import base64
 import grpc
 
 from gateway.auth import current_tenant
-from gateway.proxy import METHOD_ROUTES, GatewayProxy
+from gateway.proxy import QUERY_ROUTES, GatewayProxy
 from gateway.training import TrainingServicer
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from maas.training.v1 import training_pb2
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.jobs import EXPLAIN, JobStore
 
-EXPLAIN_ROUTES = {route.family: route for route in METHOD_ROUTES if route.method == "Explain"}
+EXPLAIN_ROUTES = {route.family: route for route in QUERY_ROUTES if route.method == "Explain"}
 
 
 def to_explanation_job(record: dict) -> gateway_pb2.ExplanationJob:

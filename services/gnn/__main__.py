@@ -24,7 +24,8 @@ async def serve(settings: GnnSettings) -> None:
     repository = build_repository(settings, FAMILY.name, gnn_loader(device))
     graphs = GraphStore(repository.store, settings.graph_limits())
     limits = GnnExplainLimits(settings.max_explain_rows, settings.max_explain_steps)
-    explanations = GnnExplanations(repository, ExplanationRunner(threads=settings.explain_threads), limits)
+    explanations = GnnExplanations(repository, ExplanationRunner(threads=settings.explain_threads), limits,
+                                   settings.query_limits())  # fmt: skip
     servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()), explanations)
     await serve_models(settings, FAMILY, repository, servicer, key_stores={"graphs": graphs.store})
 

@@ -134,15 +134,26 @@ def explain_nodes(
     )
 
 
+def check_node_task(manifest) -> None:
+    """Explanations cover node classifiers; link predictors and graph classifiers are refused, saying so."""
+    task = manifest.config.get("task", "node")
+    if task != "node":
+        raise InvalidArgumentError(f"model_name: {manifest.name!r} is a {task}-level model; Explain explains node "
+                                   "classifiers' predictions only (node_ids)")  # fmt: skip
+
+
 class GnnExplanations:
     """Explain for the gnn service: resolves the version and the graph as Predict does, then explains on a
     copy of the version's network (the Explainer sets masks inside the layers it runs, which Predict's
     network must never see)."""
 
-    def __init__(self, repository, runner, limits: GnnExplainLimits) -> None:
+    def __init__(self, repository, runner, limits: GnnExplainLimits, query_limits=None) -> None:
+        from services.gnn.runtime import QueryLimits
+
         self.repository = repository
         self.runner = runner
         self.limits = limits
+        self.query_limits = query_limits or QueryLimits()
 
     async def explain(self, name: str, version: int, graph, stored_graph: str, node_ids: list[int], method: str,
                       epochs: int, target: int | None, seed: int, deadline: float | None = None,
@@ -151,6 +162,7 @@ class GnnExplanations:
 
         entry = self.repository.resolve(name, version)
         model = entry.predictor
+        check_node_task(entry.manifest)
         if stored_graph:
             graph = model.graphs.get(stored_graph)
             if graph is None:
@@ -161,8 +173,8 @@ class GnnExplanations:
         elif graph is None:
             raise InvalidArgumentError("graph_source: send either graph or stored_graph")
         else:
-            check_graph(graph, model.in_channels)
-        check_node_ids(node_ids, graph.num_nodes)
+            check_graph(graph, model.in_channels, self.query_limits)
+        check_node_ids(np.asarray(node_ids, np.int64), graph.num_nodes)
         layers = entry.manifest.config["num_layers"]
 
         def run() -> GraphExplanation:

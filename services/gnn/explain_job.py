@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 
+import numpy as np
+
 from maas.gnn.v1 import gnn_pb2
-from services.gnn.explain import GnnExplainLimits, explain_nodes
-from services.gnn.runtime import GcnModel, check_graph, check_node_ids
+from services.gnn.explain import GnnExplainLimits, check_node_task, explain_nodes
+from services.gnn.runtime import GnnModel, QueryLimits, check_graph, check_node_ids
 from services.gnn.servicer import to_explain_response, to_graph_input
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.training_worker import JobContext, JobResult
@@ -17,7 +19,8 @@ def run_explain_job(context: JobContext) -> JobResult:
     request = gnn_pb2.ExplainRequest.FromString(base64.b64decode(context.spec["request"]))
     context.raise_if_cancelled()
     manifest = context.store.manifest(request.model_name, request.model_version)
-    model = GcnModel(manifest, context.store.artifacts(manifest), context.device)
+    check_node_task(manifest)
+    model = GnnModel(manifest, context.store.artifacts(manifest), context.device)
     if request.stored_graph:
         graph = model.graphs.get(request.stored_graph)
         if graph is None:
@@ -25,10 +28,10 @@ def run_explain_job(context: JobContext) -> JobResult:
                                 f"{request.stored_graph!r}; it has {sorted(model.graphs)}")  # fmt: skip
     elif request.HasField("graph"):
         graph = to_graph_input(request.graph)
-        check_graph(graph, model.in_channels)
+        check_graph(graph, model.in_channels, QueryLimits())
     else:
         raise InvalidArgumentError("graph_source: send either graph or stored_graph")
-    check_node_ids(list(request.node_ids), graph.num_nodes)
+    check_node_ids(np.asarray(request.node_ids, np.int64), graph.num_nodes)
     context.message(f"explaining {manifest.name} v{manifest.version}")
     explanation = explain_nodes(
         model.net, manifest.config["num_layers"], graph.node_features, graph.edge_index, graph.edge_weight,
