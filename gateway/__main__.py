@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 
 import grpc
 import redis.asyncio as redis
@@ -131,7 +132,24 @@ async def serve(settings: GatewaySettings) -> None:
             await backend.close()
 
 
+# glibc's mallopt parameters (malloc.h).
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8
+
+
+def bound_malloc() -> None:
+    """Keeps large transient buffers from pinning memory: the gateway streams uploads and big requests in
+    megabyte messages through gRPC's threads and executor threads. By default glibc gives each such thread
+    an arena and raises its mmap threshold after the first free, so freed megabytes stay in the arenas
+    (a 200 MB upload grew a worker by up to 75 MiB). A fixed threshold returns every block of 256 KiB or
+    more to the kernel when freed, and two arenas bound the rest. Elsewhere than glibc, nothing changes."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+        libc.mallopt(M_ARENA_MAX, 2)
+
+
 def main() -> None:
+    bound_malloc()
     run_server_process("gateway", "gateway", GatewaySettings(), serve)
 
 
