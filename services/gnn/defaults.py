@@ -72,15 +72,7 @@ def build_karate_gcn(store: ModelStore, seed: int = 0) -> Manifest:
             "name": KARATE_GCN,
             "family": "gnn",
             "framework": "torch",
-            "inputs": [
-                {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
-                {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-                {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
-            ],
-            "outputs": [
-                {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
-                {"name": "label", "dtype": "INT64", "shape": [-1]},
-            ],
+            **node_classifier_signature(config["in_channels"], config["num_classes"]),
             "metrics": metrics,
             "class_names": [f"community-{i}" for i in range(config["num_classes"])],
             "source": f"builtin:torch_geometric.datasets.KarateClub seed={seed} test_size=0.5",
@@ -112,6 +104,18 @@ MOTIF_GIN = "motif-gin"
 def INLINE_GRAPH(width: int) -> list[dict]:  # noqa: N802 - reads as the constants beside it
     return [{"name": "node_features", "dtype": "FP32", "shape": [-1, width]},
             {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]}]  # fmt: skip
+
+
+def node_classifier_signature(width: int, classes: int) -> dict[str, list[dict]]:
+    """The inputs and outputs a GCN node classifier's manifest records: an inline graph with optional
+    edge weights, and per node its class probabilities and label."""
+    return {
+        "inputs": [*INLINE_GRAPH(width), {"name": "edge_weight", "dtype": "FP32", "shape": [-1]}],
+        "outputs": [
+            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
+            {"name": "label", "dtype": "INT64", "shape": [-1]},
+        ],
+    }
 
 
 STORED_GRAPH_QUERY = [
@@ -359,15 +363,7 @@ def build_ba_shapes_gcn(store: ModelStore, seed: int = 0) -> Manifest:
             "name": BA_SHAPES_GCN,
             "family": "gnn",
             "framework": "torch",
-            "inputs": [
-                {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
-                {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-                {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
-            ],
-            "outputs": [
-                {"name": "probabilities", "dtype": "FP32", "shape": [-1, config["num_classes"]]},
-                {"name": "label", "dtype": "INT64", "shape": [-1]},
-            ],
+            **node_classifier_signature(config["in_channels"], config["num_classes"]),
             "metrics": metrics,
             "class_names": ["base", "house-top", "house-middle", "house-bottom"],
             "source": f"generated:torch_geometric ExplainerDataset(BAGraph(300, 5), HouseMotif, 80) seed={seed}",

@@ -12,6 +12,7 @@ from safetensors.torch import save
 
 from services.gnn.architectures import build_network
 from services.gnn.datasets import GraphData, GraphSetData
+from services.gnn.defaults import node_classifier_signature
 from services.gnn.export import model_files
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
@@ -82,15 +83,7 @@ def _node_job(context: JobContext, graph: GraphData) -> JobResult:
     record = {
         "family": "gnn",
         "framework": "torch",
-        "inputs": [
-            {"name": "node_features", "dtype": "FP32", "shape": [-1, int(x.shape[1])]},
-            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-            {"name": "edge_weight", "dtype": "FP32", "shape": [-1]},
-        ],
-        "outputs": [
-            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
-            {"name": "label", "dtype": "INT64", "shape": [-1]},
-        ],
+        **node_classifier_signature(int(x.shape[1]), classes),
         "metrics": metrics,
         "class_names": graph.class_names,
         "description": f"{spec['architecture']} {spec['hidden_sizes']} node classifier trained on "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import time
 from http.client import HTTPConnection
@@ -12,12 +11,10 @@ from http.client import HTTPConnection
 import grpc
 import pytest
 
-from gateway.auth import hash_key
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
-from shared.cluster import ClusterPorts, LocalCluster
-from tests.e2e.test_tenants import KEYS, ROLES, key
+from tests.e2e.test_tenants import KEYS, key, secured_cluster
 from tests.e2e.test_training import wait_for
 
 TEXTS = {"inputs": [{"name": "texts", "datatype": "BYTES", "shape": [1], "data": ["great"]}]}
@@ -25,19 +22,8 @@ TEXTS = {"inputs": [{"name": "texts", "datatype": "BYTES", "shape": [1], "data":
 
 @pytest.fixture(scope="module")
 def secured(model_store, tmp_path_factory):
-    var = tmp_path_factory.mktemp("http-tenants")
-    shutil.copytree(model_store.root, var / "models")
-    keys = var / "api-keys.json"
-    keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k), "roles": ROLES.get(t, [])}
-                                         for t, k in KEYS.items()]}))  # fmt: skip
-    cluster = LocalCluster(ClusterPorts.free(), var / "models", var, log_dir=var / "logs",
-                           extra_env={"MAAS_GATEWAY_API_KEYS_FILE": str(keys)})  # fmt: skip
-    try:
-        cluster.start()
-        with grpc.insecure_channel(cluster.specs["gateway"].target) as channel:
-            yield cluster, channel
-    finally:
-        cluster.stop()
+    with secured_cluster(model_store, tmp_path_factory.mktemp("http-tenants")) as secured:
+        yield secured
 
 
 def call(cluster, method: str, path: str, tenant: str | None = None, body=None, headers=None):

@@ -33,9 +33,9 @@ def key(tenant):
     return (("authorization", f"Bearer {KEYS[tenant]}"),)
 
 
-@pytest.fixture(scope="module")
-def secured(model_store, tmp_path_factory):
-    var = tmp_path_factory.mktemp("tenants")
+@contextlib.contextmanager
+def secured_cluster(model_store, var):
+    """A cluster of its own whose gateway takes KEYS (ops is an admin): (cluster, gateway channel)."""
     shutil.copytree(model_store.root, var / "models")
     keys = var / "api-keys.json"
     keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k), "roles": ROLES.get(t, [])}
@@ -48,6 +48,12 @@ def secured(model_store, tmp_path_factory):
             yield cluster, channel
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(model_store, tmp_path_factory):
+    with secured_cluster(model_store, tmp_path_factory.mktemp("tenants")) as secured:
+        yield secured
 
 
 @pytest.fixture(scope="module")
