@@ -515,6 +515,21 @@ class ModelStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def delete_version(self, name: str, version: int) -> None:
+        """Removes a version: out of the index first (from then on it does not exist for any reader), then its
+        directory. Never the latest version, so that its number is never given out again."""
+        with self._index_lock(name):
+            index = self._index_locked(name)
+            if str(int(version)) not in index.versions:
+                raise NotFoundError(f"model {name!r} has no version {version}")
+            if int(version) == max(int(v) for v in index.versions):
+                raise FailedPreconditionError(f"model {name!r}: v{version} is the latest version; it is kept")
+            del index.versions[str(int(version))]
+            self._write_index(name, index)
+            doomed = Path(tempfile.mkdtemp(prefix=f".deleted-{int(version)}-", dir=self.model_dir(name)))
+            os.rename(self.version_dir(name, version), doomed / "version")
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def copy_version(self, source: ModelStore, name: str, version: int) -> Manifest:
         """Publishes a version of another store here, decrypted in memory and sealed again under this store's
         keys (e.g. a plain store's versions into an encrypted one); it gets this store's next number."""

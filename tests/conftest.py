@@ -6,6 +6,8 @@ under a KEK of its own (LocalCluster's local one), so every e2e test exercises t
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import grpc
@@ -42,6 +44,9 @@ def cluster(model_store, tmp_path_factory):
         for family in ("dense", "gnn", "nlp")
         for key, value in (("CLAIM_IDLE_MS", "2000"), ("MAX_ATTEMPTS", "3"), ("BLOCK_MS", "200"))
     }
+    # Sealed graphs are decrypted into memory-only storage shared by the gnn workers: this session's own.
+    plaintext = Path("/dev/shm") / f"maas-graphs-test-{os.getpid()}"
+    fast_takeover["MAAS_GNN_GRAPH_PLAINTEXT_DIR"] = str(plaintext) if plaintext.parent.is_dir() else "none"
     cluster = LocalCluster(ClusterPorts.free(), store, var, log_dir=var / "logs", extra_env=fast_takeover)
     try:
         cluster.start()
@@ -56,6 +61,7 @@ def cluster(model_store, tmp_path_factory):
         patch.setattr(ModelStore, "__init__", _with_keys_under(var, keyring))
         yield cluster
     cluster.stop()
+    shutil.rmtree(plaintext, ignore_errors=True)
 
 
 def _with_keys_under(root: Path, cluster_keyring: Keyring):

@@ -20,7 +20,7 @@ from safetensors.torch import load
 
 from services.gnn.architectures import build_network
 from services.gnn.graph_store import GraphStore, StoredGraph
-from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index, sample_neighbourhood
+from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index
 from shared.errors import InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Artifacts, Manifest
@@ -383,9 +383,9 @@ class GnnRuntime:
         seed = [stored.version, zlib.crc32(ids.tobytes()), *[f + 1 for f in fan_outs]]
 
         def sample() -> tuple[GraphInput, np.ndarray]:
-            sub = sample_neighbourhood(stored.indptr, stored.indices, ids, fan_outs, np.random.default_rng(seed),
-                                       self.limits.max_subgraph_nodes)  # fmt: skip
-            return GraphInput(np.asarray(stored.node_features[sub.nodes]), sub.edge_index), sub.seed_positions
+            # Reads only the rows it visits (checking their blocks once), across a delta version's base too.
+            sub = stored.sample(ids, fan_outs, np.random.default_rng(seed), self.limits.max_subgraph_nodes)
+            return GraphInput(stored.features(sub.nodes), sub.edge_index), sub.seed_positions
 
         try:
             return await self.repository.run(sample)

@@ -65,23 +65,58 @@ def choose_without_replacement(degrees: np.ndarray, k: int, rng: np.random.Gener
     return chosen
 
 
+class RowSpans:
+    """Where the in-neighbours of some nodes lie: in one CSR, or in several layers read in order (a stored
+    graph's base version, then each delta), so a node's row is its base row followed by its new edges."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, object]]) -> None:
+        # Per layer: the start of each node's part of its row in that layer's indices, its length, the indices.
+        self.layers = layers
+        self.degrees = sum((lengths for _, lengths, _ in layers), np.zeros(len(layers[0][0]), np.int64))
+
+    def neighbours(self, rows: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """The neighbour at `offsets[i]` within the row of node `rows[i]` (rows index the spanned nodes)."""
+        if len(self.layers) == 1:
+            starts, _, indices = self.layers[0]
+            return np.asarray(indices[starts[rows] + offsets], np.int64)
+        out = np.empty(len(rows), np.int64)
+        before = np.zeros(len(rows), np.int64)
+        for starts, lengths, indices in self.layers:
+            inside = (offsets >= before) & (offsets < before + lengths[rows])
+            if inside.any():
+                out[inside] = indices[starts[rows[inside]] + offsets[inside] - before[inside]]
+            before += lengths[rows]
+        return out
+
+
+class Csr:
+    """One CSR adjacency (indptr, indices): plain arrays, memory maps or checked arrays."""
+
+    def __init__(self, indptr, indices) -> None:
+        self.indptr, self.indices = indptr, indices
+
+    def spans(self, nodes: np.ndarray) -> RowSpans:
+        starts = np.asarray(self.indptr[nodes], np.int64)
+        return RowSpans([(starts, np.asarray(self.indptr[nodes + 1], np.int64) - starts, self.indices)])
+
+
 def sample_hop(
-    indptr: np.ndarray, indices: np.ndarray, frontier: np.ndarray, fan_out: int, rng: np.random.Generator
+    adjacency: Csr, frontier: np.ndarray, fan_out: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """(neighbour, target) pairs of global ids: up to `fan_out` in-neighbours of each frontier node."""
-    starts = np.asarray(indptr[frontier], np.int64)
-    degrees = np.asarray(indptr[frontier + 1], np.int64) - starts
+    spans = adjacency.spans(frontier)
+    degrees = spans.degrees
     whole = degrees if fan_out == ALL else np.minimum(degrees, fan_out)
     everything = whole == degrees
-    positions = [ranges(starts[everything], degrees[everything])]
-    targets = [np.repeat(frontier[everything], degrees[everything])]
+    taken = np.flatnonzero(everything)
+    rows = [np.repeat(taken, degrees[everything])]
+    offsets = [ranges(np.zeros(len(taken), np.int64), degrees[everything])]
     if not everything.all():
-        partial = ~everything
-        offsets = choose_without_replacement(degrees[partial], fan_out, rng)
-        positions.append((starts[partial][:, None] + offsets).ravel())
-        targets.append(np.repeat(frontier[partial], fan_out))
-    position = np.concatenate(positions)
-    return np.asarray(indices[position], np.int64), np.concatenate(targets)
+        partial = np.flatnonzero(~everything)
+        offsets.append(choose_without_replacement(degrees[partial], fan_out, rng).ravel())
+        rows.append(np.repeat(partial, fan_out))
+    row = np.concatenate(rows)
+    return spans.neighbours(row, np.concatenate(offsets)), frontier[row]
 
 
 class LocalIds:
@@ -115,8 +150,19 @@ class LocalIds:
 
 
 def sample_neighbourhood(
-    indptr: np.ndarray,
-    indices: np.ndarray,
+    indptr,
+    indices,
+    node_ids: np.ndarray,
+    fan_outs: list[int],
+    rng: np.random.Generator | None = None,
+    max_nodes: int | None = None,
+) -> Subgraph:
+    """The len(fan_outs)-hop neighbourhood of `node_ids` in a CSR, fan_outs[h] neighbours per node at hop h."""
+    return sample_adjacency(Csr(indptr, indices), node_ids, fan_outs, rng, max_nodes)
+
+
+def sample_adjacency(
+    adjacency: Csr,
     node_ids: np.ndarray,
     fan_outs: list[int],
     rng: np.random.Generator | None = None,
@@ -136,10 +182,10 @@ def sample_neighbourhood(
         if not len(frontier):
             break
         if max_nodes is not None and fan_out == ALL:
-            reach = int(np.asarray(indptr[frontier + 1], np.int64).sum() - np.asarray(indptr[frontier], np.int64).sum())
+            reach = int(adjacency.spans(frontier).degrees.sum())
             if ids.count + reach > 4 * max_nodes:  # bounds the edges read, not just the nodes kept
                 raise NeighbourhoodTooLarge(f"hop {len(sources) + 1} reaches {reach} more edges")
-        neighbours, hop_targets = sample_hop(indptr, indices, frontier, fan_out, rng)
+        neighbours, hop_targets = sample_hop(adjacency, frontier, fan_out, rng)
         frontier = ids.add(neighbours)
         if max_nodes is not None and ids.count > max_nodes:
             raise NeighbourhoodTooLarge(f"{ids.count} nodes after hop {len(sources) + 1}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.gnn.graph_store import GraphLimits
+from services.gnn.graph_store import GraphLimits, GraphVersioning
+from services.gnn.plaintext_cache import PlaintextCache, default_directory
 from services.gnn.runtime import QueryLimits
 from shared.settings import ModelServiceSettings
 
@@ -28,6 +29,18 @@ class GnnSettings(ModelServiceSettings):
     max_stored_graph_nodes: int = Field(50_000_000, description="Most nodes an update may grow a stored graph to.")
     max_update_nodes: int = Field(100_000, description="Most nodes one UpdateGraph call may add.")
     max_update_edges: int = Field(1_000_000, description="Most edges one UpdateGraph call may add.")
+    keep_graph_versions: int = Field(
+        10, description="Versions of each stored graph kept (the latest; with the delta bases they need); 0: all."
+    )
+    max_graph_delta_chain: int = Field(8, description="Updates stored as deltas on one full version before a full one.")
+    graph_compact_fraction: float = Field(
+        0.1, description="An update is stored whole once the deltas would hold this fraction of the full version."
+    )
+    graph_plaintext_dir: str = Field(
+        "",
+        description="Memory-only directory (tmpfs) where sealed graphs are decrypted once for every replica of this "
+        "user on the machine; empty: /dev/shm/maas-graphs-<uid>; 'none': decrypt into each process.",
+    )
 
     def query_limits(self) -> QueryLimits:
         return QueryLimits(
@@ -37,3 +50,11 @@ class GnnSettings(ModelServiceSettings):
 
     def graph_limits(self) -> GraphLimits:
         return GraphLimits(self.max_stored_graph_nodes, self.max_update_nodes, self.max_update_edges)
+
+    def graph_versioning(self) -> GraphVersioning:
+        return GraphVersioning(self.keep_graph_versions, self.max_graph_delta_chain, self.graph_compact_fraction)
+
+    def graph_plaintext(self) -> PlaintextCache | None:
+        if self.graph_plaintext_dir == "none":
+            return None
+        return PlaintextCache.at(self.graph_plaintext_dir or default_directory())
