@@ -101,7 +101,7 @@ FAMILIES: tuple[Family, ...] = (
         builtin_datasets=("karate", "sbm", "motifs"),
         architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32]},
         queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain"),
-        updates=("UpdateGraph",),
+        updates=("UpdateGraph", "DeleteGraphVersion"),
     ),
     Family(
         name="nlp",

@@ -1,7 +1,7 @@
 """Decrypted stored-graph files in memory-only storage, shared by every process of one user on a machine.
 
-A sealed graph is decrypted once per machine into a tmpfs directory (by default /dev/shm/maas-graphs-<uid>;
-in Kubernetes an emptyDir with `medium: Memory` shared by a pod's containers and workers), named by the
+A sealed graph is decrypted once per machine into a tmpfs directory (`maas-graphs-<uid>`, 0700, in /dev/shm
+by default; in Kubernetes in an emptyDir with `medium: Memory` shared by a pod's containers and workers), named by the
 sha256 of its sealed file, written 0600 and published by atomic rename. Every replica then maps that one
 copy, so they share its pages as they share a plain store's page cache.
 
@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 
 
-def default_directory() -> Path:
-    return Path("/dev/shm") / f"maas-graphs-{os.getuid()}"
+DEFAULT_PARENT = Path("/dev/shm")
 
 
 def filesystem_type(path: Path) -> str:
@@ -55,12 +54,13 @@ class PlaintextCache:
         self.directory = directory
 
     @classmethod
-    def at(cls, directory: Path | str | None) -> PlaintextCache | None:
-        """The cache in `directory` (made 0700 if missing), or None, saying why in the log, when it is not
-        memory-only or not this user's alone: sealed graphs are then decrypted into each process."""
-        if directory is None or str(directory) == "":
+    def at(cls, parent: Path | str | None) -> PlaintextCache | None:
+        """The cache in `<parent>/maas-graphs-<uid>` (made 0700 if missing; the parent may be shared, as /dev/shm
+        or an emptyDir is), or None, saying why in the log, when it is not memory-only or not this user's alone:
+        sealed graphs are then decrypted into each process."""
+        if parent is None or str(parent) == "":
             return None
-        directory = Path(directory)
+        directory = Path(parent) / f"maas-graphs-{os.getuid()}"
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = os.lstat(directory)

@@ -468,6 +468,13 @@ class GnnRuntime:
             raise InvalidArgumentError(f"base_version: must be 0 (latest) or positive, got {base_version}")
         return await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index)
 
+    async def delete_graph_version(self, name: str, version: int) -> list[int]:
+        if not name:
+            raise InvalidArgumentError(f"graph_name: required; stored graphs: {self.graph_store.names()}")
+        if version <= 0:
+            raise InvalidArgumentError(f"graph_version: the version to delete, a positive number; got {version}")
+        return await self.repository.run(self.graph_store.delete, name, version)
+
 
 def _node_outputs(manifest: Manifest, probabilities: np.ndarray) -> Prediction:
     return Prediction(

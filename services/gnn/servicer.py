@@ -101,6 +101,10 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
             first_new_node_id=graph.num_nodes - len(features),
         )
 
+    async def DeleteGraphVersion(self, request: gnn_pb2.DeleteGraphVersionRequest, context: grpc.aio.ServicerContext):
+        left = await self.runtime.delete_graph_version(request.graph_name, request.graph_version)
+        return gnn_pb2.DeleteGraphVersionResponse(graph_name=request.graph_name, graph_versions=left)
+
     async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
         graph = to_graph_input(request.graph) if request.HasField("graph") else None
         manifest, explanation = await self.explanations.explain(

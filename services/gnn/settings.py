@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.gnn.graph_store import GraphLimits, GraphVersioning
-from services.gnn.plaintext_cache import PlaintextCache, default_directory
+from services.gnn.plaintext_cache import DEFAULT_PARENT, PlaintextCache
 from services.gnn.runtime import QueryLimits
 from shared.settings import ModelServiceSettings
 
@@ -38,8 +38,8 @@ class GnnSettings(ModelServiceSettings):
     )
     graph_plaintext_dir: str = Field(
         "",
-        description="Memory-only directory (tmpfs) where sealed graphs are decrypted once for every replica of this "
-        "user on the machine; empty: /dev/shm/maas-graphs-<uid>; 'none': decrypt into each process.",
+        description="Memory-only directory (tmpfs) in which sealed graphs are decrypted once (into maas-graphs-<uid>) "
+        "for every replica of this user on the machine; empty: /dev/shm; 'none': decrypt into each process.",
     )
 
     def query_limits(self) -> QueryLimits:
@@ -57,4 +57,4 @@ class GnnSettings(ModelServiceSettings):
     def graph_plaintext(self) -> PlaintextCache | None:
         if self.graph_plaintext_dir == "none":
             return None
-        return PlaintextCache.at(self.graph_plaintext_dir or default_directory())
+        return PlaintextCache.at(self.graph_plaintext_dir or DEFAULT_PARENT)

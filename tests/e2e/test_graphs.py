@@ -236,3 +236,39 @@ def test_the_gnn_service_keeps_serving_after_bad_graph_input(gnn, sbm):
             getattr(gnn, method)(request, timeout=30)
     reply, _ = query(gnn, graph_version=1, node_ids=[3])
     assert to_numpy(reply.outputs["label"], "label")[0] == sbm.labels[3]
+
+
+def test_a_deleted_graph_version_answers_not_found_naming_the_versions_left(gnn, sbm, cluster):
+    from services.gnn.graph_store import GraphStore
+    from shared.model_store import ModelStore
+
+    # A small graph of SBM nodes of its own, written into the cluster's (sealed) store as `make models` would.
+    members = np.arange(40)
+    edges = np.stack([members, (members + 1) % 40]).astype(np.int64)
+    GraphStore(ModelStore(cluster.var_dir / "models")).publish_edges(
+        "churn", edges, sbm.node_features[members], undirected=True
+    )
+
+    def ask(version, metadata=NO_STORE):
+        request = gnn_pb2.PredictRequest(model_name="sbm-sage", stored_graph="churn", graph_version=version,
+                                         node_ids=[3])  # fmt: skip
+        return gnn.Predict(request, timeout=30, metadata=metadata)
+
+    assert ask(1).graph_version == 1
+    # Bigger than a tenth of the graph: stored as a full version, which v1 is no base of.
+    added = np.stack([np.arange(40, 50), np.arange(10)])
+    update = gnn_pb2.UpdateGraphRequest(graph_name="churn", base_version=1, edge_index=from_numpy(added),
+                                        node_features=from_numpy(sbm.node_features[40:50]))  # fmt: skip
+    assert gnn.UpdateGraph(update, timeout=60).graph_version == 2
+
+    with pytest.raises(grpc.RpcError) as err:
+        gnn.DeleteGraphVersion(gnn_pb2.DeleteGraphVersionRequest(graph_name="churn", graph_version=2), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "latest" in err.value.details()
+    left = gnn.DeleteGraphVersion(gnn_pb2.DeleteGraphVersionRequest(graph_name="churn", graph_version=1), timeout=30)
+    assert list(left.graph_versions) == [2]
+
+    with pytest.raises(grpc.RpcError) as err:
+        ask(1)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "graph 'churn' has no version 1; it has [2]" in err.value.details()
+    assert ask(2).graph_version == 2 and ask(0, ()).graph_version == 2  # the service keeps serving the graph

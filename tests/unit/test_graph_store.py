@@ -170,16 +170,17 @@ def test_sealed_graphs_are_decrypted_once_into_memory_and_mapped_by_every_replic
         return GraphStore(ModelStore(tmp_path / "models", Keyring(tmp_path / "keys", "a")),
                           plaintext=PlaintextCache.at(shm_dir))  # fmt: skip
 
+    cache = PlaintextCache.at(shm_dir).directory
     publish(replica(), sbm)
     assert sbm.node_features.tobytes()[:4096] not in (replica().store.version_dir("g", 1) / "node_features.npy"
                                                       ).read_bytes()  # fmt: skip
     first, second = replica().open("g"), replica().open("g")
-    copies = sorted(p.name for p in shm_dir.iterdir() if not p.name.startswith("."))
-    assert len(copies) == 3 and oct(shm_dir.stat().st_mode & 0o777) == "0o700"
-    assert all((shm_dir / name).stat().st_mode & 0o777 == 0o600 for name in copies)
+    copies = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(copies) == 3 and oct(cache.stat().st_mode & 0o777) == "0o700"
+    assert all((cache / name).stat().st_mode & 0o777 == 0o600 for name in copies)
     for graph in (first, second):
         mapped = graph.layers[0].arrays["node_features"].whole()
-        assert isinstance(mapped, np.memmap) and Path(mapped.filename).parent == shm_dir
+        assert isinstance(mapped, np.memmap) and Path(mapped.filename).parent == cache
         np.testing.assert_array_equal(mapped, sbm.node_features)
 
     features = first.layers[0].arrays["node_features"]
@@ -197,13 +198,16 @@ def test_sealed_graphs_are_decrypted_once_into_memory_and_mapped_by_every_replic
         shm_dir), versioning=GraphVersioning(keep_versions=1, max_delta_chain=0))  # fmt: skip
     store.update("g", 0, added, np.array([[NODES], [0]]))
     assert store.store.versions("g") == [2]
-    assert not any((shm_dir / name).exists() for name in copies)  # v1's copies went with it
+    assert not any((cache / name).exists() for name in copies)  # v1's copies went with it
 
 
 def test_a_plaintext_cache_on_persistent_disk_or_shared_with_others_is_refused(tmp_path, shm_dir):
     assert PlaintextCache.at(tmp_path / "cache") is None  # not tmpfs
-    shm_dir.mkdir(mode=0o755)
-    shm_dir.chmod(0o755)
+    cache = PlaintextCache.at(shm_dir).directory
+    cache.chmod(0o755)
     assert PlaintextCache.at(shm_dir) is None  # readable by others
-    shm_dir.chmod(0o700)
+    cache.rmdir()
+    cache.symlink_to(tmp_path)
+    assert PlaintextCache.at(shm_dir) is None  # a link planted in a shared parent
+    cache.unlink()
     assert PlaintextCache.at(shm_dir) is not None
