@@ -211,3 +211,27 @@ def test_a_plaintext_cache_on_persistent_disk_or_shared_with_others_is_refused(t
     assert PlaintextCache.at(shm_dir) is None  # a link planted in a shared parent
     cache.unlink()
     assert PlaintextCache.at(shm_dir) is not None
+
+
+def test_a_version_written_before_block_lists_is_checked_whole_at_open(tmp_path, sbm):
+    import io
+
+    from services.gnn.sampling import csr_from_edges
+
+    store = GraphStore(ModelStore(tmp_path))
+    indptr, indices = csr_from_edges(sbm.edge_index, NODES)
+    files = {}
+    for name, array in (("indptr", indptr), ("indices", indices), ("node_features", sbm.node_features)):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        files[f"{name}.npy"] = buffer.getvalue()
+    config = {"kind": "graph", "num_nodes": NODES, "num_edges": len(indices), "feature_width": 16,
+              "undirected": False, "parent_version": 0}  # fmt: skip
+    store.store.publish({"name": "old", "family": "gnn", "framework": "numpy", "inputs": [], "outputs": [],
+                         "config": config}, files)  # fmt: skip
+    opened = store.open("old")
+    np.testing.assert_array_equal(opened.features(np.array([5])), sbm.node_features[[5]])
+    assert opened.sample(np.array([1]), [-1], np.random.default_rng(0)).num_edges == indptr[2] - indptr[1]
+    flip(store.store.version_dir("old", 1) / "node_features.npy", 1000)
+    with pytest.raises(IntegrityError, match="old v1: node_features.npy does not match its sha256"):
+        GraphStore(ModelStore(tmp_path)).open("old")
