@@ -21,6 +21,17 @@ from tests.stores import copy_store, plain_defaults
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def graph_plaintext_dir():
+    """Sealed graphs are decrypted into memory-only storage (/dev/shm) that gnn services share: every service
+    the tests start uses this session's own directory, removed at the end, so test stores leave nothing there."""
+    plaintext = Path("/dev/shm") / f"maas-graphs-test-{os.getpid()}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAAS_GNN_GRAPH_PLAINTEXT_DIR", str(plaintext) if plaintext.parent.is_dir() else "none")
+        yield plaintext
+    shutil.rmtree(plaintext, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory) -> ModelStore:
     """A plain copy of the default models (`make models` seals them in var/models; built here too when
@@ -44,9 +55,6 @@ def cluster(model_store, tmp_path_factory):
         for family in ("dense", "gnn", "nlp")
         for key, value in (("CLAIM_IDLE_MS", "2000"), ("MAX_ATTEMPTS", "3"), ("BLOCK_MS", "200"))
     }
-    # Sealed graphs are decrypted into memory-only storage shared by the gnn workers: this session's own.
-    plaintext = Path("/dev/shm") / f"maas-graphs-test-{os.getpid()}"
-    fast_takeover["MAAS_GNN_GRAPH_PLAINTEXT_DIR"] = str(plaintext) if plaintext.parent.is_dir() else "none"
     cluster = LocalCluster(ClusterPorts.free(), store, var, log_dir=var / "logs", extra_env=fast_takeover)
     try:
         cluster.start()
@@ -61,7 +69,6 @@ def cluster(model_store, tmp_path_factory):
         patch.setattr(ModelStore, "__init__", _with_keys_under(var, keyring))
         yield cluster
     cluster.stop()
-    shutil.rmtree(plaintext, ignore_errors=True)
 
 
 def _with_keys_under(root: Path, cluster_keyring: Keyring):
