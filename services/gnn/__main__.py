@@ -22,8 +22,9 @@ async def serve(settings: GnnSettings) -> None:
     torch.set_num_threads(settings.torch_threads)
     device = resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb)
     repository = build_repository(settings, FAMILY.name, gnn_loader(device))
+    plaintext = settings.graph_plaintext() if repository.store.encrypted else None  # plain graphs map the store
     graphs = GraphStore(repository.store, settings.graph_limits(), versioning=settings.graph_versioning(),
-                        plaintext=settings.graph_plaintext())  # fmt: skip
+                        plaintext=plaintext)  # fmt: skip
     limits = GnnExplainLimits(settings.max_explain_rows, settings.max_explain_steps)
     explanations = GnnExplanations(repository, ExplanationRunner(threads=settings.explain_threads), limits,
                                    settings.query_limits())  # fmt: skip

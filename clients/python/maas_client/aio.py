@@ -124,6 +124,10 @@ class AsyncGnnApi:
         """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
         return await self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
 
+    async def delete_graph_version(self, name: str, version: int, *, timeout: float | None = None) -> list[int]:
+        """Deletes one version of a stored graph (not the latest, nor a delta's base); returns the versions left."""
+        return await self._client.run(calls.gnn_delete_graph_version(name, version, timeout))
+
     async def explain(
         self, model: str, node_ids: Iterable[int], *, node_features: np.ndarray | None = None,
         edge_index: np.ndarray | None = None, edge_weight: np.ndarray | None = None, stored_graph: str = "",

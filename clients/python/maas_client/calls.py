@@ -278,6 +278,12 @@ def gnn_update_graph(
                         reply.first_new_node_id)  # fmt: skip
 
 
+def gnn_delete_graph_version(name: str, version: int, timeout: float | None) -> Call[list[int]]:
+    request = gnn_pb2.DeleteGraphVersionRequest(graph_name=name, graph_version=version)
+    reply = yield Rpc("gnn", "DeleteGraphVersion", request, timeout)
+    return list(reply.graph_versions)
+
+
 def nlp_predict(model: str, texts: Sequence[str], version: int, timeout: float | None) -> Call[Prediction]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     reply = yield Rpc(

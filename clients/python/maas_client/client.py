@@ -182,6 +182,10 @@ class GnnApi:
         """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
         return self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
 
+    def delete_graph_version(self, name: str, version: int, *, timeout: float | None = None) -> list[int]:
+        """Deletes one version of a stored graph (not the latest, nor a delta's base); returns the versions left."""
+        return self._client.run(calls.gnn_delete_graph_version(name, version, timeout))
+
     def explain(
         self,
         model: str,
