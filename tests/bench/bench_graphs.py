@@ -127,6 +127,7 @@ def bench_queries(store: ModelStore) -> None:
         stop(process)
         if second is not None:
             stop(second)
+    bench_update(graphs)
     # For reference: a full-graph pass on the big graph, which is what the query no longer costs.
     model = load(store, SBM_SAGE)
     from services.gnn.sampling import csr_edge_index
@@ -201,6 +202,29 @@ def bench_sealed_memory(store: ModelStore) -> None:
             for process, _ in processes:
                 stop(process)
             shutil.rmtree(plaintext, ignore_errors=True)
+
+
+def bench_update(graphs: GraphStore) -> None:
+    """An update of 10 nodes and 60 edges: stored as a delta, its cost and size follow the update, not the graph."""
+    rng = np.random.default_rng(3)
+
+    def update(name: str, nodes: int) -> tuple[float, int]:
+        base = graphs.open(name)
+        features = rng.normal(size=(10, base.feature_width)).astype(np.float32)
+        edges = np.stack([np.repeat(np.arange(nodes, nodes + 10), 6), rng.integers(0, nodes, 60)])
+        started = time.perf_counter()
+        new = graphs.update(name, base.version, features, edges)
+        written = sum(f.stat().st_size for f in graphs.store.version_dir(name, new.version).iterdir())
+        return time.perf_counter() - started, written
+
+    small_s, small_bytes = update("sbm-small", SMALL_NODES)
+    big_s, big_bytes = update("sbm-big", BIG_NODES)
+    print(
+        f"\nUpdateGraph (10 nodes, 60 edges) stored as a delta: {SMALL_NODES} nodes {small_s * 1000:.1f} ms, "
+        f"{small_bytes} bytes written; {BIG_NODES} nodes {big_s * 1000:.1f} ms, {big_bytes} bytes: "
+        f"{big_s / small_s:.2f}x the time (a full copy of the big graph is "
+        f"{sum(f.stat().st_size for f in graphs.store.version_dir('sbm-big', 1).glob('*.npy')) // 1024} kB)"
+    )
 
 
 def bench_sealed_open(sealed: ModelStore, plaintext: Path) -> None:
