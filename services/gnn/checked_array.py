@@ -106,6 +106,7 @@ class CheckedArray:
         rows = np.asarray(rows, np.int64)
         if not self._all_checked and rows.size and self.row_bytes:
             flat = np.unique(rows.reshape(-1))
+            flat = np.where(flat < 0, flat + len(self.array), flat)  # numpy reads -1 as the last row: check that
             flat = flat[(flat >= 0) & (flat < len(self.array))]  # out of range: numpy's IndexError below
             first = (self.offset + flat * self.row_bytes) // self.block_bytes
             last = (self.offset + (flat + 1) * self.row_bytes - 1) // self.block_bytes

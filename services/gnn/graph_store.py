@@ -39,7 +39,7 @@ import numpy as np
 from services.gnn.checked_array import BLOCK_BYTES, DIGEST_BYTES, CheckedArray, block_digests
 from services.gnn.plaintext_cache import PlaintextCache
 from services.gnn.sampling import RowSpans, Subgraph, csr_add_edges, csr_from_edges, sample_adjacency
-from shared.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError, NotFoundError
+from shared.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError, MaasError, NotFoundError
 from shared.model_store import Manifest, ModelStore, check_model_name, sha256_file
 
 log = logging.getLogger(__name__)
@@ -278,8 +278,13 @@ class GraphStore:
             elif self.plaintext is None:
                 source = artifacts.read(file_name)
             else:
-                source = self.plaintext.get_or_write(f"{manifest.files[file_name]}.npy",
-                                                     lambda f=file_name: artifacts.read(f))  # fmt: skip
+                try:
+                    source = self.plaintext.get_or_write(f"{manifest.files[file_name]}.npy",
+                                                         lambda f=file_name: artifacts.read(f))  # fmt: skip
+                except OSError as exc:  # e.g. the tmpfs is full: this process decrypts its own copy
+                    log.warning("%s: %s not shared through %s (%s); decrypted into this process",
+                                label, file_name, self.plaintext.directory, exc)  # fmt: skip
+                    source = artifacts.read(file_name)
             # Decrypted here, the bytes were just authenticated whole (GCM): no block needs checking again.
             trusted = isinstance(source, bytes)
             arrays[file_name.removesuffix(".npy")] = CheckedArray(source, mine, f"{label}: {file_name}", block_bytes,
@@ -358,7 +363,10 @@ class GraphStore:
             files,
             expected_latest=expected_latest,
         )
-        self.prune(name)
+        try:
+            self.prune(name)
+        except (MaasError, OSError) as exc:  # the new version stands; retention tries again after the next one
+            log.warning("graph %s: retention failed after v%d: %s", name, manifest.version, exc)
         return self.open(name, manifest.version)
 
     def publish_edges(

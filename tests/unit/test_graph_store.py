@@ -65,9 +65,9 @@ def test_a_flipped_byte_is_refused_naming_the_graph_and_file_before_it_is_used(t
     fresh = GraphStore(ModelStore(tmp_path)).open("g")  # opening does not read the rows
     safe = np.array([0, 1, 2])
     np.testing.assert_array_equal(fresh.features(safe), sbm.node_features[safe])
-    for _ in range(2):  # refused every time, not only the first
+    for rows in ([5, victim], [5, victim], [-1]):  # refused every time, and however the row is named
         with pytest.raises(IntegrityError, match=r"graph 'g' v1: node_features.npy: block \d+ .* does not match"):
-            fresh.features(np.array([5, victim]))
+            fresh.features(np.array(rows))
     with pytest.raises(IntegrityError, match="node_features.npy"):
         fresh.node_features  # noqa: B018 (the whole array: every block checked)
 
