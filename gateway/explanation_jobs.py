@@ -2,9 +2,10 @@
 
 Submitting checks the request the way Predict's are checked (size limits, the tenant's view of the
 model) and then asks the family's service to validate it (Explain with validate_only), which also
-resolves the version: the job explains exactly that version, wherever and whenever it runs. The
-family's trainer runs it (shared.training_worker: at-least-once, taken over after a crash) and
-stores the response with the job; GetExplanation hands it back to the submitting tenant only.
+resolves the version (and a graph-store graph's version): the job explains exactly that version, on
+that graph, wherever and whenever it runs. The family's trainer runs it (shared.training_worker:
+at-least-once, taken over after a crash) and stores the response with the job; GetExplanation hands
+it back to the submitting tenant only.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class ExplanationServicer(gateway_pb2_grpc.ExplanationServiceServicer):
             route.path, message.SerializeToString(), self.proxy.timeout(context)
         )
         message.validate_only = False
-        message.model_version = route.predict_response.FromString(checked).model_version
+        answer = route.predict_response.FromString(checked)
+        message.model_version = answer.model_version
+        if "graph_version" in answer.DESCRIPTOR.fields_by_name and answer.graph_version:
+            message.graph_version = answer.graph_version  # the stored graph's latest, pinned like the model's
         spec = {
             "kind": EXPLAIN, "family": family, "model_name": message.model_name,
             "model_version": message.model_version, "method": message.method, "tenant": tenant,

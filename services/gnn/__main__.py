@@ -27,7 +27,7 @@ async def serve(settings: GnnSettings) -> None:
                         plaintext=plaintext)  # fmt: skip
     limits = GnnExplainLimits(settings.max_explain_rows, settings.max_explain_steps)
     explanations = GnnExplanations(repository, ExplanationRunner(threads=settings.explain_threads), limits,
-                                   settings.query_limits())  # fmt: skip
+                                   settings.query_limits(), graphs)  # fmt: skip
     servicer = GnnServicer(GnnRuntime(repository, graphs, settings.query_limits()), explanations)
     await serve_models(settings, FAMILY, repository, servicer, key_stores={"graphs": graphs.store})
 

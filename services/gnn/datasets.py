@@ -85,6 +85,11 @@ def degree_features(edge_index: np.ndarray, num_nodes: int) -> np.ndarray:
 def motif_graphs(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """BA-2Motifs: 20-node Barabási–Albert graphs with a house (label 0) or a 5-cycle (label 1)
     attached, from torch_geometric's graph and motif generators: (features, edge_index, label)."""
+    return [(x, edges, label) for x, edges, label, _ in motif_graphs_with_truth(count, seed)]
+
+
+def motif_graphs_with_truth(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
+    """As motif_graphs, each with the generator's ground truth: a bool per edge, true on the motif's edges."""
     import torch
     from torch_geometric.datasets import ExplainerDataset
     from torch_geometric.datasets.graph_generator import BAGraph
@@ -97,7 +102,7 @@ def motif_graphs(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray
         motif = HouseMotif() if label == 0 else CycleMotif(5)
         data = ExplainerDataset(BAGraph(num_nodes=20, num_edges=1), motif, num_motifs=1)[0]
         edges = data.edge_index.numpy().astype(np.int64)
-        graphs.append((degree_features(edges, data.num_nodes), edges, label))
+        graphs.append((degree_features(edges, data.num_nodes), edges, label, data.edge_mask.numpy().astype(bool)))
     return graphs
 
 

@@ -275,6 +275,58 @@ def check_fan_outs(fan_outs: list[int], limits: QueryLimits) -> None:
             )
 
 
+def inline_or_embedded(manifest: Manifest, model: GnnModel, graph: GraphInput | None, stored_graph: str,
+                       graph_version: int, fan_outs: list[int] | None, limits: QueryLimits) -> GraphInput:  # fmt: skip
+    """The request's inline graph (checked), or the graph stored with the model it names."""
+    if stored_graph:
+        if graph_version or fan_outs:
+            field_name = "graph_version" if graph_version else "fan_outs"
+            raise InvalidArgumentError(
+                f"{field_name}: graph {stored_graph!r} is stored with {manifest.name!r} v{manifest.version}, "
+                "unversioned and always run whole; leave it unset"
+            )
+        return model.graphs[stored_graph]
+    if graph is None:
+        raise InvalidArgumentError("graph_source: send either graph or stored_graph")
+    check_graph(graph, model.in_channels, limits)
+    return graph
+
+
+def open_stored_graph(graph_store: GraphStore, model: GnnModel, stored_graph: str, graph_version: int) -> StoredGraph:
+    """A graph-store graph's version, checked against the model's feature width. Blocking."""
+    try:
+        stored = graph_store.open(stored_graph, graph_version)
+    except NotFoundError as exc:
+        if not model.graphs or graph_version:
+            raise
+        raise NotFoundError(f"{exc.message}; the model itself holds {sorted(model.graphs)}") from None
+    if stored.feature_width != model.in_channels:
+        raise InvalidArgumentError(
+            f"stored_graph: {stored.label} has {stored.feature_width} features per node; "
+            f"the model takes {model.in_channels}"
+        )
+    return stored
+
+
+def query_neighbourhood(
+    stored: StoredGraph, ids: np.ndarray, fan_outs: list[int], limits: QueryLimits
+) -> tuple[GraphInput, np.ndarray, np.ndarray]:
+    """The neighbourhood a query on `ids` runs on (fan_outs already checked), as (subgraph, where each
+    id sits in it, the subgraph's global node ids). Blocking.
+
+    The same query samples the same neighbourhood: answers are repeatable, and cacheable."""
+    seed = [stored.version, zlib.crc32(ids.tobytes()), *[f + 1 for f in fan_outs]]
+    try:
+        # Reads only the rows it visits (checking their blocks once), across a delta version's base too.
+        sub = stored.sample(ids, fan_outs, np.random.default_rng(seed), limits.max_subgraph_nodes)
+    except NeighbourhoodTooLarge as exc:
+        raise InvalidArgumentError(
+            f"fan_outs: the {len(fan_outs)}-hop neighbourhood of the {len(ids)} nodes is over the limit of "
+            f"{limits.max_subgraph_nodes} nodes ({exc}); lower the fan-outs or the hops"
+        ) from None
+    return GraphInput(stored.features(sub.nodes), sub.edge_index), sub.seed_positions, sub.nodes
+
+
 class GnnRuntime:
     def __init__(self, repository: ModelRepository, graph_store: GraphStore, limits: QueryLimits | None = None):
         self.repository = repository
@@ -315,32 +367,10 @@ class GnnRuntime:
                            graph.num_edges)  # fmt: skip
 
     def _inline_or_embedded(self, name, manifest, model, graph, stored_graph, graph_version, fan_outs) -> GraphInput:
-        if stored_graph:
-            if graph_version or fan_outs:
-                field_name = "graph_version" if graph_version else "fan_outs"
-                raise InvalidArgumentError(
-                    f"{field_name}: graph {stored_graph!r} is stored with {name!r} v{manifest.version}, "
-                    "unversioned and always run whole; leave it unset"
-                )
-            return model.graphs[stored_graph]
-        if graph is None:
-            raise InvalidArgumentError("graph_source: send either graph or stored_graph")
-        check_graph(graph, model.in_channels, self.limits)
-        return graph
+        return inline_or_embedded(manifest, model, graph, stored_graph, graph_version, fan_outs, self.limits)
 
     async def _open(self, model: GnnModel, stored_graph: str, graph_version: int) -> StoredGraph:
-        try:
-            stored = await self.repository.run(self.graph_store.open, stored_graph, graph_version)
-        except NotFoundError as exc:
-            if not model.graphs or graph_version:
-                raise
-            raise NotFoundError(f"{exc.message}; the model itself holds {sorted(model.graphs)}") from None
-        if stored.feature_width != model.in_channels:
-            raise InvalidArgumentError(
-                f"stored_graph: {stored.label} has {stored.feature_width} features per node; "
-                f"the model takes {model.in_channels}"
-            )
-        return stored
+        return await self.repository.run(open_stored_graph, self.graph_store, model, stored_graph, graph_version)
 
     async def _predict_stored(self, entry, model, stored_graph, graph_version, ids, fan_outs, deadline):
         stored = await self._open(model, stored_graph, graph_version)
@@ -379,21 +409,8 @@ class GnnRuntime:
     ) -> tuple[GraphInput, np.ndarray]:
         fan_outs = list(fan_outs or model.fan_outs)
         check_fan_outs(fan_outs, self.limits)
-        # The same query samples the same neighbourhood: answers are repeatable, and cacheable.
-        seed = [stored.version, zlib.crc32(ids.tobytes()), *[f + 1 for f in fan_outs]]
-
-        def sample() -> tuple[GraphInput, np.ndarray]:
-            # Reads only the rows it visits (checking their blocks once), across a delta version's base too.
-            sub = stored.sample(ids, fan_outs, np.random.default_rng(seed), self.limits.max_subgraph_nodes)
-            return GraphInput(stored.features(sub.nodes), sub.edge_index), sub.seed_positions
-
-        try:
-            return await self.repository.run(sample)
-        except NeighbourhoodTooLarge as exc:
-            raise InvalidArgumentError(
-                f"fan_outs: the {len(fan_outs)}-hop neighbourhood of the {len(ids)} nodes is over the limit of "
-                f"{self.limits.max_subgraph_nodes} nodes ({exc}); lower the fan-outs or the hops"
-            ) from None
+        graph, positions, _ = await self.repository.run(query_neighbourhood, stored, ids, fan_outs, self.limits)
+        return graph, positions
 
     async def predict_links(
         self,

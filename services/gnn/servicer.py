@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
-from services.gnn.explain import GnnExplanations, GraphExplanation
+from services.gnn.explain import ExplainParams, ExplainQuery, GnnExplanations, GraphExplanation
 from services.gnn.runtime import GnnRuntime, GraphInput
 from shared.batching import deadline_from
 from shared.model_store import Manifest
@@ -106,19 +106,34 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
         return gnn_pb2.DeleteGraphVersionResponse(graph_name=request.graph_name, graph_versions=left)
 
     async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
-        graph = to_graph_input(request.graph) if request.HasField("graph") else None
-        manifest, explanation = await self.explanations.explain(
-            request.model_name, request.model_version, graph, request.stored_graph, list(request.node_ids),
-            request.method, request.epochs, request.target if request.HasField("target") else None, request.seed,
+        manifest, query, explanation = await self.explanations.explain(
+            request.model_name, request.model_version, to_explain_params(request),
             deadline_from(context.time_remaining()), request.validate_only,
         )  # fmt: skip
-        return to_explain_response(manifest, explanation)
+        return to_explain_response(manifest, query, explanation)
 
 
-def to_explain_response(manifest: Manifest, explanation: GraphExplanation | None) -> gnn_pb2.ExplainResponse:
-    if explanation is None:  # validate_only
-        return gnn_pb2.ExplainResponse(model_name=manifest.name, model_version=manifest.version)
-    probabilities = explanation.probabilities
+def to_explain_params(request: gnn_pb2.ExplainRequest) -> ExplainParams:
+    return ExplainParams(
+        graph=to_graph_input(request.graph) if request.HasField("graph") else None,
+        stored_graph=request.stored_graph,
+        node_ids=list(request.node_ids),
+        pairs=to_numpy(request.pairs, "pairs") if request.HasField("pairs") else None,
+        method=request.method,
+        epochs=request.epochs,
+        target=request.target if request.HasField("target") else None,
+        seed=request.seed,
+        graph_version=request.graph_version,
+        fan_outs=list(request.fan_outs),
+    )
+
+
+def to_explain_response(
+    manifest: Manifest, query: ExplainQuery, explanation: GraphExplanation | None
+) -> gnn_pb2.ExplainResponse:
+    if explanation is None:  # validate_only: the versions a job must pin
+        return gnn_pb2.ExplainResponse(model_name=manifest.name, model_version=manifest.version,
+                                       graph_version=query.graph_version)  # fmt: skip
     return gnn_pb2.ExplainResponse(
         model_name=manifest.name,
         model_version=manifest.version,
@@ -129,5 +144,6 @@ def to_explain_response(manifest: Manifest, explanation: GraphExplanation | None
         subgraph_edge_ids=explanation.subgraph_edge_ids.tolist(),
         subgraph_node_ids=explanation.subgraph_node_ids.tolist(),
         subgraph_edge_index=from_numpy(explanation.subgraph_edge_index),
-        outputs=encode_outputs({"probabilities": probabilities, "label": probabilities.argmax(axis=1)}),
+        outputs=encode_outputs(explanation.outputs),
+        graph_version=explanation.graph_version,
     )

@@ -10,11 +10,12 @@ import pytest
 
 from maas.dense.v1 import dense_pb2
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from maas.gnn.v1 import gnn_pb2
+from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from maas.nlp.v1 import nlp_pb2
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
 from services.dense.datasets import digits_split
+from services.gnn.datasets import motif_graphs
 from shared.tensors import from_numpy, to_numpy
 
 
@@ -76,6 +77,37 @@ def test_nlp_and_gnn_explanation_jobs(explanations):
     assert list(gnn.node_ids) == [5] and to_numpy(gnn.edge_mask, "edge_mask").max() > 0
 
 
+def test_graph_and_link_explanation_jobs_share_the_rpc_and_pin_the_graph_version(explanations, gateway_channel):
+    """A graph classifier's and a link predictor's explanations as jobs equal the sync rpc's answers; the job on a
+    graph-store graph runs on the graph version that was the latest when it was submitted."""
+    x, edges, _ = motif_graphs(1, seed=3)[0]
+    graph_request = gnn_pb2.ExplainRequest(
+        model_name="motif-gin", graph=gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(edges)),
+        method="saliency",
+    )
+    link_request = gnn_pb2.ExplainRequest(model_name="lesmis-links", stored_graph="les-miserables",
+                                          pairs=from_numpy(np.array([[11, 0], [48, 1]], np.int64)), epochs=30)  # fmt: skip
+    jobs = [explanations.SubmitExplanation(gateway_pb2.SubmitExplanationRequest(gnn=request), timeout=30).job
+            for request in (graph_request, link_request)]  # fmt: skip
+    for job in jobs:
+        assert watch(explanations, job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    graph, links = (explanations.GetExplanation(gateway_pb2.GetExplanationRequest(job_id=job.job_id), timeout=10).gnn
+                    for job in jobs)  # fmt: skip
+    stub = gnn_pb2_grpc.GnnServiceStub(gateway_channel)
+    direct = stub.Explain(graph_request, timeout=60)
+    assert to_numpy(graph.edge_mask, "edge_mask").shape == (edges.shape[1],)
+    np.testing.assert_allclose(to_numpy(graph.edge_mask, "edge_mask"), to_numpy(direct.edge_mask, "edge_mask"),
+                               rtol=1e-3, atol=1e-5)  # fmt: skip
+    assert links.graph_version >= 1 and to_numpy(links.outputs["scores"], "scores").shape == (2,)
+    pinned = gnn_pb2.ExplainRequest()
+    pinned.CopyFrom(link_request)
+    pinned.graph_version = links.graph_version
+    direct = stub.Explain(pinned, timeout=60)
+    assert list(links.subgraph_node_ids) == list(direct.subgraph_node_ids)
+    np.testing.assert_allclose(to_numpy(links.outputs["scores"], "scores"), to_numpy(direct.outputs["scores"], "scores"),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "fragment"),
     [
@@ -88,6 +120,10 @@ def test_nlp_and_gnn_explanation_jobs(explanations):
         (gateway_pb2.SubmitExplanationRequest(gnn=gnn_pb2.ExplainRequest(model_name="karate-gcn", stored_graph="karate",
                                                                          node_ids=[0], epochs=10**6)),
          grpc.StatusCode.INVALID_ARGUMENT, "epochs: must be 0 (the default) to"),
+        (gateway_pb2.SubmitExplanationRequest(gnn=gnn_pb2.ExplainRequest(
+            model_name="lesmis-links", stored_graph="les-miserables",
+            pairs=from_numpy(np.array([[0], [77]], np.int64)))),
+         grpc.StatusCode.INVALID_ARGUMENT, "pairs[1]: node 77 is out of range"),
         (gateway_pb2.SubmitExplanationRequest(dense=dense_pb2.ExplainRequest(model_name="no-such-model")),
          grpc.StatusCode.NOT_FOUND, "no-such-model"),
     ],

@@ -129,14 +129,15 @@ class AsyncGnnApi:
         return await self._client.run(calls.gnn_delete_graph_version(name, version, timeout))
 
     async def explain(
-        self, model: str, node_ids: Iterable[int], *, node_features: np.ndarray | None = None,
+        self, model: str, node_ids: Iterable[int] = (), *, node_features: np.ndarray | None = None,
         edge_index: np.ndarray | None = None, edge_weight: np.ndarray | None = None, stored_graph: str = "",
-        method: str = "", epochs: int = 0, target: int | None = None, seed: int = 0, version: int = 0,
-        timeout: float | None = None,
+        pairs: np.ndarray | None = None, graph_version: int = 0, fan_outs: Iterable[int] = (), method: str = "",
+        epochs: int = 0, target: int | None = None, seed: int = 0, version: int = 0, timeout: float | None = None,
     ) -> calls.GraphExplanation:  # fmt: skip
         """As `Client.gnn.explain`."""
         request = calls.gnn_explain_request(model, node_ids, node_features, edge_index, edge_weight, stored_graph,
-                                            method, epochs, target, seed, version)  # fmt: skip
+                                            method, epochs, target, seed, version, pairs, graph_version,
+                                            fan_outs)  # fmt: skip
         return await self._client.run(calls.gnn_explain(request, timeout))
 
 

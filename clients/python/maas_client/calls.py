@@ -353,6 +353,9 @@ class GraphExplanation(Explanation):
     subgraph_node_ids: np.ndarray
     subgraph_edge_index: np.ndarray  # 2 x len(subgraph_edge_ids): each subgraph edge's (source, target)
     outputs: dict[str, np.ndarray]
+    # A graph-store graph's version; then the masks cover the sampled subgraph only (edge_mask[i] is
+    # subgraph_edge_index[:, i], node_feature_mask's rows are subgraph_node_ids).
+    graph_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,7 @@ def graph_explanation(reply: gnn_pb2.ExplainResponse) -> GraphExplanation:
         subgraph_edge_ids=np.array(reply.subgraph_edge_ids, np.int64),
         subgraph_node_ids=np.array(reply.subgraph_node_ids, np.int64),
         subgraph_edge_index=decode(reply.subgraph_edge_index), outputs=_outputs(reply),
+        graph_version=reply.graph_version,
     )  # fmt: skip
 
 
@@ -441,10 +445,15 @@ def nlp_explain(model: str, text: str, method: str, target: int | None, compare_
 def gnn_explain_request(
     model: str, node_ids: Iterable[int], node_features: np.ndarray | None, edge_index: np.ndarray | None,
     edge_weight: np.ndarray | None, stored_graph: str, method: str, epochs: int, target: int | None, seed: int,
-    version: int,
+    version: int, pairs: np.ndarray | None = None, graph_version: int = 0, fan_outs: Iterable[int] = (),
 ) -> gnn_pb2.ExplainRequest:  # fmt: skip
+    """node_ids for a node classifier, pairs (2 x P) for a link predictor, neither for a graph classifier;
+    graph_version and fan_outs for a graph-store stored_graph, as for predict."""
     request = gnn_pb2.ExplainRequest(model_name=model, model_version=version, node_ids=list(node_ids), method=method,
-                                     epochs=epochs, seed=seed)  # fmt: skip
+                                     epochs=epochs, seed=seed, graph_version=graph_version,
+                                     fan_outs=list(fan_outs))  # fmt: skip
+    if pairs is not None:
+        request.pairs.CopyFrom(encode(np.asarray(pairs, np.int64)))
     if stored_graph:
         request.stored_graph = stored_graph
     elif node_features is not None and edge_index is not None:

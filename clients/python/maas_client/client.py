@@ -189,12 +189,15 @@ class GnnApi:
     def explain(
         self,
         model: str,
-        node_ids: Iterable[int],
+        node_ids: Iterable[int] = (),
         *,
         node_features: np.ndarray | None = None,
         edge_index: np.ndarray | None = None,
         edge_weight: np.ndarray | None = None,
         stored_graph: str = "",
+        pairs: np.ndarray | None = None,
+        graph_version: int = 0,
+        fan_outs: Iterable[int] = (),
         method: str = "",
         epochs: int = 0,
         target: int | None = None,
@@ -202,10 +205,12 @@ class GnnApi:
         version: int = 0,
         timeout: float | None = None,
     ) -> GraphExplanation:
-        """The edges and node features the nodes' predictions rest on: "gnn_explainer" (default),
-        "integrated_gradients" or "saliency"."""
+        """The edges and node features a prediction rests on: node_ids' labels (node classifiers), the scores
+        of pairs, 2 x P (link predictors), or the label of the one graph (graph classifiers, neither given).
+        Methods: "gnn_explainer" (default), "integrated_gradients" or "saliency"."""
         request = calls.gnn_explain_request(model, node_ids, node_features, edge_index, edge_weight, stored_graph,
-                                            method, epochs, target, seed, version)  # fmt: skip
+                                            method, epochs, target, seed, version, pairs, graph_version,
+                                            fan_outs)  # fmt: skip
         return self._client.run(calls.gnn_explain(request, timeout))
 
 

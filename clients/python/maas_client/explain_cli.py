@@ -4,11 +4,14 @@
     maasctl explain text sentiment "The food was wonderful" --png tokens.png
     maasctl explain text minilm-l6-v2 "A cat sits on the mat" --compare "A kitten on a rug"
     maasctl explain graph karate-gcn --stored-graph karate --nodes 0 --png graph.png
+    maasctl explain graph lesmis-links --stored-graph les-miserables --pairs 11:48,0:1 --png links.png
+    maasctl explain graph motif-gin --graph house.json --png motif.png
+    maasctl explain graph sbm-sage --stored-graph sbm-100k --nodes 7 --fan-outs 5,5
     maasctl explain dense digits-cnn --input image=digits.npy --method kernel_shap --steps 2000 --job
 
 The PNG is a heat map over the input (8x8 digits and other images, or a bar chart of the features),
-the text with each token shaded by its attribution, or the nodes' subgraph with the important
-edges drawn bold. --job runs the explanation as a job and waits for it.
+the text with each token shaded by its attribution, or the subgraph used (the nodes', the pairs'
+or the whole graph's) with the important edges drawn bold. --job runs the explanation as a job and waits for it.
 """
 
 from __future__ import annotations
@@ -57,10 +60,14 @@ def add_explain_commands(commands, read_inputs: Callable, read_graph: Callable, 
     text.add_argument("--target", type=int, help="the class to explain (default: the predicted one)")
     text.set_defaults(run=cmd_explain_text)
 
-    graph = explain.add_parser("graph", help="edges and node features a gnn's node predictions rest on")
+    graph = explain.add_parser("graph", help="edges and node features a gnn's prediction rests on")
     graph.add_argument("model")
-    graph.add_argument("--nodes", required=True, help="comma-separated node ids, explained together")
-    graph.add_argument("--stored-graph", default="", help="a graph stored with the model, e.g. karate")
+    graph.add_argument("--nodes", default="", help="node classifiers: comma-separated node ids, explained together")
+    graph.add_argument("--pairs", default="", help="link predictors: comma-separated u:v pairs, e.g. 11:48,0:1")
+    graph.add_argument("--stored-graph", default="",
+                       help="a graph stored with the model (karate) or in the graph store (sbm-100k)")  # fmt: skip
+    graph.add_argument("--graph-version", type=int, default=0, help="a graph-store graph's version (default latest)")
+    graph.add_argument("--fan-outs", default="", help="a graph-store graph: neighbours per hop, e.g. 10,10")
     graph.add_argument("--graph", type=Path, help="a graph file (.json or .npz), as for graph predict")
     graph.add_argument("--method", default="", help="gnn_explainer (default), integrated_gradients or saliency")
     graph.add_argument("--epochs", type=int, default=0, help="GNNExplainer epochs or integration steps")
@@ -131,21 +138,44 @@ def cmd_explain_text(client: Client, args: argparse.Namespace) -> None:
         print(f"saved {args.png}")
 
 
+def _pairs(text: str) -> np.ndarray | None:
+    if not text.strip():
+        return None
+    try:
+        return np.array([[int(end) for end in pair.split(":")] for pair in text.split(",")], np.int64).T.reshape(2, -1)
+    except ValueError:
+        raise ValueError(f"--pairs {text!r}: expected comma-separated u:v node id pairs, e.g. 11:48,0:1") from None
+
+
+def _what(result: GraphExplanation, pairs: np.ndarray | None) -> str:
+    """What was explained, and the prediction: nodes' labels, pairs' scores or the graph's label."""
+    if pairs is not None:
+        scores = result.outputs["scores"]
+        return "links " + ", ".join(f"{u}-{v} ({s:.3f})" for u, v, s in zip(*pairs.tolist(), scores.tolist(),
+                                                                           strict=True))  # fmt: skip
+    labels = result.outputs["label"].tolist()
+    if not len(result.node_ids):
+        return f"the graph, labelled {labels[0]}"
+    return f"nodes {result.node_ids.tolist()} labelled {labels}"
+
+
 def cmd_explain_graph(client: Client, args: argparse.Namespace, read_graph: Callable) -> None:
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+    pairs = _pairs(args.pairs)
+    fan_outs = [int(f) for f in args.fan_outs.split(",") if f.strip()]
     graph = read_graph(args.graph) if args.graph and not args.stored_graph else {}
     if not args.stored_graph and not graph:
         raise ValueError("explain graph needs --stored-graph or --graph")
     request = gnn_explain_request(args.model, nodes, graph.get("node_features"), graph.get("edge_index"),
                                   graph.get("edge_weight"), args.stored_graph, args.method, args.epochs, args.target,
-                                  args.seed, args.version)  # fmt: skip
+                                  args.seed, args.version, pairs, args.graph_version, fan_outs)  # fmt: skip
     result: GraphExplanation = _run(client, request, args, lambda: client.gnn.explain(
-        args.model, nodes, stored_graph=args.stored_graph, method=args.method, epochs=args.epochs,
-        target=args.target, seed=args.seed, version=args.version, **graph))  # fmt: skip
-    labels = result.outputs["label"]
-    print(f"{result.model} v{result.version}, {result.method}: nodes {result.node_ids.tolist()} "
-          f"labelled {labels.tolist()}; subgraph of {len(result.subgraph_node_ids)} nodes, "
-          f"{len(result.subgraph_edge_ids)} edges")  # fmt: skip
+        args.model, nodes, stored_graph=args.stored_graph, pairs=pairs, graph_version=args.graph_version,
+        fan_outs=fan_outs, method=args.method, epochs=args.epochs, target=args.target, seed=args.seed,
+        version=args.version, **graph))  # fmt: skip
+    on = f" (graph v{result.graph_version}, masks over the sampled subgraph)" if result.graph_version else ""
+    print(f"{result.model} v{result.version}, {result.method}: {_what(result, pairs)}; subgraph of "
+          f"{len(result.subgraph_node_ids)} nodes, {len(result.subgraph_edge_ids)} edges{on}")  # fmt: skip
     importance = result.edge_mask[result.subgraph_edge_ids]
     print("top edges:")
     for i in np.argsort(-importance)[: args.top]:
@@ -156,7 +186,7 @@ def cmd_explain_graph(client: Client, args: argparse.Namespace, read_graph: Call
     for feature in np.argsort(-features)[: min(args.top, len(features))]:
         print(f"  feature {feature:<6} {features[feature]:.4f}")
     if args.png:
-        save_graph_png(result, args.png)
+        save_graph_png(result, args.png, pairs)
         print(f"saved {args.png}")
 
 
@@ -226,8 +256,9 @@ def save_text_png(result: TextExplanation, path: Path) -> None:
     plt.close(figure)
 
 
-def save_graph_png(result: GraphExplanation, path: Path) -> None:
-    """The subgraph used, the explained nodes ringed, edges' width and darkness by importance (the top ones bold)."""
+def save_graph_png(result: GraphExplanation, path: Path, pairs: np.ndarray | None = None) -> None:
+    """The subgraph used, the explained nodes (or pairs' endpoints) in red, edges' width and darkness by importance
+    (the top ones bold); for a graph classifier, the whole graph."""
     import networkx as nx
 
     plt = _pyplot()
@@ -246,11 +277,16 @@ def save_graph_png(result: GraphExplanation, path: Path) -> None:
                            width=[0.5 + (4.0 if w >= top else 1.5) * w / peak for w in weights.values()],
                            edge_color=[w / peak for w in weights.values()], edge_cmap=plt.cm.Greys,
                            edge_vmin=-0.2, edge_vmax=1.0)  # fmt: skip
-    explained = set(result.node_ids.tolist())
+    explained = set(result.node_ids.tolist()) | set(() if pairs is None else pairs.reshape(-1).tolist())
+    if pairs is not None:  # the links explained, dashed
+        nx.draw_networkx_edges(graph, position, ax=axis, edgelist=[tuple(p) for p in pairs.T.tolist()],
+                               style="dashed", edge_color="tab:red", arrows=False)  # fmt: skip
     nx.draw_networkx_nodes(graph, position, ax=axis, node_size=120,
                            node_color=["tab:red" if n in explained else "tab:blue" for n in graph.nodes])  # fmt: skip
     nx.draw_networkx_labels(graph, position, ax=axis, font_size=7)
-    axis.set_title(f"{result.model}: nodes {sorted(explained)}, {result.method}")
+    what = "the graph" if not explained else f"pairs {pairs.T.tolist()}" if pairs is not None else \
+        f"nodes {sorted(explained)}"
+    axis.set_title(f"{result.model}: {what}, {result.method}")
     axis.axis("off")
     figure.savefig(path, dpi=100)
     plt.close(figure)
