@@ -244,32 +244,55 @@ def test_gnn_captum_methods_on_the_karate_graph(gateway_channel):
         assert to_numpy(reply.edge_mask, "edge_mask").max() > 0
 
 
-def _motif_auc(gateway_channel, graphs, method: str = "") -> tuple[list[float], int]:
-    aucs, agreed = [], 0
+def _motif_aucs(gateway_channel, graphs, method: str) -> list[float]:
+    aucs = []
     for x, edges, label, motif_edges in graphs:
         graph = gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(edges))
         reply = gnn_stub(gateway_channel).Explain(
             gnn_pb2.ExplainRequest(model_name="motif-gin", graph=graph, method=method, seed=0), timeout=60
         )
+        assert reply.method == (method or "saliency")
         edge_mask = to_numpy(reply.edge_mask, "edge_mask")
         assert edge_mask.shape == (edges.shape[1],) and list(reply.node_ids) == []
         assert to_numpy(reply.node_feature_mask, "node_feature_mask").shape == x.shape
         assert list(reply.subgraph_edge_ids) == list(range(edges.shape[1]))  # the whole graph is the subgraph
         assert to_numpy(reply.outputs["probabilities"], "probabilities").shape == (1, 2)
-        agreed += int(to_numpy(reply.outputs["label"], "label")[0] == label)
+        assert to_numpy(reply.outputs["label"], "label")[0] == label
         aucs.append(roc_auc_score(motif_edges, edge_mask))
-    return aucs, agreed
+    return aucs
 
 
-def test_gnn_graph_explanation_finds_the_motif_of_held_out_graphs(gateway_channel):
-    """motif-gin's label of a graph it never saw, explained: ROC-AUC of the edge mask against the generator's
-    motif edges (the house's or the cycle's), averaged over held-out graphs (seed 1; training used seed 0)."""
+def _cycle_probability(gateway_channel, graphs, keep) -> np.ndarray:
+    request = gnn_pb2.ClassifyGraphsRequest(model_name="motif-gin", graphs=[
+        gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(edges[:, keep(motif)]))
+        for x, edges, _, motif in graphs])  # fmt: skip
+    reply = gnn_stub(gateway_channel).ClassifyGraphs(request, timeout=30, metadata=NO_CACHE)
+    return to_numpy(reply.outputs["probabilities"], "probabilities")[:, 1]
+
+
+def test_gnn_graph_explanation_finds_the_house_motif_of_held_out_graphs(gateway_channel):
+    """motif-gin's label of graphs it never saw (seed 1; it trained on seed 0), explained: the ROC-AUC of the
+    edge mask against the generator's motif edges, over house graphs, is at least 0.85 for Saliency (the
+    default for graph classifiers). GNNExplainer's is printed beside it (0.66 to 0.91 in runs so far, changing
+    with the thread count its optimisation runs on): the reason it is not the default here.
+
+    Cycle graphs are not held to it, and the test shows why: the model labels a graph "cycle" when it finds
+    no house (a message-passing GNN cannot count 5-cycles), so removing the cycle's edges does not move its
+    prediction, and no faithful explanation can point at them. Their AUC is printed for reference.
+    """
     graphs = motif_graphs_with_truth(12, seed=1)
-    aucs, agreed = _motif_auc(gateway_channel, graphs)
-    print(f"\nmotif-gin GNNExplainer ROC-AUC over {len(graphs)} held-out graphs: {np.mean(aucs):.3f} "
-          f"(min {np.min(aucs):.3f}); {agreed} labelled right")  # fmt: skip
-    assert agreed >= len(graphs) - 1
-    assert np.mean(aucs) >= MOTIF_AUC
+    houses, cycles = graphs[0::2], graphs[1::2]
+    default_aucs = _motif_aucs(gateway_channel, houses, "")
+    explainer_aucs = _motif_aucs(gateway_channel, houses, "gnn_explainer")
+    cycle_aucs = _motif_aucs(gateway_channel, cycles, "")
+    before = _cycle_probability(gateway_channel, cycles, lambda motif: slice(None))
+    without_cycle = _cycle_probability(gateway_channel, cycles, lambda motif: ~motif)
+    print(f"\nmotif-gin ROC-AUC against the motif's edges, {len(houses)} held-out house graphs: Saliency "
+          f"{np.mean(default_aucs):.3f} (min {np.min(default_aucs):.3f}), GNNExplainer {np.mean(explainer_aucs):.3f} "
+          f"(min {np.min(explainer_aucs):.3f}); {len(cycles)} cycle graphs, Saliency {np.mean(cycle_aucs):.3f}, "
+          f"P(cycle) {np.mean(before):.3f} -> {np.mean(without_cycle):.3f} with the cycle's edges removed")  # fmt: skip
+    assert np.mean(default_aucs) >= MOTIF_AUC
+    np.testing.assert_allclose(without_cycle, before, atol=0.05)  # the cycle's edges are not the evidence
 
 
 def test_gnn_link_explanation_of_pairs_on_an_inline_graph(gateway_channel):

@@ -85,8 +85,8 @@ def test_graph_and_link_explanation_jobs_share_the_rpc_and_pin_the_graph_version
         model_name="motif-gin", graph=gnn_pb2.Graph(node_features=from_numpy(x), edge_index=from_numpy(edges)),
         method="saliency",
     )
-    link_request = gnn_pb2.ExplainRequest(model_name="lesmis-links", stored_graph="les-miserables",
-                                          pairs=from_numpy(np.array([[11, 0], [48, 1]], np.int64)), epochs=30)  # fmt: skip
+    link_request = gnn_pb2.ExplainRequest(model_name="lesmis-links", stored_graph="les-miserables", epochs=30,
+                                          pairs=from_numpy(np.array([[11, 0], [48, 1]], np.int64)))  # fmt: skip
     jobs = [explanations.SubmitExplanation(gateway_pb2.SubmitExplanationRequest(gnn=request), timeout=30).job
             for request in (graph_request, link_request)]  # fmt: skip
     for job in jobs:
@@ -104,8 +104,8 @@ def test_graph_and_link_explanation_jobs_share_the_rpc_and_pin_the_graph_version
     pinned.graph_version = links.graph_version
     direct = stub.Explain(pinned, timeout=60)
     assert list(links.subgraph_node_ids) == list(direct.subgraph_node_ids)
-    np.testing.assert_allclose(to_numpy(links.outputs["scores"], "scores"), to_numpy(direct.outputs["scores"], "scores"),
-                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(to_numpy(links.outputs["scores"], "scores"),
+                               to_numpy(direct.outputs["scores"], "scores"), rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -24,9 +24,9 @@ def tiny(store: ModelStore, task: str) -> tuple[GnnModel, object]:
               "in_channels": WIDTH, "hidden": 8, "num_classes": 3, "embedding_size": 8, "num_layers": 2,
               "fan_outs": [3, 3], "weights_file": "weights.safetensors"}  # fmt: skip
     net = build_network(config)
+    weights = save({k: v.contiguous() for k, v in net.state_dict().items()})
     manifest = store.publish({"name": f"tiny-{task}", "family": "gnn", "framework": "torch", "inputs": [],
-                              "outputs": [], "config": config},
-                             {"weights.safetensors": save({k: v.contiguous() for k, v in net.state_dict().items()})})  # fmt: skip
+                              "outputs": [], "config": config}, {"weights.safetensors": weights})  # fmt: skip
     return GnnModel(manifest, store.artifacts(manifest), torch.device("cpu")), manifest
 
 
@@ -96,7 +96,8 @@ BAD = {
     "pairs as INT32": ("link", {"pairs": np.zeros((2, 1), np.int32)}, "pairs: expected INT64 of shape [2, P]"),
     "too many pairs": ("link", {"pairs": np.zeros((2, 5), np.int64)}, "pairs: 5 pairs; the service explains at most 4"),
     "a pair out of range": ("link", {"pairs": np.array([[0], [30]])}, "pairs[1]: node 30 is out of range"),
-    "pairs to a node classifier": ("node", {"node_ids": [0], "pairs": np.zeros((2, 1), np.int64)}, "pairs: 'tiny-node'"),
+    "pairs to a node classifier": ("node", {"node_ids": [0], "pairs": np.zeros((2, 1), np.int64)},
+                                   "pairs: 'tiny-node' is a node classifier"),
     "no node_ids to a node classifier": ("node", {}, "node_ids: name at least one node"),
 }
 
