@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 
 from maas.nlp.v1 import nlp_pb2
 from maas_client import AsyncClient, Client
+from services.gnn.datasets import motif_graphs
 from tests.clients.scenario import DIGITS
 from tests.clients.test_maasctl import maasctl  # noqa: F401 - the fixture
 
@@ -73,3 +75,24 @@ def test_maasctl_explain_prints_top_attributions_and_saves_pictures(maasctl, tmp
             assert picture.format == "PNG" and picture.size[0] > 200
     bad = maasctl("explain", "dense", "digits-mlp", "--input", str(digit), "--method", "lime", expect=1)
     assert "unknown method 'lime'" in bad.stderr
+
+
+def test_maasctl_explains_links_graphs_and_graph_store_neighbourhoods(maasctl, tmp_path):  # noqa: F811
+    out = maasctl("explain", "graph", "lesmis-links", "--stored-graph", "les-miserables", "--pairs", "11:48,0:1",
+                  "--epochs", "30", "--png", str(tmp_path / "links.png")).stdout  # fmt: skip
+    assert "links 11-48 (" in out and ", 0-1 (" in out and "masks over the sampled subgraph" in out
+    x, edges, _ = motif_graphs(1, seed=4)[0]
+    graph = tmp_path / "motif.json"
+    graph.write_text(json.dumps({"node_features": x.tolist(), "edge_index": edges.tolist()}))
+    out = maasctl("explain", "graph", "motif-gin", "--graph", str(graph), "--png", str(tmp_path / "motif.png")).stdout
+    assert "saliency: the graph, labelled 0" in out and "top edges:" in out
+    out = maasctl("explain", "graph", "sbm-sage", "--stored-graph", "sbm-100k", "--graph-version", "1", "--nodes",
+                  "7", "--fan-outs", "3,3", "--method", "saliency").stdout  # fmt: skip
+    assert "nodes [7] labelled" in out and "(graph v1, masks over the sampled subgraph)" in out
+    for name in ("links.png", "motif.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 200
+    bad = maasctl("explain", "graph", "motif-gin", "--graph", str(graph), "--nodes", "1", expect=1)
+    assert "node_ids: 'motif-gin' is a graph classifier" in bad.stderr
+    bad = maasctl("explain", "graph", "lesmis-links", "--stored-graph", "les-miserables", "--pairs", "11-48", expect=2)
+    assert "--pairs '11-48': expected comma-separated u:v" in bad.stderr

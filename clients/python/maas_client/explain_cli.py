@@ -284,8 +284,10 @@ def save_graph_png(result: GraphExplanation, path: Path, pairs: np.ndarray | Non
     nx.draw_networkx_nodes(graph, position, ax=axis, node_size=120,
                            node_color=["tab:red" if n in explained else "tab:blue" for n in graph.nodes])  # fmt: skip
     nx.draw_networkx_labels(graph, position, ax=axis, font_size=7)
-    what = "the graph" if not explained else f"pairs {pairs.T.tolist()}" if pairs is not None else \
-        f"nodes {sorted(explained)}"
+    if pairs is not None:
+        what = f"pairs {pairs.T.tolist()}"
+    else:
+        what = f"nodes {sorted(explained)}" if explained else "the graph"
     axis.set_title(f"{result.model}: {what}, {result.method}")
     axis.axis("off")
     figure.savefig(path, dpi=100)
