@@ -280,7 +280,8 @@ def explain_query(
         algorithm=_algorithm(method, epochs).to(device),
         explanation_type="phenomenon" if target is not None else "model",
         node_mask_type="attributes",
-        edge_mask_type="object",
+        # No edges to mask (isolated nodes): Captum cannot differentiate an empty mask; features only.
+        edge_mask_type="object" if sub_edges.shape[1] else None,
         model_config=_config(task),
     )
     torch.manual_seed(params.seed)
@@ -300,7 +301,8 @@ def _framed(method, query: ExplainQuery, explanation, subset, kept, edges, graph
     """The masks over the input graph (zero outside the subgraph), or over a graph-store subgraph alone."""
     edge_ids = kept.nonzero().flatten()
     edge_mask = torch.zeros(edges.shape[1], device=edges.device)
-    edge_mask[edge_ids] = explanation.edge_mask.detach().abs()
+    if explanation.get("edge_mask") is not None:
+        edge_mask[edge_ids] = explanation.edge_mask.detach().abs()
     node_mask = torch.zeros((graph.num_nodes, graph.node_features.shape[1]), device=edges.device)
     node_mask[subset] = explanation.node_mask.detach().abs()
     edge_mask, node_mask = edge_mask.cpu().numpy(), node_mask.cpu().numpy()

@@ -87,6 +87,19 @@ def test_a_graph_explanation_covers_the_whole_graph(store):
     assert explanation.outputs["probabilities"].shape == (1, 3) and explanation.node_ids == []
 
 
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "gnn_explainer"])
+def test_nodes_with_no_edges_get_feature_masks_and_an_empty_edge_mask(store, method):
+    """A pair of isolated nodes has a computation subgraph with no edges: its features still explain it."""
+    model, manifest = tiny(store, "link")
+    graph = ring(20, np.random.default_rng(4))
+    graph = GraphInput(np.concatenate([graph.node_features, np.ones((2, WIDTH), np.float32)]), graph.edge_index)
+    params = ExplainParams(graph=graph, pairs=np.array([[20], [21]], np.int64), method=method, epochs=4)
+    explanation = explain_query(model.net, manifest, resolve_query(model, manifest, params, None, LIMITS,
+                                                                    QueryLimits()), params, LIMITS)  # fmt: skip
+    assert len(explanation.subgraph_edge_ids) == 0 and not explanation.edge_mask.any()
+    assert explanation.node_feature_mask[20:].any() and not explanation.node_feature_mask[:20].any()
+
+
 BAD = {
     "node_ids to a graph classifier": ("graph", {"node_ids": [0]}, "node_ids: 'tiny-graph' is a graph classifier"),
     "pairs to a graph classifier": ("graph", {"pairs": np.zeros((2, 1), np.int64)}, "pairs: 'tiny-graph' is a graph"),
