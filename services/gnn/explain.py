@@ -253,11 +253,11 @@ def explain_query(
     else:
         if task == "link":
             model = LinkScores(net)
-            pairs = torch.as_tensor(query.pairs, device=device)
+            pairs = torch.as_tensor(np.array(query.pairs, np.int64), device=device)
             seeds = pairs.reshape(-1)
         else:
             model = net
-            seeds = torch.as_tensor(query.node_ids, dtype=torch.long, device=device)
+            seeds = torch.as_tensor(np.array(query.node_ids, np.int64), device=device)
         subset, sub_edges, mapping, kept = k_hop_subgraph(seeds, manifest.config["num_layers"] + 1, edges,
                                                           relabel_nodes=True, num_nodes=x.shape[0])  # fmt: skip
         sub_weight = None if weight is None else weight[kept]

@@ -369,7 +369,10 @@ def test_gnn_explanations_on_graph_store_graphs_cover_the_sampled_neighbourhood_
     nodes, edges and answer), and its masks are over that subgraph alone, named by global node ids."""
     stub = gnn_stub(gateway_channel)
     query = {"stored_graph": "sbm-100k", "graph_version": 1, "node_ids": [7, 4242], "fan_outs": [5, 5]}
-    reply = stub.Explain(gnn_pb2.ExplainRequest(model_name="sbm-sage", method="saliency", **query), timeout=60)
+    request = gnn_pb2.ExplainRequest(model_name="sbm-sage", method="saliency", **query)
+    reply = stub.Explain(request, timeout=60)
+    again, call = stub.Explain.with_call(request, timeout=60)
+    assert dict(call.trailing_metadata())["maas-cache"] == "hit" and again == reply  # a named graph version: cached
     predicted = stub.Predict(gnn_pb2.PredictRequest(model_name="sbm-sage", **query), timeout=30)
     edges = to_numpy(reply.subgraph_edge_index, "subgraph_edge_index")
     assert reply.graph_version == 1 and list(reply.node_ids) == [7, 4242]
