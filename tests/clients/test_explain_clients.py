@@ -38,6 +38,9 @@ def test_the_sdk_returns_numpy_for_every_family(maas):
     graph = maas.gnn.explain("karate-gcn", [0], stored_graph="karate", epochs=50)
     assert graph.edge_mask.shape == (156,) and graph.node_feature_mask.shape == (34, 34)
     assert graph.subgraph_edge_index.shape == (2, len(graph.subgraph_edge_ids))
+    links = maas.gnn.explain("lesmis-links", stored_graph="les-miserables", pairs=np.array([[11], [48]]))
+    assert links.graph_version >= 1 and links.method == "saliency" and links.outputs["scores"].shape == (1,)
+    assert links.edge_mask.shape == (links.subgraph_edge_index.shape[1],)  # over the sampled subgraph only
 
     ranked = maas.nlp.similarity("a dog runs in the park", ["stock prices fell", "a puppy plays outside"])
     assert ranked.ranking.tolist() == [1, 0] and not ranked.truncated.any()
