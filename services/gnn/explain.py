@@ -226,6 +226,56 @@ def _config(task: str) -> ModelConfig:
     return ModelConfig(mode="multiclass_classification", task_level=task, return_type="raw")
 
 
+@dataclass
+class _Setup:
+    """One task's Explainer inputs: the model as the Explainer calls it, the subgraph it runs on (`subset`
+    of the nodes, `kept` of the edges, relabelled as `sub_edges`) and the prediction explained."""
+
+    model: nn.Module
+    subset: torch.Tensor
+    sub_edges: torch.Tensor
+    kept: torch.Tensor
+    outputs: dict[str, torch.Tensor]
+    targets: int  # rows a phenomenon's target needs
+    index: torch.Tensor | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+def _whole_graph(net: nn.Module, x: torch.Tensor, edges: torch.Tensor) -> _Setup:
+    model = OneGraph(net)
+    with torch.no_grad():
+        probabilities = torch.softmax(model(x, edges), dim=-1)
+    everything = torch.ones(edges.shape[1], dtype=torch.bool, device=x.device)
+    return _Setup(model, torch.arange(x.shape[0], device=x.device), edges, everything,
+                  {"probabilities": probabilities, "label": probabilities.argmax(dim=1)}, 1)  # fmt: skip
+
+
+def _computation_subgraph(net: nn.Module, layers: int, query: ExplainQuery, x: torch.Tensor, edges: torch.Tensor,
+                          weight: torch.Tensor | None, target: int | None) -> _Setup:  # fmt: skip
+    device = x.device
+    if query.task == "link":
+        pairs = torch.as_tensor(np.array(query.pairs, np.int64), device=device)
+        seeds = pairs.reshape(-1)
+    else:
+        seeds = torch.as_tensor(np.array(query.node_ids, np.int64), device=device)
+    subset, sub_edges, mapping, kept = k_hop_subgraph(seeds, layers + 1, edges, relabel_nodes=True,
+                                                      num_nodes=x.shape[0])  # fmt: skip
+    kwargs = {"edge_weight": None if weight is None else weight[kept]}
+    if query.task == "link":
+        model = LinkScores(net)
+        with torch.no_grad():
+            outputs = {"scores": model(x, edges, pairs, weight)}
+        kwargs = {"edge_label_index": mapping.reshape(2, -1), **kwargs}  # positional order, for Captum
+        index = torch.arange(pairs.shape[1], device=device)
+        return _Setup(model, subset, sub_edges, kept, outputs, pairs.shape[1], index, kwargs)
+    with torch.no_grad():
+        probabilities = torch.softmax(net(x, edges, weight), dim=-1)[seeds]
+    if target is not None and not 0 <= target < probabilities.shape[1]:
+        raise InvalidArgumentError(f"target: must be 0..{probabilities.shape[1] - 1} (a class), got {target}")
+    outputs = {"probabilities": probabilities, "label": probabilities.argmax(dim=1)}
+    return _Setup(net, subset, sub_edges, kept, outputs, len(subset), mapping, kwargs)
+
+
 def explain_query(
     net: nn.Module, manifest: Manifest, query: ExplainQuery, params: ExplainParams, limits: GnnExplainLimits,
     device: torch.device | None = None,
@@ -234,67 +284,32 @@ def explain_query(
     pass a network nothing else is using. Blocking."""
     method, epochs = _check_method(query.task, params, limits)
     device = device or torch.device("cpu")
-    graph = query.graph
+    graph, target = query.graph, params.target
     x = torch.as_tensor(np.array(graph.node_features, dtype=np.float32), device=device)
     edges = torch.as_tensor(np.array(graph.edge_index, dtype=np.int64), device=device)
     weight = None
     if graph.edge_weight is not None:
         weight = torch.as_tensor(np.array(graph.edge_weight, dtype=np.float32), device=device)
-    task, target = query.task, params.target
-    kwargs: dict = {}
-    if task == "graph":
-        model: nn.Module = OneGraph(net)
-        subset = torch.arange(x.shape[0], device=device)
-        sub_edges, kept, index = edges, torch.ones(edges.shape[1], dtype=torch.bool, device=device), None
-        with torch.no_grad():
-            probabilities = torch.softmax(model(x, edges), dim=-1)
-        outputs = {"probabilities": probabilities, "label": probabilities.argmax(dim=1)}
-        wanted = 1
+    if query.task == "graph":
+        setup = _whole_graph(net, x, edges)
     else:
-        if task == "link":
-            model = LinkScores(net)
-            pairs = torch.as_tensor(np.array(query.pairs, np.int64), device=device)
-            seeds = pairs.reshape(-1)
-        else:
-            model = net
-            seeds = torch.as_tensor(np.array(query.node_ids, np.int64), device=device)
-        subset, sub_edges, mapping, kept = k_hop_subgraph(seeds, manifest.config["num_layers"] + 1, edges,
-                                                          relabel_nodes=True, num_nodes=x.shape[0])  # fmt: skip
-        sub_weight = None if weight is None else weight[kept]
-        with torch.no_grad():
-            if task == "link":
-                outputs = {"scores": model(x, edges, pairs, weight)}
-                kwargs["edge_label_index"] = mapping.reshape(2, -1)
-                index = torch.arange(pairs.shape[1], device=device)
-                wanted = pairs.shape[1]
-            else:
-                probabilities = torch.softmax(net(x, edges, weight), dim=-1)[seeds]
-                outputs = {"probabilities": probabilities, "label": probabilities.argmax(dim=1)}
-                if target is not None and not 0 <= target < probabilities.shape[1]:
-                    raise InvalidArgumentError(f"target: must be 0..{probabilities.shape[1] - 1} (a class), got "
-                                               f"{target}")  # fmt: skip
-                index, wanted = mapping, len(subset)
-        kwargs["edge_weight"] = sub_weight
-        x = x[subset]
+        setup = _computation_subgraph(net, manifest.config["num_layers"], query, x, edges, weight, target)
     explainer = Explainer(
-        model=model,
+        model=setup.model,
         algorithm=_algorithm(method, epochs).to(device),
         explanation_type="phenomenon" if target is not None else "model",
         node_mask_type="attributes",
         # No edges to mask (isolated nodes): Captum cannot differentiate an empty mask; features only.
-        edge_mask_type="object" if sub_edges.shape[1] else None,
-        model_config=_config(task),
+        edge_mask_type="object" if setup.sub_edges.shape[1] else None,
+        model_config=_config(query.task),
     )
     torch.manual_seed(params.seed)
     phenomenon = None
     if target is not None:
-        phenomenon = torch.full((wanted,), int(target), dtype=torch.long, device=device)
-    if task == "graph":
-        explanation = explainer(x, sub_edges, target=phenomenon)
-    else:
-        explanation = explainer(x, sub_edges, target=phenomenon, index=index, **kwargs)
-    return _framed(method, query, explanation, subset, kept, edges, graph,
-                   {name: value.detach().cpu().numpy() for name, value in outputs.items()})  # fmt: skip
+        phenomenon = torch.full((setup.targets,), int(target), dtype=torch.long, device=device)
+    explanation = explainer(x[setup.subset], setup.sub_edges, target=phenomenon, index=setup.index, **setup.kwargs)
+    return _framed(method, query, explanation, setup.subset, setup.kept, edges, graph,
+                   {name: value.detach().cpu().numpy() for name, value in setup.outputs.items()})  # fmt: skip
 
 
 def _framed(method, query: ExplainQuery, explanation, subset, kept, edges, graph: GraphInput,
