@@ -38,7 +38,6 @@ from services.gnn.runtime import (
     GnnModel,
     GraphInput,
     QueryLimits,
-    check_fan_outs,
     check_node_ids,
     inline_or_embedded,
     open_stored_graph,
@@ -207,9 +206,7 @@ def resolve_query(
         stored = open_stored_graph(graph_store, model, params.stored_graph, params.graph_version)
         seeds = asked if task == "node" else pairs.reshape(-1)
         check_node_ids(seeds, stored.num_nodes, "node_ids" if task == "node" else "pairs")
-        fan_outs = list(params.fan_outs or model.fan_outs)
-        check_fan_outs(fan_outs, query_limits)
-        sub, positions, nodes = query_neighbourhood(stored, seeds, fan_outs, query_limits)
+        sub, positions, nodes = query_neighbourhood(model, stored, seeds, params.fan_outs, query_limits)
         local_nodes = positions if task == "node" else np.zeros(0, np.int64)
         local_pairs = positions.reshape(2, -1) if task == "link" else np.zeros((2, 0), np.int64)
         return ExplainQuery(task, sub, local_nodes, local_pairs, list(params.node_ids), stored.version, nodes)

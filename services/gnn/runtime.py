@@ -309,12 +309,14 @@ def open_stored_graph(graph_store: GraphStore, model: GnnModel, stored_graph: st
 
 
 def query_neighbourhood(
-    stored: StoredGraph, ids: np.ndarray, fan_outs: list[int], limits: QueryLimits
+    model: GnnModel, stored: StoredGraph, ids: np.ndarray, fan_outs: list[int] | None, limits: QueryLimits
 ) -> tuple[GraphInput, np.ndarray, np.ndarray]:
-    """The neighbourhood a query on `ids` runs on (fan_outs already checked), as (subgraph, where each
+    """The neighbourhood a query on `ids` runs on (fan_outs empty: the model's), as (subgraph, where each
     id sits in it, the subgraph's global node ids). Blocking.
 
     The same query samples the same neighbourhood: answers are repeatable, and cacheable."""
+    fan_outs = list(fan_outs or model.fan_outs)
+    check_fan_outs(fan_outs, limits)
     seed = [stored.version, zlib.crc32(ids.tobytes()), *[f + 1 for f in fan_outs]]
     try:
         # Reads only the rows it visits (checking their blocks once), across a delta version's base too.
@@ -407,9 +409,8 @@ class GnnRuntime:
     async def _neighbourhood(
         self, model: GnnModel, stored: StoredGraph, ids: np.ndarray, fan_outs: list[int] | None
     ) -> tuple[GraphInput, np.ndarray]:
-        fan_outs = list(fan_outs or model.fan_outs)
-        check_fan_outs(fan_outs, self.limits)
-        graph, positions, _ = await self.repository.run(query_neighbourhood, stored, ids, fan_outs, self.limits)
+        graph, positions, _ = await self.repository.run(query_neighbourhood, model, stored, ids, fan_outs,
+                                                        self.limits)  # fmt: skip
         return graph, positions
 
     async def predict_links(
