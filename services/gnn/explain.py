@@ -23,7 +23,7 @@ from torch_geometric.explain.algorithm import CaptumExplainer, GNNExplainer
 from torch_geometric.utils import k_hop_subgraph
 
 from shared.errors import InvalidArgumentError, NotFoundError
-from shared.explanations import check_method, check_steps
+from shared.explanations import check_method, check_steps, checkpoint
 
 GNN_EXPLAINER = "gnn_explainer"
 INTEGRATED_GRADIENTS = "integrated_gradients"
@@ -115,7 +115,13 @@ def explain_nodes(
     phenomenon = None
     if target is not None:
         phenomenon = torch.full((len(subset),), int(target), dtype=torch.long, device=device)
-    explanation = explainer(x[subset], sub_edges, target=phenomenon, index=mapping, edge_weight=sub_weight)
+    # A checkpoint before every forward pass (each GNNExplainer epoch, each Captum step): a cancelled
+    # explanation stops within one pass.
+    hook = net.register_forward_pre_hook(lambda module, args: checkpoint())
+    try:
+        explanation = explainer(x[subset], sub_edges, target=phenomenon, index=mapping, edge_weight=sub_weight)
+    finally:
+        hook.remove()
 
     edge_ids = kept.nonzero().flatten()
     edge_mask = torch.zeros(edges.shape[1], device=device)
