@@ -67,6 +67,26 @@ def cancellable(check: Callable[[], None]) -> Iterator[None]:
         _current_check.reset(token)
 
 
+JOB_CHECK_S = 1.0  # how often a running explanation job looks for its cancellation (a read of Redis)
+
+
+def at_most_every(seconds: float, check: Callable[[], None]) -> Callable[[], None]:
+    """`check`, called at most once per `seconds` however often the checkpoints come."""
+    last = [time.monotonic()]
+
+    def throttled() -> None:
+        if time.monotonic() - last[0] >= seconds:
+            last[0] = time.monotonic()
+            check()
+
+    return throttled
+
+
+def cancellable_job(raise_if_cancelled: Callable[[], None]):
+    """An explanation job's checkpoints: its cancellation, timeout and trainer shutdown stop it between steps."""
+    return cancellable(at_most_every(JOB_CHECK_S, raise_if_cancelled))
+
+
 def checkpoint() -> None:
     """Called by every explanation method between its steps; outside `cancellable` it does nothing."""
     check = _current_check.get()

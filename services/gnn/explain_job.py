@@ -11,6 +11,7 @@ from services.gnn.explain import GnnExplainLimits, check_node_task, explain_node
 from services.gnn.runtime import GnnModel, QueryLimits, check_graph, check_node_ids
 from services.gnn.servicer import to_explain_response, to_graph_input
 from shared.errors import InvalidArgumentError, NotFoundError
+from shared.explanations import cancellable_job
 from shared.training_worker import JobContext, JobResult
 
 
@@ -33,11 +34,12 @@ def run_explain_job(context: JobContext) -> JobResult:
         raise InvalidArgumentError("graph_source: send either graph or stored_graph")
     check_node_ids(np.asarray(request.node_ids, np.int64), graph.num_nodes)
     context.message(f"explaining {manifest.name} v{manifest.version}")
-    explanation = explain_nodes(
-        model.net, manifest.config["num_layers"], graph.node_features, graph.edge_index, graph.edge_weight,
-        list(request.node_ids), request.method, request.epochs,
-        request.target if request.HasField("target") else None, request.seed, GnnExplainLimits(), context.device,
-        manifest.config["num_classes"],
-    )  # fmt: skip
+    with cancellable_job(context.raise_if_cancelled):
+        explanation = explain_nodes(
+            model.net, manifest.config["num_layers"], graph.node_features, graph.edge_index, graph.edge_weight,
+            list(request.node_ids), request.method, request.epochs,
+            request.target if request.HasField("target") else None, request.seed, GnnExplainLimits(), context.device,
+            manifest.config["num_classes"],
+        )  # fmt: skip
     response = to_explain_response(manifest, explanation)
     return JobResult(manifest.version, {}, False, f"explained with {response.method}", response.SerializeToString())

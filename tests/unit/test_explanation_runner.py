@@ -10,7 +10,14 @@ import time
 import pytest
 
 from shared.errors import DeadlineExceededError
-from shared.explanations import Cancellation, ExplanationCancelled, ExplanationRunner, checkpoint
+from shared.explanations import (
+    Cancellation,
+    ExplanationCancelled,
+    ExplanationRunner,
+    at_most_every,
+    cancellable,
+    checkpoint,
+)
 
 
 async def test_an_explanation_past_its_deadline_answers_deadline_exceeded_and_names_the_job_api():
@@ -99,3 +106,15 @@ def test_checkpoints_outside_a_runner_do_nothing_and_a_set_cancellation_raises()
     cancellation.cancel()
     with pytest.raises(ExplanationCancelled):
         cancellation.check()
+
+
+def test_a_jobs_check_runs_at_most_once_per_interval():
+    calls: list[int] = []
+    with cancellable(at_most_every(3600, lambda: calls.append(1))):
+        for _ in range(100):
+            checkpoint()
+    assert calls == []  # a job's check reads Redis: not once per forward pass
+    with cancellable(at_most_every(0, lambda: calls.append(1))):
+        for _ in range(3):
+            checkpoint()
+    assert calls == [1, 1, 1]
