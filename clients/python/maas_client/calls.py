@@ -266,9 +266,9 @@ def gnn_classify(
 
 def gnn_update_graph(
     name: str, node_features: np.ndarray | None, edge_index: np.ndarray | None, base_version: int,
-    timeout: float | None,
+    timeout: float | None, new_graph_name: str = "",
 ) -> Call[GraphVersion]:  # fmt: skip
-    request = gnn_pb2.UpdateGraphRequest(graph_name=name, base_version=base_version)
+    request = gnn_pb2.UpdateGraphRequest(graph_name=name, base_version=base_version, new_graph_name=new_graph_name)
     if node_features is not None:
         request.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
     if edge_index is not None:
