@@ -174,11 +174,11 @@ class AsyncNlpApi:
 
     async def similarity(
         self, query: str, candidates: Sequence[str], *, model: str = "minilm-l6-v2", error_on_truncation: bool = False,
-        version: int = 0, timeout: float | None = None,
+        version: int = 0, rerank_label: str = "", timeout: float | None = None,
     ) -> calls.Similarity:  # fmt: skip
         """As `Client.nlp.similarity`."""
         return await self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation,
-                                                           timeout))  # fmt: skip
+                                                           timeout, rerank_label))  # fmt: skip
 
 
 class AsyncModelsApi:

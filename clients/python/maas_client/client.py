@@ -253,10 +253,13 @@ class NlpApi:
         model: str = "minilm-l6-v2",
         error_on_truncation: bool = False,
         version: int = 0,
+        rerank_label: str = "",
         timeout: float | None = None,
     ) -> Similarity:
-        """Cosine similarity of each candidate to the query, and the candidates' ranking, best first."""
-        return self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation, timeout))
+        """Cosine similarity of each candidate to the query, and the candidates' ranking, best first; with a
+        classifier `model` and `rerank_label`, also the candidates reranked by the head's probability of it."""
+        return self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation, timeout,
+                                                     rerank_label))  # fmt: skip
 
 
 class ExplanationsApi:
