@@ -58,6 +58,8 @@ class ExplanationServicer(gateway_pb2_grpc.ExplanationServiceServicer):
         self.proxy.limits.check(message)
         tenant = current_tenant()
         await self.proxy.catalog.check_visible(family, message.model_name, tenant)
+        if getattr(message, "stored_graph", ""):
+            await self.proxy.graphs.check_visible(message.stored_graph, tenant, message.model_name)
         message.validate_only = True
         checked = await self.proxy.backends[family].call(
             route.path, message.SerializeToString(), self.proxy.timeout(context)
