@@ -48,7 +48,7 @@ class Cancellation:
 
     def check(self) -> None:
         if self._event.is_set():
-            raise ExplanationCancelled("the explanation was cancelled: its caller's deadline passed")
+            raise ExplanationCancelled("the explanation was cancelled: its deadline passed or its caller went away")
         self.checks += 1
 
 
