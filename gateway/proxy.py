@@ -24,7 +24,7 @@ from functools import partial
 import grpc
 from google.protobuf.message import DecodeError
 
-from gateway.auth import current_tenant, require_admin
+from gateway.auth import current_principal, current_tenant, require_admin
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
@@ -33,7 +33,7 @@ from gateway.graph_catalog import GraphCatalog
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
-from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
+from shared.errors import DeadlineExceededError, InvalidArgumentError, PermissionDeniedError, UpstreamError
 from shared.families import FAMILIES
 from shared.observability import add_trailing_metadata
 from shared.stored_graphs import TENANT_METADATA
@@ -126,12 +126,18 @@ class GatewayProxy:
                 f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
             ) from None
         self.limits.check(request)
+        if route.method != "UpdateGraph":
+            require_admin(route.method)
+            return await self.backends[route.family].call(route.path, raw, self.timeout(context))
         tenant = current_tenant()
         await self.graphs.check_visible(request.graph_name, tenant)
         owner = self.graphs.owner(request.graph_name)
-        if not request.new_graph_name and not owner:  # public, or unknown: the service says whether it exists
-            require_admin(f"{route.method} of the public graph {request.graph_name!r} (new_graph_name publishes a "
-                          "private graph of your own instead)")  # fmt: skip
+        if not request.new_graph_name and not owner and not current_principal().admin:
+            # A public graph, or one the catalog does not know (the service then says whether it exists).
+            raise PermissionDeniedError(
+                f"graph_name: a new version of the public graph {request.graph_name!r} needs an API key with the "
+                "admin role; set new_graph_name to publish a graph of your own from it"
+            )
         metadata = ((TENANT_METADATA, tenant),)
         response = await self.backends[route.family].call(route.path, raw, self.timeout(context), metadata)
         updated = route.predict_response.FromString(response)
