@@ -18,11 +18,12 @@ from gateway.backends import Backend
 from gateway.catalog import MISS_REFRESH_S
 from maas.gnn.v1 import gnn_pb2
 from shared.errors import MaasError
+from shared.families import family
 from shared.stored_graphs import missing_graph, visible
 
 log = logging.getLogger(__name__)
 
-LIST_GRAPHS = "/maas.gnn.v1.GnnService/ListGraphs"
+LIST_GRAPHS = f"/{family('gnn').service}/ListGraphs"
 
 
 class GraphCatalog:
