@@ -24,7 +24,7 @@ from functools import partial
 import grpc
 from google.protobuf.message import DecodeError
 
-from gateway.auth import current_principal, current_tenant, require_admin
+from gateway.auth import current_principal, current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
@@ -112,12 +112,12 @@ class GatewayProxy:
         return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in methods.items()]
 
     async def update(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """An rpc that changes stored data (a graph update), never cached, passed on as it is.
+        """An rpc that changes a stored graph (UpdateGraph, DeleteGraphVersion), never cached, passed on as it is.
 
-        A tenant may publish a graph of its own (new_graph_name, private to it) from any graph it can
-        see, and update its own graphs; new versions of public graphs need the admin role; another
-        tenant's graph is NOT_FOUND. Cached results need no invalidation: they name the graph version
-        they were computed on."""
+        A tenant may publish a graph of its own (UpdateGraph's new_graph_name, private to it) from any graph
+        it can see, and change its own graphs; changing a public graph needs the admin role; another
+        tenant's graph is NOT_FOUND, for admins too. Cached results need no invalidation: they name the
+        graph version they were computed on."""
         self.limits.check_size(raw)
         try:
             request = route.predict_request.FromString(raw)
@@ -126,22 +126,20 @@ class GatewayProxy:
                 f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
             ) from None
         self.limits.check(request)
-        if route.method != "UpdateGraph":
-            require_admin(route.method)
-            return await self.backends[route.family].call(route.path, raw, self.timeout(context))
         tenant = current_tenant()
         await self.graphs.check_visible(request.graph_name, tenant)
         owner = self.graphs.owner(request.graph_name)
-        if not request.new_graph_name and not owner and not current_principal().admin:
+        publishes = bool(getattr(request, "new_graph_name", ""))
+        if not publishes and not owner and not current_principal().admin:
             # A public graph, or one the catalog does not know (the service then says whether it exists).
-            raise PermissionDeniedError(
-                f"graph_name: a new version of the public graph {request.graph_name!r} needs an API key with the "
-                "admin role; set new_graph_name to publish a graph of your own from it"
-            )
+            publish = route.method == "UpdateGraph"
+            hint = "; set new_graph_name to publish a graph of your own from it" if publish else ""
+            raise PermissionDeniedError(f"graph_name: {route.method} on the public graph {request.graph_name!r} "
+                                        f"needs an API key with the admin role{hint}")  # fmt: skip
         metadata = ((TENANT_METADATA, tenant),)
         response = await self.backends[route.family].call(route.path, raw, self.timeout(context), metadata)
-        updated = route.predict_response.FromString(response)
-        self.graphs.learned(updated.graph_name, tenant if request.new_graph_name else owner or "")
+        if publishes:
+            self.graphs.learned(request.new_graph_name, tenant)
         return response
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:

@@ -291,6 +291,11 @@ def update_graph(channel, tenant, graph, new_name=""):
     return gnn_pb2_grpc.GnnServiceStub(channel).UpdateGraph(request, timeout=60, metadata=key(tenant))
 
 
+def delete_graph_version(channel, tenant, graph, version):
+    request = gnn_pb2.DeleteGraphVersionRequest(graph_name=graph, graph_version=version)
+    return gnn_pb2_grpc.GnnServiceStub(channel).DeleteGraphVersion(request, timeout=60, metadata=key(tenant))
+
+
 def refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
@@ -313,8 +318,13 @@ def test_a_graph_a_tenant_publishes_is_its_own_and_the_default_graphs_stay_publi
             assert other.details().replace("alpha-lesmis", "X") == missing.details().replace("no-such-graph", "X")
         other = refused(lambda t=tenant: update_graph(channel, t, "alpha-lesmis"))
         assert other.code() == grpc.StatusCode.NOT_FOUND and "alpha-lesmis" in other.details()
-    # Its owner updates it in place; the public graph it came from is as it was, for everyone.
+        other = refused(lambda t=tenant: delete_graph_version(channel, t, "alpha-lesmis", 1))
+        assert other.code() == grpc.StatusCode.NOT_FOUND and "alpha-lesmis" in other.details()
+    # Its owner updates it in place, and may delete its versions (the service refuses v1: v2 builds on it);
+    # the public graph it came from is as it was, for everyone.
     assert update_graph(channel, "alpha", "alpha-lesmis").graph_version == 2
+    kept = refused(lambda: delete_graph_version(channel, "alpha", "alpha-lesmis", 1))
+    assert kept.code() == grpc.StatusCode.FAILED_PRECONDITION and "base of delta versions" in kept.details()
     for tenant in ("alpha", "beta"):
         assert score_links(channel, tenant, LESMIS_GRAPH)[0].graph_version == 1
     # A new version of a public graph needs the admin role; a name that exists cannot be published again.
