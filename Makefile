@@ -187,6 +187,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_encryption
 	$(PY) -m tests.bench.bench_graphs
 	$(PY) -m tests.bench.bench_nlp
+	$(PY) -m tests.bench.bench_explain
 
 IMAGE_TAG ?= 0.1.0
 VARIANT   ?= gpu

@@ -86,7 +86,7 @@ async def serve(settings: GatewaySettings) -> None:
         if training is not None:
             training_pb2_grpc.add_TrainingServiceServicer_to_server(training, server)
             gateway_pb2_grpc.add_ExplanationServiceServicer_to_server(
-                ExplanationServicer(proxy, jobs, training), server
+                ExplanationServicer(proxy, jobs, training, settings.explanation_result_ttl_s), server
             )
 
     names = [*services.values(), MODEL_SERVICE, OPEN_INFERENCE_SERVICE, GATEWAY_SERVICE, KEY_SERVICE] + (

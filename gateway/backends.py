@@ -86,11 +86,13 @@ class Backend:
         """A maas.models.v1.ModelService rpc, on this family's service."""
         return await self.call(f"/{MODEL_SERVICE}/{method}", request, timeout)
 
-    async def call(self, path: str, request: bytes, timeout: float) -> bytes:
+    async def call(self, path: str, request: bytes, timeout: float,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> bytes:  # fmt: skip
         # The request id travels on (and the trace context, through the channel's interceptors),
         # so the backend's logs and spans join the caller's.
         request_id = current_request_id()
-        return await self._call(path, request, timeout, ((REQUEST_ID_KEY, request_id),) if request_id else None)
+        sent = (*metadata, *(((REQUEST_ID_KEY, request_id),) if request_id else ()))
+        return await self._call(path, request, timeout, sent or None)
 
     async def _call(self, path: str, request: bytes, timeout: float, metadata) -> bytes:
         try:

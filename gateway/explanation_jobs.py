@@ -5,7 +5,9 @@ model) and then asks the family's service to validate it (Explain with validate_
 resolves the version (and a graph-store graph's version): the job explains exactly that version, on
 that graph, wherever and whenever it runs. The family's trainer runs it (shared.training_worker:
 at-least-once, taken over after a crash) and stores the response with the job; GetExplanation hands
-it back to the submitting tenant only.
+it back to the submitting tenant only,
+for `result_ttl_s` after the job finished (MAAS_GATEWAY_EXPLANATION_RESULT_TTL_S); then the job
+and its result expire in Redis and it is NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def to_explanation_job(record: dict) -> gateway_pb2.ExplanationJob:
 
 
 class ExplanationServicer(gateway_pb2_grpc.ExplanationServiceServicer):
-    def __init__(self, proxy: GatewayProxy, jobs: JobStore, training: TrainingServicer) -> None:
+    def __init__(self, proxy: GatewayProxy, jobs: JobStore, training: TrainingServicer,
+                 result_ttl_s: float = 24 * 3600.0) -> None:  # fmt: skip
         self.proxy = proxy
         self.jobs = jobs
+        self.result_ttl_s = result_ttl_s
         self.training = training  # its WatchJob machinery (one shared Redis read, per-tenant stream limits)
 
     async def SubmitExplanation(self, request: gateway_pb2.SubmitExplanationRequest, context: grpc.aio.ServicerContext):
@@ -55,6 +59,8 @@ class ExplanationServicer(gateway_pb2_grpc.ExplanationServiceServicer):
         self.proxy.limits.check(message)
         tenant = current_tenant()
         await self.proxy.catalog.check_visible(family, message.model_name, tenant)
+        if getattr(message, "stored_graph", ""):
+            await self.proxy.graphs.check_visible(message.stored_graph, tenant, message.model_name)
         message.validate_only = True
         checked = await self.proxy.backends[family].call(
             route.path, message.SerializeToString(), self.proxy.timeout(context)
@@ -69,12 +75,17 @@ class ExplanationServicer(gateway_pb2_grpc.ExplanationServiceServicer):
             "model_version": message.model_version, "method": message.method, "tenant": tenant,
             "request": base64.b64encode(message.SerializeToString()).decode("ascii"),
         }  # fmt: skip
-        job_id, created = await self.jobs.submit(family, spec, request.idempotency_key, tenant)
+        job_id, created = await self.jobs.submit(family, spec, request.idempotency_key, tenant, self.result_ttl_s)
         record = await self.jobs.get(job_id)
         return gateway_pb2.SubmitExplanationResponse(job=to_explanation_job(record), created=created)
 
     async def _record(self, job_id: str) -> dict:
-        record = await self.jobs.get(job_id, current_tenant())
+        try:
+            record = await self.jobs.get(job_id, current_tenant())
+        except NotFoundError:
+            kept = f"for {self.result_ttl_s:g} s after they finish" if self.result_ttl_s > 0 else "forever"
+            raise NotFoundError(f"explanation job {job_id!r} not found: it never existed (for this tenant), or it "
+                                f"finished and expired; explanation results are kept {kept}") from None  # fmt: skip
         if record["spec"].get("kind") != EXPLAIN:
             raise NotFoundError(f"job {job_id!r} is a training job, not an explanation; call GetJob")
         return record

@@ -24,17 +24,19 @@ from functools import partial
 import grpc
 from google.protobuf.message import DecodeError
 
-from gateway.auth import current_tenant, require_admin
+from gateway.auth import current_principal, current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
 from gateway.catalog import ModelCatalog
+from gateway.graph_catalog import GraphCatalog
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
-from shared.errors import DeadlineExceededError, InvalidArgumentError, UpstreamError
+from shared.errors import DeadlineExceededError, InvalidArgumentError, PermissionDeniedError, UpstreamError
 from shared.families import FAMILIES
 from shared.observability import add_trailing_metadata
+from shared.stored_graphs import TENANT_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class GatewayProxy:
         self.settings = settings
         self.stats = ModelStats()
         self.limits = RequestLimits.from_settings(settings)
+        self.graphs = GraphCatalog(backends.get("gnn"))
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
         self._in_flight: dict[str, asyncio.Task] = {}
         # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
@@ -109,10 +112,12 @@ class GatewayProxy:
         return [grpc.method_handlers_generic_handler(service, handlers) for service, handlers in methods.items()]
 
     async def update(self, route: FamilyRoute, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """An rpc that changes stored data (a graph update): admins only, never cached, passed on as it is.
+        """An rpc that changes a stored graph (UpdateGraph, DeleteGraphVersion), never cached, passed on as it is.
 
-        Cached results need no invalidation: they name the graph version they were computed on."""
-        require_admin(route.method)
+        A tenant may publish a graph of its own (UpdateGraph's new_graph_name, private to it) from any graph
+        it can see, and change its own graphs; changing a public graph needs the admin role; another
+        tenant's graph is NOT_FOUND, for admins too. Cached results need no invalidation: they name the
+        graph version they were computed on."""
         self.limits.check_size(raw)
         try:
             request = route.predict_request.FromString(raw)
@@ -121,7 +126,21 @@ class GatewayProxy:
                 f"request is not a valid {route.predict_request.DESCRIPTOR.full_name}: {exc}"
             ) from None
         self.limits.check(request)
-        return await self.backends[route.family].call(route.path, raw, self.timeout(context))
+        tenant = current_tenant()
+        await self.graphs.check_visible(request.graph_name, tenant)
+        owner = self.graphs.owner(request.graph_name)
+        publishes = bool(getattr(request, "new_graph_name", ""))
+        if not publishes and not owner and not current_principal().admin:
+            # A public graph, or one the catalog does not know (the service then says whether it exists).
+            publish = route.method == "UpdateGraph"
+            hint = "; set new_graph_name to publish a graph of your own from it" if publish else ""
+            raise PermissionDeniedError(f"graph_name: {route.method} on the public graph {request.graph_name!r} "
+                                        f"needs an API key with the admin role{hint}")  # fmt: skip
+        metadata = ((TENANT_METADATA, tenant),)
+        response = await self.backends[route.family].call(route.path, raw, self.timeout(context), metadata)
+        if publishes:
+            self.graphs.learned(request.new_graph_name, tenant)
+        return response
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
@@ -153,6 +172,9 @@ class GatewayProxy:
         try:
             self.limits.check(request)
             await self.catalog.check_visible(route.family, request.model_name, current_tenant())
+            if getattr(request, "stored_graph", ""):  # a gnn query on a stored graph: another tenant's is NOT_FOUND
+                await self.graphs.check_visible(request.stored_graph, current_tenant(), request.model_name,
+                                                getattr(request, "graph_version", 0))  # fmt: skip
             known = self.catalog.knows(route.family, request.model_name)
             response, outcome = await self._predict(route, request, raw, context)
         except Exception:

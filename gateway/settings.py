@@ -69,6 +69,11 @@ class GatewaySettings(ServerSettings):
         validation_alias=AliasChoices("MAAS_GATEWAY_QUEUE_REDIS_URL", "QUEUE_REDIS_URL"),
         description="The job queue's Redis (AOF, noeviction); unset turns the training API off.",
     )
+    explanation_result_ttl_s: float = Field(
+        24 * 3600.0,
+        description="How long a finished explanation job (its record and result) is kept in the queue's Redis; "
+        "then it expires and GetExplanation answers NOT_FOUND. 0 keeps them forever. Training jobs are always kept.",
+    )
     dataset_dir: Path = Field(Path("var/datasets"), description="Where uploaded data sets are stored.")
     tls_cert_file: Path | None = Field(None, description="PEM server certificate chain; with the key, turns TLS on.")
     tls_key_file: Path | None = Field(None, description="PEM private key of the server certificate.")

@@ -39,9 +39,11 @@ class Family:
     architectures: dict[str, list[int]] = field(default_factory=dict)
     # Data-plane rpcs the gateway routes and caches like Predict (each has model_name and
     # model_version; its response has model_version), and rpcs that change stored data, which
-    # the gateway passes on for admins only, uncached. Messages are named <rpc>Request/Response.
+    # the gateway passes on uncached (gateway/proxy.py says who may). Messages are named
+    # <rpc>Request/Response. `internal`: rpcs only the gateway calls, never routed to callers.
     queries: tuple[str, ...] = ("Predict",)
     updates: tuple[str, ...] = ()
+    internal: tuple[str, ...] = ()
 
     @property
     def service(self) -> str:
@@ -102,6 +104,7 @@ FAMILIES: tuple[Family, ...] = (
         architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32]},
         queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain"),
         updates=("UpdateGraph", "DeleteGraphVersion"),
+        internal=("ListGraphs",),  # stored graphs' owners, for the gateway's GraphCatalog
     ),
     Family(
         name="nlp",

@@ -14,6 +14,10 @@ Keys (in the queue's Redis, which runs with AOF and noeviction):
                                       the job id a key was first used for; n is the tenant's length, so
                                       no tenant name (':' included) can stand for another's
 
+A job submitted with a result TTL (explanations: the gateway's `explanation_result_ttl_s`) keeps its
+record, events, result and idempotency key for that long after it finishes, then Redis expires
+them; training jobs have none and are kept.
+
 Submitting is one Lua script, so a job is either recorded, queued and indexed, or not at all.
 Trainers read the tenants' queues round robin (`JobQueue`), so one tenant's backlog never starves
 another's first job. An entry is acknowledged and deleted once its job has a result; the tenant
@@ -71,6 +75,20 @@ redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if ARGV[4] == '1' and redis.call('XLEN', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[3]) end
 return 1
+"""
+
+
+# Sets the finished job's keys to expire after the TTL it was submitted with; no TTL, nothing expires.
+_EXPIRE_FINISHED = """
+local fields = redis.call('HMGET', KEYS[1], 'result_ttl_s', 'idempotency')
+local ttl = tonumber(fields[1])
+if not ttl or ttl <= 0 then return 0 end
+local ms = math.max(1, math.floor(ttl * 1000))
+redis.call('PEXPIRE', KEYS[1], ms)
+redis.call('PEXPIRE', KEYS[2], ms)
+redis.call('PEXPIRE', KEYS[3], ms)
+if fields[2] then redis.call('PEXPIRE', fields[2], ms) end
+return ms
 """
 
 
@@ -162,6 +180,7 @@ class JobStore:
         self.redis = client
         self._submit = client.register_script(_SUBMIT)
         self.ack_script = client.register_script(_ACK)
+        self._expire_finished = client.register_script(_EXPIRE_FINISHED)
 
     @classmethod
     def from_url(cls, url: str) -> JobStore:
@@ -175,9 +194,12 @@ class JobStore:
         await self.redis.aclose()
 
     async def submit(
-        self, family: str, spec: dict[str, Any], idempotency_key: str = "", tenant: str = ""
-    ) -> tuple[str, bool]:
-        """Records and queues a job; returns (job_id, created). A key the tenant used before returns that job."""
+        self, family: str, spec: dict[str, Any], idempotency_key: str = "", tenant: str = "",
+        result_ttl_s: float = 0.0,
+    ) -> tuple[str, bool]:  # fmt: skip
+        """Records and queues a job; returns (job_id, created). A key the tenant used before returns that job.
+
+        With `result_ttl_s`, the finished job (its result included) expires that long after it finishes."""
         job_id = f"job-{uuid.uuid4().hex[:16]}"
         key = idempotency_record_key(tenant, idempotency_key or job_id)
         stamp = now_iso()
@@ -185,6 +207,8 @@ class JobStore:
             "job_id": job_id, "family": family, "spec": spec, "state": "QUEUED", "epochs": spec.get("epochs", 0),
             "attempts": 0, "created_at": stamp, "updated_at": stamp, "tenant": tenant,
         }  # fmt: skip
+        if result_ttl_s > 0:
+            record |= {"result_ttl_s": repr(float(result_ttl_s)), "idempotency": key}
         event = {"job_id": job_id, "state": "QUEUED", "message": "accepted and queued", "time": stamp}
         keys = [key, job_key(job_id), events_key(job_id), queue_key(family, tenant), INDEX, tenants_key(family)]
         try:
@@ -210,7 +234,10 @@ class JobStore:
         records = []
         for job_id in ids:
             raw = await self.redis.hgetall(job_key(job_id.decode()))
-            if not raw or (tenant is not None and raw.get(b"tenant", b"").decode() != tenant):
+            if not raw:
+                await self.redis.zrem(INDEX, job_id)  # an expired job leaves the index when it is next listed
+                continue
+            if (tenant is not None and raw.get(b"tenant", b"").decode() != tenant):
                 continue
             if not family or raw.get(b"family", b"").decode() == family:
                 records.append(decode_record(raw))
@@ -220,7 +247,8 @@ class JobStore:
 
     async def update(self, job_id: str, event_message: str = "", event: dict[str, Any] | None = None,
                      result: bytes | None = None, **fields) -> None:  # fmt: skip
-        """Updates the record and appends an event (and stores a result), in one transaction."""
+        """Updates the record and appends an event (and stores a result), in one transaction; a job that
+        finishes with a result TTL starts expiring in that same transaction."""
         fields["updated_at"] = now_iso()
         state = fields.get("state", "")
         if not state and (event is not None or event_message):
@@ -229,6 +257,9 @@ class JobStore:
             if result is not None:
                 pipe.set(result_key(job_id), result)
             _stage_update(pipe, job_id, state, event_message, event, fields)
+            if fields.get("state") in TERMINAL:
+                await self._expire_finished(keys=[job_key(job_id), events_key(job_id), result_key(job_id)],
+                                            client=pipe)  # fmt: skip
             await pipe.execute()
 
     async def result(self, job_id: str) -> bytes | None:

@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway.auth import CURRENT_PRINCIPAL, UNAUTHENTICATED_ADMIN, KeysFile, Principal
 from gateway.catalog import ModelCatalog
-from gateway.http import console, kserve, openai_compat
+from gateway.http import console, explain, kserve, openai_compat
 from gateway.http.context import INTERNAL_MESSAGE, http_status
 from gateway.http.metrics import observe, route_template
 from gateway.model_service import GatewayModelService
@@ -197,6 +197,7 @@ cache and deadlines.
 
 * **KServe v2 REST** (the Open Inference Protocol), with Triton's binary tensor extension: `tritonclient.http`
   works unchanged.
+* **Explanations**, in the same style: `POST /v2/models/{name}/explain` takes `/infer`'s body.
 * **OpenAI-compatible embeddings**: `POST /v1/embeddings`, `GET /v1/models`.
 * **The console's API** under `/console/api`; the console itself is at `/console`.
 
@@ -213,6 +214,7 @@ def create_app(front: HttpFront) -> FastAPI:
     )  # fmt: skip
     app.state.front = front
     app.include_router(kserve.router)
+    app.include_router(explain.router)
     app.include_router(openai_compat.router)
     app.include_router(console.router)
     app.mount("/console/static", StaticFiles(directory=console.STATIC), name="console-static")

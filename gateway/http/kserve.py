@@ -294,6 +294,9 @@ def render_infer_response(reply: oip.ModelInferResponse, choice: OutputChoice) -
     doc: dict[str, Any] = {"model_name": reply.model_name, "model_version": reply.model_version, "outputs": outputs}
     if reply.id:
         doc["id"] = reply.id
+    if reply.parameters:
+        doc["parameters"] = {name: getattr(value, value.WhichOneof("parameter_choice"))
+                             for name, value in reply.parameters.items()}  # fmt: skip
     header = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return header, None

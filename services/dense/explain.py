@@ -15,7 +15,7 @@ from captum.attr import FeatureAblation, IntegratedGradients, KernelShap
 
 from services.dense import torch_form
 from shared.errors import InvalidArgumentError
-from shared.explanations import check_method, check_steps
+from shared.explanations import check_method, check_steps, checked
 from shared.model_store import Artifacts, Manifest
 from shared.onnx_session import OnnxConfig, OnnxSession
 
@@ -25,6 +25,7 @@ KERNEL_SHAP = "kernel_shap"
 METHODS = (INTEGRATED_GRADIENTS, FEATURE_ABLATION, KERNEL_SHAP)
 DEFAULT_STEPS = {INTEGRATED_GRADIENTS: 64, KERNEL_SHAP: 200, FEATURE_ABLATION: 0}
 FLOAT_DTYPES = (np.float32, np.float64, np.float16)
+IG_CHUNK_ROWS = 4096  # interpolated rows per forward pass: one chunk between two cancellation checkpoints
 
 
 @dataclass(frozen=True)
@@ -119,19 +120,21 @@ class ExplainableDense:
         x = tuple(torch.tensor(inputs[name], dtype=torch.float32) for name in self.names)
         b = tuple(torch.tensor(base[name], dtype=torch.float32) for name in self.names)
         target_t = torch.as_tensor(targets)
+        # Every forward pass (one chunk of steps, perturbations or samples) passes a checkpoint first,
+        # so a cancelled explanation stops within one chunk.
         if method == INTEGRATED_GRADIENTS:
-            score = self.scored
+            score = checked(self.scored)
             ig = IntegratedGradients(score)
             attributions = ig.attribute(x, baselines=b, target=target_t, n_steps=steps,
-                                        internal_batch_size=max(1, 4096 // max(1, rows)) * rows)  # fmt: skip
+                                        internal_batch_size=max(1, IG_CHUNK_ROWS // max(1, rows)) * rows)  # fmt: skip
         elif method == FEATURE_ABLATION:
-            score = self.onnx_scores({name: inputs[name].dtype for name in self.names})
+            score = checked(self.onnx_scores({name: inputs[name].dtype for name in self.names}))
             features = sum(int(np.prod(t.shape[1:])) for t in x)
             attributions = FeatureAblation(score).attribute(
                 x, baselines=b, target=target_t, perturbations_per_eval=max(1, min(features, 4096 // max(1, rows)))
             )
         else:
-            score = self.onnx_scores({name: inputs[name].dtype for name in self.names})
+            score = checked(self.onnx_scores({name: inputs[name].dtype for name in self.names}))
             per_row = []
             for row in range(rows):
                 attr = KernelShap(score).attribute(

@@ -8,6 +8,7 @@ from maas.dense.v1 import dense_pb2
 from services.dense.explain import DenseExplainLimits, ExplainableDense
 from services.dense.servicer import to_explain_response
 from services.dense.signature import check_inputs
+from shared.explanations import cancellable_job
 from shared.onnx_session import OnnxConfig
 from shared.tensors import decode_inputs
 from shared.training_worker import JobContext, JobResult
@@ -22,9 +23,10 @@ def run_explain_job(context: JobContext) -> JobResult:
     check_inputs(manifest.inputs, inputs)
     form = ExplainableDense(manifest, context.store.artifacts(manifest), OnnxConfig(device="cpu"))
     context.message(f"explaining {manifest.name} v{manifest.version}")
-    explanation = form.explain(
-        inputs, request.method, decode_inputs(request.baselines, "baselines"), request.steps,
-        request.target if request.HasField("target") else None, DenseExplainLimits(),
-    )  # fmt: skip
+    with cancellable_job(context.raise_if_cancelled):
+        explanation = form.explain(
+            inputs, request.method, decode_inputs(request.baselines, "baselines"), request.steps,
+            request.target if request.HasField("target") else None, DenseExplainLimits(),
+        )  # fmt: skip
     response = to_explain_response(manifest, explanation)
     return JobResult(manifest.version, {}, False, f"explained with {response.method}", response.SerializeToString())

@@ -44,7 +44,7 @@ from services.gnn.runtime import (
     query_neighbourhood,
 )
 from shared.errors import InvalidArgumentError
-from shared.explanations import check_method, check_steps
+from shared.explanations import check_method, check_steps, checkpoint
 from shared.model_store import Manifest
 
 GNN_EXPLAINER = "gnn_explainer"
@@ -304,7 +304,14 @@ def explain_query(
     phenomenon = None
     if target is not None:
         phenomenon = torch.full((setup.targets,), int(target), dtype=torch.long, device=device)
-    explanation = explainer(x[setup.subset], setup.sub_edges, target=phenomenon, index=setup.index, **setup.kwargs)
+    # A checkpoint before every forward pass (each GNNExplainer epoch, each Captum step): a cancelled
+    # explanation stops within one pass.
+    hook = net.register_forward_pre_hook(lambda module, args: checkpoint())
+    try:
+        explanation = explainer(x[setup.subset], setup.sub_edges, target=phenomenon, index=setup.index,
+                                **setup.kwargs)  # fmt: skip
+    finally:
+        hook.remove()
     return _framed(method, query, explanation, setup.subset, setup.kept, edges, graph,
                    {name: value.detach().cpu().numpy() for name, value in setup.outputs.items()})  # fmt: skip
 

@@ -10,6 +10,7 @@ from services.gnn.explain import GnnExplainLimits, explain_query, resolve_query
 from services.gnn.graph_store import GraphStore
 from services.gnn.runtime import GnnModel, QueryLimits
 from services.gnn.servicer import to_explain_params, to_explain_response
+from shared.explanations import cancellable_job
 from shared.training_worker import JobContext, JobResult
 
 
@@ -23,6 +24,7 @@ def run_explain_job(context: JobContext) -> JobResult:
     limits = GnnExplainLimits()
     query = resolve_query(model, manifest, params, GraphStore(context.store), limits, QueryLimits())
     context.message(f"explaining {manifest.name} v{manifest.version}")
-    explanation = explain_query(model.net, manifest, query, params, limits, context.device)
+    with cancellable_job(context.raise_if_cancelled):
+        explanation = explain_query(model.net, manifest, query, params, limits, context.device)
     response = to_explain_response(manifest, query, explanation)
     return JobResult(manifest.version, {}, False, f"explained with {response.method}", response.SerializeToString())

@@ -41,6 +41,7 @@ from services.gnn.plaintext_cache import PlaintextCache
 from services.gnn.sampling import RowSpans, Subgraph, csr_add_edges, csr_from_edges, sample_adjacency
 from shared.errors import FailedPreconditionError, IntegrityError, InvalidArgumentError, MaasError, NotFoundError
 from shared.model_store import Manifest, ModelStore, check_model_name, sha256_file
+from shared.stored_graphs import missing_graph
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +211,15 @@ class GraphStore:
     def versions(self, name: str) -> list[int]:
         versions = self.store.versions(check_model_name(name, "stored_graph"))
         if not versions:
-            raise NotFoundError(f"stored_graph: no stored graph {name!r}; the store has {self.names()}")
+            raise missing_graph(name)  # names no other graph: some may be private
         return versions
 
     def latest(self, name: str) -> int:
         return self.versions(name)[-1]
+
+    def owner(self, name: str) -> str:
+        """The tenant a private graph belongs to (its latest version's manifest says); "" when public."""
+        return self.store.manifest(name, self.latest(name)).owner
 
     def open(self, name: str, version: int = 0) -> StoredGraph:
         """A version (0: the latest), mapped read-only. Blocking: call it off the event loop."""
@@ -320,8 +325,9 @@ class GraphStore:
         description: str = "",
         parent: int = 0,
         expected_latest: int | None = None,
+        owner: str = "",
     ) -> StoredGraph:
-        """A new full version."""
+        """A new full version (of a graph private to `owner`, when there is one)."""
         config = {
             "layout": "CSR by target: indices[indptr[v]:indptr[v+1]] are the in-neighbours of v",
             "num_nodes": len(indptr) - 1,
@@ -331,11 +337,11 @@ class GraphStore:
             "parent_version": parent,
         }
         arrays = {"indptr": indptr, "indices": indices, "node_features": node_features}
-        return self._publish(name, arrays, config, description, expected_latest)
+        return self._publish(name, arrays, config, description, expected_latest, owner)
 
     def _publish(
         self, name: str, arrays: dict[str, np.ndarray], config: dict[str, Any], description: str,
-        expected_latest: int | None,
+        expected_latest: int | None, owner: str = "",
     ) -> StoredGraph:  # fmt: skip
         check_model_name(name, "graph_name")
         files: dict[str, Path | bytes] = {}
@@ -359,6 +365,7 @@ class GraphStore:
                 "description": description,
                 # Extensible: fields other writers add (e.g. an owner) pass through every version.
                 "config": {"kind": "graph", **config, "block_bytes": BLOCK_BYTES, "blocks": blocks},
+                "owner": owner,  # as a private model's: sealed under the tenant's key where it has one
             },
             files,
             expected_latest=expected_latest,
@@ -378,9 +385,12 @@ class GraphStore:
         indptr, indices = csr_from_edges(edge_index, len(node_features))
         return self.publish(name, indptr, indices, node_features, undirected, description)
 
-    def update(self, name: str, base_version: int, node_features: np.ndarray, edge_index: np.ndarray) -> StoredGraph:
+    def update(self, name: str, base_version: int, node_features: np.ndarray, edge_index: np.ndarray,
+               new_name: str = "", owner: str = "") -> StoredGraph:  # fmt: skip
         """A new version: the base version plus new nodes (ids N..N+M-1) and new edges, written as a delta on
-        the base (only the new rows and edges), or as a full version once the deltas pass the threshold.
+        the base (only the new rows and edges), or as a full version once the deltas pass the threshold. An
+        update keeps the graph's owner. With `new_name`: version 1 of a new graph of that name, in full,
+        belonging to `owner`.
 
         Fails with FAILED_PRECONDITION if base_version is given and is no longer the latest, so two
         concurrent updates never silently drop one another.
@@ -397,11 +407,14 @@ class GraphStore:
         if base.undirected:
             edge_index = np.concatenate([edge_index, edge_index[::-1]], axis=1)
         description = f"v{base.version} + {len(node_features)} nodes, {edge_index.shape[1]} edges"
-        if self._compacts(base, len(node_features), edge_index.shape[1]):
+        if new_name or self._compacts(base, len(node_features), edge_index.shape[1]):
             indptr, indices = csr_add_edges(base.indptr, base.indices, edge_index, num_nodes)
             features = np.concatenate([base.node_features, node_features]) if len(node_features) else base.node_features
+            if new_name:
+                return self.publish(new_name, indptr, indices, features, base.undirected, f"{name} {description}",
+                                    expected_latest=0, owner=owner)  # fmt: skip
             return self.publish(name, indptr, indices, features, base.undirected, f"{description}, compacted",
-                                parent=base.version, expected_latest=base.version)  # fmt: skip
+                                parent=base.version, expected_latest=base.version, owner=self.owner(name))  # fmt: skip
         sources, targets = np.asarray(edge_index[0], np.int64), np.asarray(edge_index[1], np.int64)
         order = np.argsort(targets, kind="stable")  # per target, the edges keep their order: as a rebuild has them
         touched, counts = np.unique(targets[order], return_counts=True)
@@ -422,7 +435,7 @@ class GraphStore:
             "base_version": base.version,
             "first_new_node": base.num_nodes,
         }
-        return self._publish(name, arrays, config, description, expected_latest=base.version)
+        return self._publish(name, arrays, config, description, expected_latest=base.version, owner=self.owner(name))
 
     def _compacts(self, base: StoredGraph, new_nodes: int, new_edges: int) -> bool:
         """Whether an update on `base` writes a full version: its delta chain would be too long, or too big."""

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from safetensors.torch import load
 
+from maas.common.v1 import model_pb2
 from services.gnn.architectures import build_network
 from services.gnn.graph_store import GraphStore, StoredGraph
 from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index
-from shared.errors import InvalidArgumentError, NotFoundError
+from shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
-from shared.model_store import Artifacts, Manifest
+from shared.model_store import Artifacts, Manifest, check_model_name
+from shared.stored_graphs import missing_graph
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -296,10 +298,10 @@ def open_stored_graph(graph_store: GraphStore, model: GnnModel, stored_graph: st
     """A graph-store graph's version, checked against the model's feature width. Blocking."""
     try:
         stored = graph_store.open(stored_graph, graph_version)
-    except NotFoundError as exc:
-        if not model.graphs or graph_version:
-            raise
-        raise NotFoundError(f"{exc.message}; the model itself holds {sorted(model.graphs)}") from None
+    except NotFoundError:
+        if stored_graph in graph_store.names():
+            raise  # a version that graph lacks
+        raise missing_graph(stored_graph, model.graphs, graph_version) from None
     if stored.feature_width != model.in_channels:
         raise InvalidArgumentError(
             f"stored_graph: {stored.label} has {stored.feature_width} features per node; "
@@ -478,17 +480,46 @@ class GnnRuntime:
         return _node_outputs(entry.manifest, await entry.batcher.submit(graphs, deadline))
 
     async def update_graph(
-        self, name: str, base_version: int, node_features: np.ndarray, edge_index: np.ndarray
-    ) -> StoredGraph:
+        self, name: str, base_version: int, node_features: np.ndarray, edge_index: np.ndarray, new_name: str = "",
+        owner: str = "",
+    ) -> StoredGraph:  # fmt: skip
         if not name:
-            raise InvalidArgumentError(f"graph_name: required; stored graphs: {self.graph_store.names()}")
+            raise InvalidArgumentError("graph_name: required, the stored graph to update")
         if base_version < 0:
             raise InvalidArgumentError(f"base_version: must be 0 (latest) or positive, got {base_version}")
-        return await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index)
+        if new_name:
+            check_model_name(new_name, "new_graph_name")
+            stored = await self.repository.run(self.graph_store.names)
+            if new_name in stored or any(new_name in graphs for _, graphs in self.model_graphs()):
+                raise AlreadyExistsError(f"new_graph_name: a graph named {new_name!r} exists; choose another name")
+        return await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index,
+                                         new_name, owner)  # fmt: skip
+
+    def model_graphs(self) -> list[tuple[str, list[str]]]:
+        """(model, the graphs stored with it) for every loaded gnn model that holds some."""
+        found = []
+        for model in self.repository.describe_all():
+            graphs: set[str] = set()
+            for version in model.versions:
+                if version.state == model_pb2.MODEL_STATE_READY:
+                    graphs.update(self.repository.resolve(model.name, version.version).predictor.graphs)
+            if graphs:
+                found.append((model.name, sorted(graphs)))
+        return found
+
+    async def list_graphs(self) -> list[tuple[str, int, str, str]]:
+        """(name, latest version, owner, model) of every stored graph, then of every graph stored with a model."""
+
+        def stored() -> list[tuple[str, int, str, str]]:
+            return [(name, self.graph_store.latest(name), self.graph_store.owner(name), "")
+                    for name in self.graph_store.names()]  # fmt: skip
+
+        found = await self.repository.run(stored)
+        return found + [(graph, 0, "", model) for model, graphs in self.model_graphs() for graph in graphs]
 
     async def delete_graph_version(self, name: str, version: int) -> list[int]:
         if not name:
-            raise InvalidArgumentError(f"graph_name: required; stored graphs: {self.graph_store.names()}")
+            raise InvalidArgumentError("graph_name: required, the stored graph whose version to delete")
         if version <= 0:
             raise InvalidArgumentError(f"graph_version: the version to delete, a positive number; got {version}")
         return await self.repository.run(self.graph_store.delete, name, version)

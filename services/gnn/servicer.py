@@ -10,6 +10,7 @@ from services.gnn.explain import ExplainParams, ExplainQuery, GnnExplanations, G
 from services.gnn.runtime import GnnRuntime, GraphInput
 from shared.batching import deadline_from
 from shared.model_store import Manifest
+from shared.stored_graphs import TENANT_METADATA
 from shared.tensors import encode_outputs, from_numpy, to_numpy
 
 
@@ -92,7 +93,10 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
         edges = (
             to_numpy(request.edge_index, "edge_index") if request.HasField("edge_index") else np.zeros((2, 0), np.int64)
         )
-        graph = await self.runtime.update_graph(request.graph_name, request.base_version, features, edges)
+        # A new graph belongs to the tenant the gateway names (none when called directly: public).
+        owner = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+        graph = await self.runtime.update_graph(request.graph_name, request.base_version, features, edges,
+                                                request.new_graph_name, owner)  # fmt: skip
         return gnn_pb2.UpdateGraphResponse(
             graph_name=graph.name,
             graph_version=graph.version,
@@ -104,6 +108,13 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
     async def DeleteGraphVersion(self, request: gnn_pb2.DeleteGraphVersionRequest, context: grpc.aio.ServicerContext):
         left = await self.runtime.delete_graph_version(request.graph_name, request.graph_version)
         return gnn_pb2.DeleteGraphVersionResponse(graph_name=request.graph_name, graph_versions=left)
+
+    async def ListGraphs(self, request: gnn_pb2.ListGraphsRequest, context: grpc.aio.ServicerContext):
+        graphs = await self.runtime.list_graphs()
+        return gnn_pb2.ListGraphsResponse(
+            graphs=[gnn_pb2.StoredGraphInfo(name=name, latest_version=version, owner=owner, model_name=model)
+                    for name, version, owner, model in graphs]  # fmt: skip
+        )
 
     async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
         manifest, query, explanation = await self.explanations.explain(

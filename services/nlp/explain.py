@@ -16,10 +16,12 @@ import torch
 from captum.attr import FeatureAblation
 
 from shared.errors import InvalidArgumentError
-from shared.explanations import check_method
+from shared.explanations import check_method, checked
 
 OCCLUSION = "occlusion"
 METHODS = (OCCLUSION,)
+# Occluded copies of the text per encoder run; a cancelled explanation stops within one such run.
+OCCLUSIONS_PER_RUN = 32
 
 
 @dataclass
@@ -78,6 +80,7 @@ def explain_text(predictor, class_names: list[str], text: str, method: str, targ
     other = encoder.embed([compare_text])[0] if compare_text else None
     probabilities = None
 
+    @checked
     def scores(keep: torch.Tensor) -> torch.Tensor:
         """The explained score for each row of `keep` (1 keeps a content token, 0 removes it)."""
         rows = keep.shape[0]
@@ -96,10 +99,9 @@ def explain_text(predictor, class_names: list[str], text: str, method: str, targ
         chosen = int(np.argmax(explained)) if target is None else int(target)
     else:
         chosen = 0
+    per_run = min(OCCLUSIONS_PER_RUN, max(1, len(content)))
     attributions = (
-        FeatureAblation(scores)
-        .attribute(full, baselines=0.0, target=chosen, perturbations_per_eval=max(1, len(content)))[0]
-        .numpy()
+        FeatureAblation(scores).attribute(full, baselines=0.0, target=chosen, perturbations_per_eval=per_run)[0].numpy()
     )
     with torch.no_grad():
         baseline_score = float(scores(torch.zeros(1, len(content)))[0, chosen])

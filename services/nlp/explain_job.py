@@ -9,6 +9,7 @@ from services.nlp.explain import explain_text
 from services.nlp.runtime import nlp_loader
 from services.nlp.servicer import to_explain_response
 from services.nlp.settings import NlpSettings
+from shared.explanations import cancellable_job
 from shared.onnx_session import OnnxConfig
 from shared.training_worker import JobContext, JobResult
 
@@ -22,9 +23,10 @@ def run_explain_job(context: JobContext) -> JobResult:
     load = nlp_loader(context.store, OnnxConfig(device="cpu"), NlpSettings().max_sequence_length)
     predictor = load(manifest, context.store.artifacts(manifest))
     context.message(f"explaining {manifest.name} v{manifest.version}")
-    explanation = explain_text(
-        predictor, manifest.class_names, request.text, request.method,
-        request.target if request.HasField("target") else None, request.compare_text,
-    )  # fmt: skip
+    with cancellable_job(context.raise_if_cancelled):
+        explanation = explain_text(
+            predictor, manifest.class_names, request.text, request.method,
+            request.target if request.HasField("target") else None, request.compare_text,
+        )  # fmt: skip
     response = to_explain_response(manifest, explanation)
     return JobResult(manifest.version, {}, False, f"explained with {response.method}", response.SerializeToString())

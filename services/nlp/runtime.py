@@ -163,6 +163,8 @@ class Similarity:
     ranking: np.ndarray
     token_counts: np.ndarray
     max_tokens: int
+    label_probabilities: np.ndarray | None = None  # with a rerank label: per candidate
+    reranking: np.ndarray | None = None
 
 
 class NlpRuntime:
@@ -211,8 +213,10 @@ class NlpRuntime:
         return TextPrediction(entry.manifest, outputs, labels, counts, encoder.max_tokens)
 
     async def similarity(self, name: str, version: int, query: str, candidates: list[str],
-                         deadline: float | None = None, truncation: str = CUT) -> Similarity:  # fmt: skip
+                         deadline: float | None = None, truncation: str = CUT,
+                         rerank_label: str = "") -> Similarity:  # fmt: skip
         entry = self.repository.resolve(name, version)
+        label = self.check_rerank_label(entry, rerank_label) if rerank_label else None
         if not query.strip():
             raise InvalidArgumentError("query: empty; send the text to compare the candidates with")
         self.check_texts(candidates, "candidates")
@@ -231,7 +235,25 @@ class NlpRuntime:
         embeddings = outputs["embedding"]
         scores = embeddings[1:] @ embeddings[0]  # embeddings are L2-normalised: the dot product is the cosine
         ranking = np.argsort(-scores, kind="stable")
-        return Similarity(entry.manifest, scores, ranking, outputs[TOKEN_COUNT], encoder.max_tokens)
+        result = Similarity(entry.manifest, scores, ranking, outputs[TOKEN_COUNT], encoder.max_tokens)
+        if label is not None:
+            # The head runs on the candidates' embeddings already computed: the encoder runs once.
+            probabilities = await self.repository.run(entry.predictor.classify, embeddings[1:])
+            result.label_probabilities = probabilities[:, label]
+            result.reranking = ranking[np.argsort(-result.label_probabilities[ranking], kind="stable")]
+        return result
+
+    @staticmethod
+    def check_rerank_label(entry, label: str) -> int:
+        """The column of `label` in the classifier's probabilities; INVALID_ARGUMENT when it has none."""
+        names = entry.manifest.class_names
+        if not isinstance(entry.predictor, TextClassifier) or not names:
+            raise InvalidArgumentError(f"rerank_label: {entry.manifest.name!r} is an embedding model; reranking "
+                                       "needs a classifier, a model with class names")  # fmt: skip
+        if label not in names:
+            raise InvalidArgumentError(f"rerank_label: {label!r} is not a label of {entry.manifest.name!r}; "
+                                       f"use one of {names}")  # fmt: skip
+        return names.index(label)
 
     async def explain(
         self, name: str, version: int, text: str, method: str, target: int | None, compare_text: str,

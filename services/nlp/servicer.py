@@ -74,10 +74,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
     async def Similarity(self, request: nlp_pb2.SimilarityRequest, context: grpc.aio.ServicerContext):
         result = await self.runtime.similarity(
             request.model_name, request.model_version, request.query, list(request.candidates),
-            deadline_from(context.time_remaining()), truncation(request.truncation),
+            deadline_from(context.time_remaining()), truncation(request.truncation), request.rerank_label,
         )  # fmt: skip
         counts = token_counts(result.token_counts, result.max_tokens)
-        return nlp_pb2.SimilarityResponse(
+        response = nlp_pb2.SimilarityResponse(
             model_name=result.manifest.name,
             model_version=result.manifest.version,
             scores=result.scores.tolist(),
@@ -86,6 +86,10 @@ class NlpServicer(nlp_pb2_grpc.NlpServiceServicer):
             candidate_tokens=counts[1:],
             max_tokens=result.max_tokens,
         )
+        if result.reranking is not None:
+            response.label_probabilities.extend(result.label_probabilities.tolist())
+            response.reranking.extend(result.reranking.tolist())
+        return response
 
     async def Explain(self, request: nlp_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
         manifest, explanation = await self.runtime.explain(

@@ -43,7 +43,10 @@ def test_the_sdk_returns_numpy_for_every_family(maas):
     assert links.edge_mask.shape == (links.subgraph_edge_index.shape[1],)  # over the sampled subgraph only
 
     ranked = maas.nlp.similarity("a dog runs in the park", ["stock prices fell", "a puppy plays outside"])
-    assert ranked.ranking.tolist() == [1, 0] and not ranked.truncated.any()
+    assert ranked.ranking.tolist() == [1, 0] and not ranked.truncated.any() and ranked.reranking is None
+    reviews = ["Rude staff and a dirty room.", "A lovely, kind host."]
+    reranked = maas.nlp.similarity("the hotel", reviews, model="sentiment", rerank_label="positive")
+    assert reranked.reranking.tolist() == [1, 0] and reranked.label_probabilities.dtype == np.float32
 
     job = maas.explanations.submit(nlp_pb2.ExplainRequest(model_name="sentiment", text="Lovely staff."))
     done = maas.explanations.wait(job.job.job_id, text="Lovely staff.", timeout=240)

@@ -7,6 +7,7 @@ import signal
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from maas.dense.v1 import dense_pb2
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -16,6 +17,7 @@ from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
 from services.dense.datasets import digits_split
 from services.gnn.datasets import motif_graphs
+from shared.jobs import events_key, job_key, result_key
 from shared.tensors import from_numpy, to_numpy
 
 
@@ -139,6 +141,18 @@ def test_a_training_job_id_is_not_an_explanation(explanations, gateway_channel):
     with pytest.raises(grpc.RpcError) as caught:
         explanations.GetExplanation(gateway_pb2.GetExplanationRequest(job_id="job-doesnotexist"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "never existed" in caught.value.details() and "kept for 86400 s" in caught.value.details()
+
+
+def test_a_finished_explanation_expires_after_the_default_day(explanations, cluster):
+    job = explanations.SubmitExplanation(
+        gateway_pb2.SubmitExplanationRequest(nlp=nlp_pb2.ExplainRequest(model_name="sentiment", text="Kind host.")),
+        timeout=30,
+    ).job
+    assert watch(explanations, job.job_id)[-1].state == t.JOB_STATE_SUCCEEDED
+    queue = redis.Redis.from_url(cluster.queue_redis_url)
+    ttls = [queue.ttl(key) for key in (job_key(job.job_id), events_key(job.job_id), result_key(job.job_id))]
+    assert all(86400 - 120 < ttl <= 86400 for ttl in ttls), ttls  # MAAS_GATEWAY_EXPLANATION_RESULT_TTL_S
 
 
 def test_an_explanation_job_survives_a_trainer_restart(explanations, cluster):

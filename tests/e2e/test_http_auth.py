@@ -82,6 +82,7 @@ OK, NOT_FOUND, DENIED = 200, 404, 403
 EXPECTED = {
     #                      own private  another's   public, no admin  public, admin
     "infer":               (OK,         NOT_FOUND,  OK,               OK),
+    "explain":             (OK,         NOT_FOUND,  OK,               OK),
     "metadata":            (OK,         NOT_FOUND,  OK,               OK),
     "ready":               (OK,         NOT_FOUND,  OK,               OK),
     "openai-model":        (OK,         NOT_FOUND,  OK,               OK),
@@ -90,6 +91,7 @@ EXPECTED = {
 }  # fmt: skip
 REQUESTS = {
     "infer": lambda m: ("POST", f"/v2/models/{m}/infer", TEXTS),
+    "explain": lambda m: ("POST", f"/v2/models/{m}/explain", TEXTS),
     "metadata": lambda m: ("GET", f"/v2/models/{m}", None),
     "ready": lambda m: ("GET", f"/v2/models/{m}/ready", None),
     "openai-model": lambda m: ("GET", f"/v1/models/{m}", None),

@@ -66,8 +66,8 @@ def test_family_services_serve_predict_and_model_service_only(cluster, name):
         entry.service,
         MODEL_SERVICE,
     }
-    # The data plane only: Predict, and the family's other queries and updates (gnn's graph rpcs).
-    assert sorted(methods_of(target, entry.service)) == sorted([*entry.queries, *entry.updates])
+    # The data plane only: Predict, and the family's other queries, updates and the gateway's own rpcs.
+    assert sorted(methods_of(target, entry.service)) == sorted([*entry.queries, *entry.updates, *entry.internal])
     with grpc.insecure_channel(target) as channel:
         old_admin = channel.unary_unary(f"/{entry.service}/ListModels")
         with pytest.raises(grpc.RpcError) as err:

@@ -90,3 +90,35 @@ def test_bad_similarity_requests(nlp, request_, fragment):
         nlp.Similarity(request_, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in caught.value.details()
+
+
+def test_a_classifier_head_reranks_the_candidates_by_its_label(nlp):
+    candidates = [
+        "The room was dirty and the staff were rude.",
+        "A lovely stay with a kind and helpful host.",
+        "Terrible noise all night, we could not sleep.",
+        "Wonderful breakfast and a spotless, quiet room.",
+    ]
+    request = nlp_pb2.SimilarityRequest(model_name="sentiment", query="How was the hotel?", candidates=candidates,
+                                        rerank_label="positive")  # fmt: skip
+    reply = nlp.Similarity(request, timeout=30)
+    probabilities = np.array(reply.label_probabilities)
+    assert set(reply.reranking[:2]) == {1, 3}  # the positive reviews first, whatever their cosine
+    assert list(reply.reranking) == sorted(range(4), key=lambda i: -probabilities[i])
+    assert probabilities[[1, 3]].min() > 0.5 > probabilities[[0, 2]].max()
+    # The cosine ranking is the one Similarity gives without a label.
+    plain = nlp.Similarity(nlp_pb2.SimilarityRequest(model_name="sentiment", query="How was the hotel?",
+                                                     candidates=candidates), timeout=30)  # fmt: skip
+    assert list(reply.ranking) == list(plain.ranking) and not plain.reranking
+
+
+@pytest.mark.parametrize(
+    ("model", "label", "fragment"),
+    [("sentiment", "joyful", "rerank_label: 'joyful' is not a label of 'sentiment'; use one of"),
+     ("minilm-l6-v2", "positive", "rerank_label: 'minilm-l6-v2' is an embedding model")],
+)  # fmt: skip
+def test_reranking_by_a_label_the_model_lacks_is_invalid(nlp, model, label, fragment):
+    with pytest.raises(grpc.RpcError) as caught:
+        nlp.Similarity(nlp_pb2.SimilarityRequest(model_name=model, query="q", candidates=["a"], rerank_label=label),
+                       timeout=30)  # fmt: skip
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in caught.value.details()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import grpc
+import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2 as oip  # the same wire protocol; one copy of it per process
@@ -18,11 +19,14 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.auth import hash_key
 from maas.common.v1 import model_pb2
+from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from maas.models.v1 import models_pb2, models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
+from services.gnn.defaults import LESMIS_GRAPH, LESMIS_LINKS
 from shared.cluster import ClusterPorts, LocalCluster, health_status
+from shared.tensors import from_numpy
 from tests.e2e.test_training import served_version, wait_for
 
 KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "ops": "ops-secret-key-3"}
@@ -272,3 +276,60 @@ def test_the_example_client_sends_maas_api_key_or_says_it_skipped(secured):
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "sentiment v1: ['positive', 'negative']" in ran.stdout
+
+
+def score_links(channel, tenant, graph, **fields):
+    stub = gnn_pb2_grpc.GnnServiceStub(channel)
+    request = gnn_pb2.PredictLinksRequest(model_name=LESMIS_LINKS, stored_graph=graph,
+                                          pairs=from_numpy(np.array([[0], [5]], np.int64)), **fields)  # fmt: skip
+    return stub.PredictLinks.with_call(request, timeout=30, metadata=key(tenant))
+
+
+def update_graph(channel, tenant, graph, new_name=""):
+    request = gnn_pb2.UpdateGraphRequest(graph_name=graph, new_graph_name=new_name,
+                                         edge_index=from_numpy(np.array([[0], [9]], np.int64)))  # fmt: skip
+    return gnn_pb2_grpc.GnnServiceStub(channel).UpdateGraph(request, timeout=60, metadata=key(tenant))
+
+
+def delete_graph_version(channel, tenant, graph, version):
+    request = gnn_pb2.DeleteGraphVersionRequest(graph_name=graph, graph_version=version)
+    return gnn_pb2_grpc.GnnServiceStub(channel).DeleteGraphVersion(request, timeout=60, metadata=key(tenant))
+
+
+def refused(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_a_graph_a_tenant_publishes_is_its_own_and_the_default_graphs_stay_public(secured):
+    _, channel = secured
+    published = update_graph(channel, "alpha", LESMIS_GRAPH, new_name="alpha-lesmis")
+    assert (published.graph_name, published.graph_version) == ("alpha-lesmis", 1)
+    reply, _ = score_links(channel, "alpha", "alpha-lesmis", graph_version=1)
+    _, call = score_links(channel, "alpha", "alpha-lesmis", graph_version=1)
+    assert reply.graph_version == 1 and dict(call.trailing_metadata())["maas-cache"] == "hit"
+    # Others (the admin too) get what a graph that does not exist gets, even where alpha's answer is cached.
+    for tenant in ("beta", "ops"):
+        for fields in ({}, {"graph_version": 1}):
+            other = refused(lambda t=tenant, f=fields: score_links(channel, t, "alpha-lesmis", **f))
+            missing = refused(lambda t=tenant, f=fields: score_links(channel, t, "no-such-graph", **f))
+            assert other.code() == missing.code() == grpc.StatusCode.NOT_FOUND
+            assert other.details().replace("alpha-lesmis", "X") == missing.details().replace("no-such-graph", "X")
+        other = refused(lambda t=tenant: update_graph(channel, t, "alpha-lesmis"))
+        assert other.code() == grpc.StatusCode.NOT_FOUND and "alpha-lesmis" in other.details()
+        other = refused(lambda t=tenant: delete_graph_version(channel, t, "alpha-lesmis", 1))
+        assert other.code() == grpc.StatusCode.NOT_FOUND and "alpha-lesmis" in other.details()
+    # Its owner updates it in place, and may delete its versions (the service refuses v1: v2 builds on it);
+    # the public graph it came from is as it was, for everyone.
+    assert update_graph(channel, "alpha", "alpha-lesmis").graph_version == 2
+    kept = refused(lambda: delete_graph_version(channel, "alpha", "alpha-lesmis", 1))
+    assert kept.code() == grpc.StatusCode.FAILED_PRECONDITION and "base of delta versions" in kept.details()
+    for tenant in ("alpha", "beta"):
+        assert score_links(channel, tenant, LESMIS_GRAPH)[0].graph_version == 1
+    # A new version of a public graph needs the admin role; a name that exists cannot be published again.
+    denied = refused(lambda: update_graph(channel, "beta", LESMIS_GRAPH))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "admin role" in denied.details() and "new_graph_name" in denied.details()
+    taken = refused(lambda: update_graph(channel, "beta", LESMIS_GRAPH, new_name=LESMIS_GRAPH))
+    assert taken.code() == grpc.StatusCode.ALREADY_EXISTS

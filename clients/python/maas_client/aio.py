@@ -119,10 +119,12 @@ class AsyncGnnApi:
 
     async def update_graph(
         self, name: str, *, node_features: np.ndarray | None = None, edge_index: np.ndarray | None = None,
-        base_version: int = 0, timeout: float | None = None,
+        base_version: int = 0, new_graph_name: str = "", timeout: float | None = None,
     ) -> GraphVersion:  # fmt: skip
-        """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
-        return await self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
+        """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version; with
+        `new_graph_name`, as a new graph of that name, private to the caller's tenant."""
+        return await self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout,
+                                                          new_graph_name))  # fmt: skip
 
     async def delete_graph_version(self, name: str, version: int, *, timeout: float | None = None) -> list[int]:
         """Deletes one version of a stored graph (not the latest, nor a delta's base); returns the versions left."""
@@ -173,11 +175,11 @@ class AsyncNlpApi:
 
     async def similarity(
         self, query: str, candidates: Sequence[str], *, model: str = "minilm-l6-v2", error_on_truncation: bool = False,
-        version: int = 0, timeout: float | None = None,
+        version: int = 0, rerank_label: str = "", timeout: float | None = None,
     ) -> calls.Similarity:  # fmt: skip
         """As `Client.nlp.similarity`."""
         return await self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation,
-                                                           timeout))  # fmt: skip
+                                                           timeout, rerank_label))  # fmt: skip
 
 
 class AsyncModelsApi:

@@ -266,9 +266,9 @@ def gnn_classify(
 
 def gnn_update_graph(
     name: str, node_features: np.ndarray | None, edge_index: np.ndarray | None, base_version: int,
-    timeout: float | None,
+    timeout: float | None, new_graph_name: str = "",
 ) -> Call[GraphVersion]:  # fmt: skip
-    request = gnn_pb2.UpdateGraphRequest(graph_name=name, base_version=base_version)
+    request = gnn_pb2.UpdateGraphRequest(graph_name=name, base_version=base_version, new_graph_name=new_graph_name)
     if node_features is not None:
         request.node_features.CopyFrom(encode(np.asarray(node_features, np.float32)))
     if edge_index is not None:
@@ -367,6 +367,8 @@ class Similarity:
     scores: np.ndarray
     ranking: np.ndarray
     truncated: np.ndarray  # per candidate
+    label_probabilities: np.ndarray | None = None  # with rerank_label: per candidate
+    reranking: np.ndarray | None = None  # with rerank_label: by the label's probability, best first
 
 
 def dense_explanation(reply: dense_pb2.ExplainResponse) -> DenseExplanation:
@@ -473,14 +475,18 @@ def gnn_explain(request: gnn_pb2.ExplainRequest, timeout: float | None) -> Call[
 
 
 def nlp_similarity(model: str, query: str, candidates: Sequence[str], version: int, error_on_truncation: bool,
-                   timeout: float | None) -> Call[Similarity]:  # fmt: skip
+                   timeout: float | None, rerank_label: str = "") -> Call[Similarity]:  # fmt: skip
     truncation = nlp_pb2.TRUNCATION_ERROR if error_on_truncation else nlp_pb2.TRUNCATION_CUT
     request = nlp_pb2.SimilarityRequest(model_name=model, model_version=version, query=query,
-                                        candidates=list(candidates), truncation=truncation)  # fmt: skip
+                                        candidates=list(candidates), truncation=truncation,
+                                        rerank_label=rerank_label)  # fmt: skip
     reply = yield Rpc("nlp", "Similarity", request, timeout)
+    reranked = bool(rerank_label)
     return Similarity(reply.model_name, reply.model_version, np.array(reply.scores, np.float32),
                       np.array(reply.ranking, np.int64),
-                      np.array([count.truncated for count in reply.candidate_tokens], bool))  # fmt: skip
+                      np.array([count.truncated for count in reply.candidate_tokens], bool),
+                      np.array(reply.label_probabilities, np.float32) if reranked else None,
+                      np.array(reply.reranking, np.int64) if reranked else None)  # fmt: skip
 
 
 @dataclass(frozen=True)

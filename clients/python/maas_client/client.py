@@ -177,10 +177,12 @@ class GnnApi:
 
     def update_graph(
         self, name: str, *, node_features: np.ndarray | None = None, edge_index: np.ndarray | None = None,
-        base_version: int = 0, timeout: float | None = None,
+        base_version: int = 0, new_graph_name: str = "", timeout: float | None = None,
     ) -> GraphVersion:  # fmt: skip
-        """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version."""
-        return self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout))
+        """Adds nodes (ids from the graph's node count on) and edges to a stored graph, as a new version; with
+        `new_graph_name`, as a new graph of that name, private to the caller's tenant."""
+        return self._client.run(calls.gnn_update_graph(name, node_features, edge_index, base_version, timeout,
+                                                          new_graph_name))  # fmt: skip
 
     def delete_graph_version(self, name: str, version: int, *, timeout: float | None = None) -> list[int]:
         """Deletes one version of a stored graph (not the latest, nor a delta's base); returns the versions left."""
@@ -256,10 +258,13 @@ class NlpApi:
         model: str = "minilm-l6-v2",
         error_on_truncation: bool = False,
         version: int = 0,
+        rerank_label: str = "",
         timeout: float | None = None,
     ) -> Similarity:
-        """Cosine similarity of each candidate to the query, and the candidates' ranking, best first."""
-        return self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation, timeout))
+        """Cosine similarity of each candidate to the query, and the candidates' ranking, best first; with a
+        classifier `model` and `rerank_label`, also the candidates reranked by the head's probability of it."""
+        return self._client.run(calls.nlp_similarity(model, query, candidates, version, error_on_truncation, timeout,
+                                                     rerank_label))  # fmt: skip
 
 
 class ExplanationsApi:

@@ -1,0 +1,76 @@
+"""Which tenant each of the gnn service's stored graphs belongs to, so the gateway keeps private graphs private.
+
+A graph a tenant published (UpdateGraph with new_graph_name) is that tenant's; the default graphs,
+and the graphs stored with a model, are public. The gateway enforces it as it enforces model
+ownership, before the cache: another tenant's query, update or explanation naming the graph gets
+the NOT_FOUND a graph that does not exist gets. Owners come from GnnService.ListGraphs, read
+again (at most once a second) when a query names a graph the catalog does not know; a graph's
+owner never changes, so what was read stays true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from gateway.backends import Backend
+from gateway.catalog import MISS_REFRESH_S
+from maas.gnn.v1 import gnn_pb2
+from shared.errors import MaasError
+from shared.families import family
+from shared.stored_graphs import missing_graph, visible
+
+log = logging.getLogger(__name__)
+
+LIST_GRAPHS = f"/{family('gnn').service}/ListGraphs"
+
+
+class GraphCatalog:
+    def __init__(self, backend: Backend | None, call_timeout_s: float = 2.0) -> None:
+        self.backend = backend
+        self.call_timeout_s = call_timeout_s
+        self.owners: dict[str, str] = {}  # stored graph -> owner ("" public)
+        self.model_graphs: dict[str, set[str]] = {}  # model -> the graphs stored with it
+        self._last_refresh = -float("inf")
+        self._refreshing: asyncio.Task | None = None
+
+    async def refresh(self) -> None:
+        """Reads the stored graphs and their owners from the gnn service (one read at a time)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        self._last_refresh = time.monotonic()
+        try:
+            raw = await self.backend.call(LIST_GRAPHS, gnn_pb2.ListGraphsRequest().SerializeToString(),
+                                          self.call_timeout_s)  # fmt: skip
+        except MaasError as exc:
+            log.warning("stored graphs could not be listed: %s", exc.message)
+            return  # what was read before stays true; a query then meets the service's own answer
+        model_graphs: dict[str, set[str]] = {}
+        for graph in gnn_pb2.ListGraphsResponse.FromString(raw).graphs:
+            if graph.model_name:
+                model_graphs.setdefault(graph.model_name, set()).add(graph.name)
+            else:
+                self.owners[graph.name] = graph.owner
+        self.model_graphs = model_graphs
+
+    def owner(self, name: str) -> str | None:
+        """The graph's owner ("" public), or None when the catalog does not know it."""
+        return self.owners.get(name)
+
+    def learned(self, name: str, owner: str) -> None:
+        """A graph this gateway just published or updated."""
+        self.owners[name] = owner
+
+    async def check_visible(self, name: str, tenant: str, model_name: str = "", graph_version: int = 0) -> None:
+        """NOT_FOUND, in the words a missing graph gets, when `name` is another tenant's stored graph."""
+        if self.backend is None or not name or name in self.model_graphs.get(model_name, ()):
+            return  # a graph stored with the model comes first, whatever the store holds
+        if name not in self.owners and time.monotonic() - self._last_refresh >= MISS_REFRESH_S:
+            await self.refresh()
+        owner = self.owners.get(name)
+        if owner is not None and not visible(owner, tenant):
+            raise missing_graph(name, self.model_graphs.get(model_name, ()), graph_version)
