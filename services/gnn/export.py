@@ -6,6 +6,11 @@ as constants (pyg-team/pytorch_geometric #6000, #7890). So an export counts only
 matches torch within 1e-5 on a graph of another size (and, for graph-level models, another
 number of graphs) than the one it was traced on. Otherwise the manifest records why, and torch
 serves the model.
+
+Graph classifiers' sum readout (global_add_pool) sizes its output with `int(batch.max()) + 1`,
+which tracing freezes: ScatterElements then refuses any batch of more graphs than the traced one.
+They are traced through `TraceableReadout`, which sizes the same scatter-add from the batch
+tensor itself, so the number of graphs stays dynamic in the ONNX graph.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ from safetensors.torch import save
 
 TOLERANCE = 1e-5
 EXPORTER = "torch.onnx.export(dynamo=False) opset 17"
+
+
+class TraceableReadout(torch.nn.Module):
+    """A GraphClassifier (same submodules, same weights) whose readout traces with a dynamic number
+    of graphs: zeros of [batch.max() + 1, hidden] built from tensors, then the scatter-add that
+    global_add_pool does. Every graph has a node, so batch.max() + 1 is the number of graphs."""
+
+    def __init__(self, classifier: torch.nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        h = self.classifier.gnn(x, edge_index)
+        graphs = torch.arange(batch.max() + 1, device=h.device)
+        zeros = torch.zeros_like(graphs, dtype=h.dtype).unsqueeze(1).expand(-1, h.shape[1])
+        return self.classifier.head(zeros.scatter_add(0, batch.unsqueeze(1).expand_as(h), h))
 
 
 def example_inputs(config: dict[str, Any], nodes: int, edges: int, graphs: int, seed: int) -> dict[str, np.ndarray]:
@@ -44,6 +65,7 @@ def export_onnx(net: torch.nn.Module, config: dict[str, Any]) -> tuple[bytes | N
     import onnxruntime as ort
 
     net = net.eval().cpu()
+    traced = TraceableReadout(net) if config.get("task") == "graph" else net
     traced_on = example_inputs(config, nodes=7, edges=12, graphs=1, seed=0)
     checked_on = example_inputs(config, nodes=23, edges=61, graphs=3, seed=1)
     names = list(traced_on)
@@ -52,7 +74,7 @@ def export_onnx(net: torch.nn.Module, config: dict[str, Any]) -> tuple[bytes | N
         buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, tuple(torch.from_numpy(v) for v in traced_on.values()), buffer, dynamo=False,
+            torch.onnx.export(traced, tuple(torch.from_numpy(v) for v in traced_on.values()), buffer, dynamo=False,
                               input_names=names, output_names=["output"], opset_version=17,
                               dynamic_axes={name: axes[name] for name in names})  # fmt: skip
         options = ort.SessionOptions()
