@@ -12,6 +12,7 @@ from services.gnn.settings import GnnSettings
 from shared.explanations import ExplanationRunner
 from shared.families import family
 from shared.model_service import build_repository, serve_models
+from shared.onnx_session import OnnxConfig
 from shared.torch_device import resolve_torch_device
 from shared.workers import run_server_process
 
@@ -21,7 +22,8 @@ FAMILY = family("gnn")
 async def serve(settings: GnnSettings) -> None:
     torch.set_num_threads(settings.torch_threads)
     device = resolve_torch_device(settings.device, settings.device_index, settings.gpu_memory_limit_mb)
-    repository = build_repository(settings, FAMILY.name, gnn_loader(device))
+    onnx = OnnxConfig.from_settings(settings) if settings.onnx_graph_classifiers else None
+    repository = build_repository(settings, FAMILY.name, gnn_loader(device, onnx))
     plaintext = settings.graph_plaintext() if repository.store.encrypted else None  # plain graphs map the store
     graphs = GraphStore(repository.store, settings.graph_limits(), versioning=settings.graph_versioning(),
                         plaintext=plaintext)  # fmt: skip

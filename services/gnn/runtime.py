@@ -25,6 +25,7 @@ from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index
 from shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Artifacts, Manifest, check_model_name
+from shared.onnx_session import OnnxConfig, OnnxSession
 from shared.stored_graphs import missing_graph
 
 
@@ -81,9 +82,16 @@ class GraphAnswer:
 
 
 class GnnModel:
-    """A GNN version loaded from safetensors weights and its architecture config (no pickle)."""
+    """A GNN version loaded from safetensors weights and its architecture config (no pickle).
 
-    def __init__(self, manifest: Manifest, artifacts: Artifacts, device: torch.device) -> None:
+    A graph classifier whose ONNX export held up (the manifest's config names onnx_file) runs on
+    ONNX Runtime when `onnx` is given: its per-batch cost is a fraction of PyG's Python-heavy
+    forward, and session.run releases the GIL, so the event loop keeps taking calls meanwhile.
+    """
+
+    def __init__(
+        self, manifest: Manifest, artifacts: Artifacts, device: torch.device, onnx: OnnxConfig | None = None
+    ) -> None:
         config = manifest.config
         self.torch_device = device
         self.device = str(device)
@@ -98,6 +106,10 @@ class GnnModel:
             for name, file in config.get("graphs", {}).items()
             for tensors in [load(artifacts.read(file))]
         }
+        self.session: OnnxSession | None = None
+        if onnx is not None and self.task == "graph" and config.get("onnx_file"):
+            self.session = OnnxSession(artifacts.read(config["onnx_file"]), onnx)
+            self.device = self.session.device
 
     def warm_up(self, max_batch_size: int = 1) -> None:
         graph = next(iter(self.graphs.values()), None) or GraphInput(
@@ -162,13 +174,22 @@ class GnnModel:
         graphs = [graph for call in calls for graph in call]
         union, _ = disjoint_union(graphs)
         batch = np.repeat(np.arange(len(graphs), dtype=np.int64), [graph.num_nodes for graph in graphs])
+        if self.session is not None:
+            logits = self.session.run(
+                {"node_features": union.node_features, "edge_index": union.edge_index, "batch": batch}
+            )["output"]
+            probabilities = _softmax(logits)
+        else:
+            probabilities = self._torch_graph_probabilities(union, batch, len(graphs))
+        splits = np.cumsum([len(call) for call in calls])[:-1]
+        return np.split(probabilities, splits)
+
+    def _torch_graph_probabilities(self, union: GraphInput, batch: np.ndarray, num_graphs: int) -> np.ndarray:
         with torch.inference_mode():
             x = _tensor(union.node_features, self.torch_device)
             edges = _tensor(union.edge_index, self.torch_device)
-            logits = self.net(x, edges, _tensor(batch, self.torch_device), len(graphs))
-            probabilities = torch.softmax(logits, dim=-1).cpu().numpy()
-        splits = np.cumsum([len(call) for call in calls])[:-1]
-        return np.split(probabilities, splits)
+            logits = self.net(x, edges, _tensor(batch, self.torch_device), num_graphs)
+            return torch.softmax(logits, dim=-1).cpu().numpy()
 
 
 def link_outputs(query: LinkQuery, z: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,6 +208,11 @@ def link_outputs(query: LinkQuery, z: np.ndarray) -> dict[str, np.ndarray]:
         outputs["neighbors"] = best.astype(np.int64)
         outputs["neighbor_scores"] = np.take_along_axis(scores, best, axis=1).astype(np.float32)
     return outputs
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -214,9 +240,11 @@ def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
     return union, offsets
 
 
-def gnn_loader(device: torch.device):
+def gnn_loader(device: torch.device, onnx: OnnxConfig | None = None):
+    """Loads GNN versions on `device`; graph classifiers with an ONNX export on ONNX Runtime when `onnx` is set."""
+
     def load(manifest: Manifest, artifacts: Artifacts) -> GnnModel:
-        return GnnModel(manifest, artifacts, device)
+        return GnnModel(manifest, artifacts, device, onnx)
 
     return load
 

@@ -26,6 +26,11 @@ class GnnSettings(ModelServiceSettings):
     max_graph_edges: int = Field(2_000_000, description="Most edges of one graph sent inline.")
     max_graphs_per_call: int = Field(1024, description="Most graphs one ClassifyGraphs call may carry.")
     max_top_k: int = Field(100, description="Most new neighbours PredictLinks returns per node.")
+    onnx_graph_classifiers: bool = Field(
+        True,
+        description="Serve graph classifiers whose ONNX export held up (ONNX Runtime matched torch within 1e-5) "
+        "on ONNX Runtime, with the onnx_* settings; false serves every GNN with torch.",
+    )
     max_stored_graph_nodes: int = Field(50_000_000, description="Most nodes an update may grow a stored graph to.")
     max_update_nodes: int = Field(100_000, description="Most nodes one UpdateGraph call may add.")
     max_update_edges: int = Field(1_000_000, description="Most edges one UpdateGraph call may add.")

@@ -94,3 +94,20 @@ def test_gnn_graph_classification_batches_calls_as_one_union(model_store):
     for call, result in zip(calls, batched, strict=True):
         assert result.shape == (len(call), 2)
         np.testing.assert_allclose(result, np.concatenate(model.run_batch([[g] for g in call])), rtol=1e-5, atol=1e-6)
+
+
+def test_gnn_graph_classifier_on_onnx_runtime_batches_and_matches_torch(model_store):
+    """motif-gin's ONNX export is served by ONNX Runtime: a batch of calls gives what each call gets alone,
+    and every graph's probabilities are torch's within 1e-5."""
+    from services.gnn.datasets import motif_graphs
+
+    served = load(model_store, gnn_loader(torch.device("cpu"), CPU), "motif-gin")
+    reference = load(model_store, gnn_loader(torch.device("cpu")), "motif-gin")
+    assert served.session is not None and served.device == "CPUExecutionProvider"
+    graphs = [GraphInput(x, e) for x, e, _ in motif_graphs(12, seed=9)]
+    calls = [graphs[:1], graphs[1:6], graphs[6:7], graphs[7:]]
+    batched = served.run_batch(calls)
+    for call, result, expected in zip(calls, batched, reference.run_batch(calls), strict=True):
+        assert result.shape == (len(call), 2)
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(result, np.concatenate(served.run_batch([[g] for g in call])), rtol=0, atol=1e-6)
