@@ -24,7 +24,7 @@ from maas.gnn.v1 import gnn_pb2
 from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.errors import InvalidArgumentError, NotFoundError
-from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape
+from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape, from_numpy, to_numpy
 
 SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
@@ -150,7 +150,8 @@ class InferInputs:
         return self.inputs[name]
 
 
-def to_family_request(family: str, request: oip.ModelInferRequest, version: int, links: bool = False):
+def to_family_request(family: str, request: oip.ModelInferRequest, version: int, links: bool = False,
+                      graphs: bool = False):  # fmt: skip
     inputs = InferInputs(request)
     wanted = [output.name for output in request.outputs]
     if family == "dense":
@@ -165,6 +166,8 @@ def to_family_request(family: str, request: oip.ModelInferRequest, version: int,
         return nlp_pb2.PredictRequest(
             model_name=request.model_name, model_version=version, texts=inputs.texts(texts_input)
         )
+    if graphs:
+        return to_classify_graphs_request(request, version, inputs)
     return to_gnn_request(request, version, inputs, links)
 
 
@@ -212,6 +215,56 @@ def to_gnn_request(request: oip.ModelInferRequest, version: int, inputs: InferIn
             message.graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
     message.node_ids.extend(_integers(inputs, "node_ids"))
     message.fan_outs.extend(_integers(inputs, "fan_outs"))
+    return message
+
+
+def to_classify_graphs_request(
+    request: oip.ModelInferRequest, version: int, inputs: InferInputs
+) -> gnn_pb2.ClassifyGraphsRequest:
+    """ClassifyGraphs for a graph classifier: node_features [N, F] and edge_index [2, E] of a disjoint union of
+    graphs, and graph_ids [N], each node's graph (0..G-1, ascending, every graph with a node). Edges must stay
+    within one graph. The service checks each graph (widths, sizes, node indices) as for ClassifyGraphs."""
+    features = to_numpy(inputs.tensor("node_features"), "inputs ('node_features')")
+    edges = to_numpy(inputs.tensor("edge_index"), "inputs ('edge_index')")
+    ids = to_numpy(inputs.tensor("graph_ids"), "inputs ('graph_ids')")
+    if features.ndim != 2:
+        raise InvalidArgumentError(f"inputs ('node_features'): expected shape [N, F], got {list(features.shape)}")
+    if edges.dtype != np.int64 or edges.ndim != 2 or edges.shape[0] != 2:
+        raise InvalidArgumentError(
+            f"inputs ('edge_index'): expected INT64 of shape [2, E], got {edges.dtype} of shape {list(edges.shape)}"
+        )
+    nodes = features.shape[0]
+    if ids.dtype != np.int64 or ids.shape != (nodes,):
+        raise InvalidArgumentError(
+            f"inputs ('graph_ids'): expected INT64 of shape [{nodes}] (one per node), got {ids.dtype} of shape "
+            f"{list(ids.shape)}"
+        )
+    if not nodes:
+        raise InvalidArgumentError("inputs ('node_features'): no nodes; send at least one graph")
+    steps = np.diff(ids)
+    if ids[0] != 0 or steps.min(initial=0) < 0 or steps.max(initial=0) > 1:
+        raise InvalidArgumentError(
+            "inputs ('graph_ids'): expected each node's graph, 0..G-1 in ascending order with no graph skipped "
+            f"(the nodes of graph 0 first), got {ids[:8].tolist()}{'...' if nodes > 8 else ''}"
+        )
+    if edges.size and (edges.min() < 0 or edges.max() >= nodes):
+        bad = int(edges.min() if edges.min() < 0 else edges.max())
+        raise InvalidArgumentError(f"inputs ('edge_index'): node index {bad} is out of range for {nodes} nodes")
+    starts = np.concatenate([[0], np.flatnonzero(steps) + 1, [nodes]])
+    graph_of_edge = ids[edges[0]] if edges.size else np.zeros(0, np.int64)
+    if edges.size and (ids[edges[1]] != graph_of_edge).any():
+        i = int(np.flatnonzero(ids[edges[1]] != graph_of_edge)[0])
+        raise InvalidArgumentError(
+            f"inputs ('edge_index'): edge {i} ({int(edges[0, i])} -> {int(edges[1, i])}) joins graphs "
+            f"{int(ids[edges[0, i]])} and {int(ids[edges[1, i]])}; an edge must stay within one graph"
+        )
+    order = np.argsort(graph_of_edge, kind="stable")
+    edge_starts = np.searchsorted(graph_of_edge[order], np.arange(len(starts)))
+    message = gnn_pb2.ClassifyGraphsRequest(model_name=request.model_name, model_version=version)
+    for g in range(len(starts) - 1):
+        graph = message.graphs.add()
+        graph.node_features.CopyFrom(from_numpy(features[starts[g] : starts[g + 1]]))
+        graph.edge_index.CopyFrom(from_numpy(edges[:, order[edge_starts[g] : edge_starts[g + 1]]] - starts[g]))
     return message
 
 
@@ -288,10 +341,12 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context):
         family, model = await self.catalog.find_visible(request.model_name, current_tenant())
-        # A link-prediction model (its signature takes pairs) answers through PredictLinks.
-        links = family == "gnn" and any(s.name == "pairs" for v in model.versions for s in v.inputs)
-        route = QUERY_ROUTE[family, "PredictLinks" if links else "Predict"]
-        message = to_family_request(family, request, parse_version(request.model_version), links)
+        # A link-prediction model (its signature takes pairs) answers through PredictLinks, a graph
+        # classifier (its signature takes graph_ids) through ClassifyGraphs.
+        signature = {s.name for v in model.versions for s in v.inputs} if family == "gnn" else set()
+        links, graphs = "pairs" in signature, "graph_ids" in signature
+        route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
+        message = to_family_request(family, request, parse_version(request.model_version), links, graphs)
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context)
         response = route.predict_response.FromString(raw)
         return to_infer_response(request, response)

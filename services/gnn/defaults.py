@@ -118,6 +118,23 @@ def node_classifier_signature(width: int, classes: int) -> dict[str, list[dict]]
     }
 
 
+# A graph classifier takes many small graphs as one disjoint union: the nodes of graph 0, then of
+# graph 1, ..., with graph_ids naming each node's graph (0..G-1, ascending) and edge_index each
+# edge's endpoints within the union. ClassifyGraphs sends the graphs apart; Open Inference these three.
+GRAPH_IDS = {"name": "graph_ids", "dtype": "INT64", "shape": [-1]}
+
+
+def graph_classifier_signature(width: int, classes: int) -> dict[str, list[dict]]:
+    """The inputs and outputs a graph classifier's manifest records: per graph, its class probabilities and label."""
+    return {
+        "inputs": [*INLINE_GRAPH(width), GRAPH_IDS],
+        "outputs": [
+            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
+            {"name": "label", "dtype": "INT64", "shape": [-1]},
+        ],
+    }
+
+
 STORED_GRAPH_QUERY = [
     {"name": "stored_graph", "dtype": "STRING", "shape": [1]},
     {"name": "graph_version", "dtype": "INT64", "shape": [1]},
@@ -298,14 +315,7 @@ def build_motif_gin(store: ModelStore, seed: int = 0) -> Manifest:
     metrics["final_train_loss"] = loss.item()
     return _publish_torch(store, net, {
         "name": MOTIF_GIN,
-        "inputs": [
-            {"name": "node_features", "dtype": "FP32", "shape": [-1, config["in_channels"]]},
-            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-        ],
-        "outputs": [
-            {"name": "probabilities", "dtype": "FP32", "shape": [-1, 2]},
-            {"name": "label", "dtype": "INT64", "shape": [-1]},
-        ],
+        **graph_classifier_signature(config["in_channels"], 2),
         "metrics": metrics,
         "class_names": ["house", "cycle"],
         "source": f"torch_geometric BAGraph(20, 1) + HouseMotif / CycleMotif(5), 600 train / 200 held out, "

@@ -12,7 +12,7 @@ from safetensors.torch import save
 
 from services.gnn.architectures import build_network
 from services.gnn.datasets import GraphData, GraphSetData
-from services.gnn.defaults import node_classifier_signature
+from services.gnn.defaults import graph_classifier_signature, node_classifier_signature
 from services.gnn.export import model_files
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
@@ -148,14 +148,7 @@ def _graph_job(context: JobContext, data: GraphSetData) -> JobResult:
     record = {
         "family": "gnn",
         "framework": "torch",
-        "inputs": [
-            {"name": "node_features", "dtype": "FP32", "shape": [-1, width]},
-            {"name": "edge_index", "dtype": "INT64", "shape": [2, -1]},
-        ],
-        "outputs": [
-            {"name": "probabilities", "dtype": "FP32", "shape": [-1, classes]},
-            {"name": "label", "dtype": "INT64", "shape": [-1]},
-        ],
+        **graph_classifier_signature(width, classes),
         "metrics": metrics,
         "class_names": data.class_names,
         "description": f"{spec['architecture']} {spec['hidden_sizes']} graph classifier trained on "

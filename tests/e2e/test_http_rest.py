@@ -229,3 +229,25 @@ def test_grpc_and_http_share_the_gateway(cluster, http):
                               json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
                                                       "data": [0.0] * 64}]}).encode())  # fmt: skip
     assert status == 200 and json.loads(content)["model_name"] == "digits-mlp"
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_graph_classification_over_rest(client, binary):
+    """motif-gin over REST: a disjoint union of held-out motif graphs with graph_ids, one label per graph."""
+    from services.gnn.datasets import motif_graphs
+    from tests.graph_union import graph_union
+
+    graphs = motif_graphs(16, seed=321)
+    features, edges, ids = graph_union(graphs)
+    inputs = []
+    for name, value, datatype in (("node_features", features, "FP32"), ("edge_index", edges, "INT64"),
+                                  ("graph_ids", ids, "INT64")):  # fmt: skip
+        inputs.append(triton.InferInput(name, list(value.shape), datatype))
+        inputs[-1].set_data_from_numpy(value, binary_data=binary)
+    result = client.infer("motif-gin", inputs)
+    assert result.as_numpy("probabilities").shape == (16, 2)
+    assert (result.as_numpy("label") == np.array([y for _, _, y in graphs])).mean() >= 0.9
+    inputs[2].set_data_from_numpy(ids[::-1].copy(), binary_data=binary)  # the last graph's nodes first
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("motif-gin", inputs)
+    assert err.value.status() == "400" and "graph_ids" in err.value.message()
