@@ -85,8 +85,8 @@ class GnnModel:
     """A GNN version loaded from safetensors weights and its architecture config (no pickle).
 
     A graph classifier whose ONNX export held up (the manifest's config names onnx_file) runs on
-    ONNX Runtime when `onnx` is given: its per-batch cost is a fraction of PyG's Python-heavy
-    forward, and session.run releases the GIL, so the event loop keeps taking calls meanwhile.
+    ONNX Runtime when `onnx` is given (MAAS_GNN_ONNX_GRAPH_CLASSIFIERS): a lone small graph costs a
+    fraction of PyG's Python-heavy forward, though big batches cost more (ORT's CPU scatter).
     """
 
     def __init__(
@@ -270,8 +270,9 @@ def check_graph(graph: GraphInput, in_channels: int, limits: QueryLimits, where:
         raise InvalidArgumentError(
             f"{where}.edge_index: the graph has {edges.shape[1]} edges; at most {limits.max_graph_edges} per graph"
         )
-    if edges.size and (edges.min() < 0 or edges.max() >= graph.num_nodes):
-        bad = int(edges.min() if edges.min() < 0 else edges.max())
+    low, high = (int(edges.min()), int(edges.max())) if edges.size else (0, 0)
+    if low < 0 or high >= graph.num_nodes:
+        bad = low if low < 0 else high
         raise InvalidArgumentError(
             f"{where}.edge_index: node index {bad} is out of range for a graph of {graph.num_nodes} nodes "
             f"(valid: 0..{graph.num_nodes - 1})"

@@ -27,9 +27,11 @@ class GnnSettings(ModelServiceSettings):
     max_graphs_per_call: int = Field(1024, description="Most graphs one ClassifyGraphs call may carry.")
     max_top_k: int = Field(100, description="Most new neighbours PredictLinks returns per node.")
     onnx_graph_classifiers: bool = Field(
-        True,
+        False,
         description="Serve graph classifiers whose ONNX export held up (ONNX Runtime matched torch within 1e-5) "
-        "on ONNX Runtime, with the onnx_* settings; false serves every GNN with torch.",
+        "on ONNX Runtime, with the onnx_* settings. About 8x less compute per single small graph than torch, "
+        "but ORT's CPU scatter makes a 64-graph batch about 3x slower than torch's (make bench), so off by "
+        "default, as for node and link models.",
     )
     max_stored_graph_nodes: int = Field(50_000_000, description="Most nodes an update may grow a stored graph to.")
     max_update_nodes: int = Field(100_000, description="Most nodes one UpdateGraph call may add.")

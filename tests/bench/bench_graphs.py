@@ -5,7 +5,7 @@ Run with `make bench`. Ratios are against a baseline taken in the same run:
   same average degree, both stored graphs of one gnn service (target: at most 2x);
 - graph classification, 1 small graph per call at concurrency 64, batching on vs off, several
   client processes (target: at least 3x), and in process one call of 64 graphs vs 64 calls of one
-  (target: at least 10x);
+  (target: at least 10x), each with the classifier on torch (the default) and on ONNX Runtime;
 - resident memory of a service holding the 1M-node graph, and of a second replica that maps the
   same files: Pss below Rss on the graph's mappings shows the pages are shared; the same for a sealed
   store, whose graphs are decrypted once into a tmpfs directory that both replicas map;
@@ -36,6 +36,7 @@ from services.gnn.runtime import GraphInput, gnn_loader
 from shared.families import family
 from shared.keyring import Keyring, create_kek
 from shared.model_store import ModelStore, sha256_file
+from shared.onnx_session import OnnxConfig
 from shared.tensors import from_numpy
 from tests.bench.bench_batching import start_service, stop
 from tests.bench.load import CallSpec, run_interleaved
@@ -244,9 +245,9 @@ def bench_sealed_open(sealed: ModelStore, plaintext: Path) -> None:
           f"{small_s * 1000:.2f} ms for {SMALL_NODES} nodes: {big_s / small_s:.2f}x")  # fmt: skip
 
 
-def load(store: ModelStore, name: str):
+def load(store: ModelStore, name: str, onnx: OnnxConfig | None = None):
     manifest = store.manifest(name, store.default_version(name))
-    return gnn_loader(torch.device("cpu"))(manifest, store.artifacts(manifest))
+    return gnn_loader(torch.device("cpu"), onnx)(manifest, store.artifacts(manifest))
 
 
 def bench_graph_batching(store: ModelStore) -> None:
@@ -257,36 +258,39 @@ def bench_graph_batching(store: ModelStore) -> None:
         ).SerializeToString()
         for x, e, _ in graphs
     )
-    off_process, off_target = start_service(GNN, store.root, batching=False)
-    on_process, on_target = start_service(GNN, store.root, batching=True)
-    try:
-        specs = [CallSpec(target, CLASSIFY, requests) for target in (off_target, on_target)]
-        off, on = run_interleaved(specs, 64, DURATION_S)
-    finally:
-        stop(off_process)
-        stop(on_process)
-    ratio = on.throughput / off.throughput
-    print(f"\ngraph classification served ({MOTIF_GIN}), 1 graph of ~25 nodes per call, concurrency 64")
-    print(f"{'batching':>8} | {'graphs/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | errors")
-    for name, result in (("off", off), ("on", on)):
-        print(f"{name:>8} | {result.throughput:>8.0f} | {result.percentile_ms(50):>7.2f} | "
-              f"{result.percentile_ms(99):>7.2f} | {result.errors}")  # fmt: skip
-    print(f"on / off: {ratio:.2f}x (target >= 3x) -> {'ok' if ratio >= 3 else 'LOSS'}")
+    for backend, env in (("torch", {}), ("ONNX Runtime", {"MAAS_GNN_ONNX_GRAPH_CLASSIFIERS": "true"})):
+        off_process, off_target = start_service(GNN, store.root, batching=False, extra_env=env)
+        on_process, on_target = start_service(GNN, store.root, batching=True, extra_env=env)
+        try:
+            specs = [CallSpec(target, CLASSIFY, requests) for target in (off_target, on_target)]
+            off, on = run_interleaved(specs, 64, DURATION_S)
+        finally:
+            stop(off_process)
+            stop(on_process)
+        ratio = on.throughput / off.throughput
+        print(f"\ngraph classification served ({MOTIF_GIN} on {backend}), 1 graph of ~25 nodes per call, "
+              "concurrency 64")  # fmt: skip
+        print(f"{'batching':>8} | {'graphs/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | errors")
+        for name, result in (("off", off), ("on", on)):
+            print(f"{name:>8} | {result.throughput:>8.0f} | {result.percentile_ms(50):>7.2f} | "
+                  f"{result.percentile_ms(99):>7.2f} | {result.errors}")  # fmt: skip
+        print(f"on / off: {ratio:.2f}x (target >= 3x) -> {'ok' if ratio >= 3 else 'LOSS'}")
 
     torch.set_num_threads(1)
-    model = load(store, MOTIF_GIN)
     inputs = [GraphInput(x, e) for x, e, _ in graphs]
+    for backend, onnx in (("torch", None), ("ONNX Runtime", OnnxConfig(device="cpu"))):
+        model = load(store, MOTIF_GIN, onnx)
 
-    def timed(calls) -> float:
-        started = time.perf_counter()
-        model.run_batch(calls)
-        return time.perf_counter() - started
+        def timed(calls, model=model) -> float:
+            started = time.perf_counter()
+            model.run_batch(calls)
+            return time.perf_counter() - started
 
-    singles = statistics.median(sum(timed([[g]]) for g in inputs) for _ in range(5))
-    batched = statistics.median(timed([inputs]) for _ in range(5))
-    print(f"in process, one thread: 64 single calls {singles * 1000:.1f} ms, one call of 64 graphs "
-          f"{batched * 1000:.1f} ms: {singles / batched:.1f}x (target >= 10x) -> "
-          f"{'ok' if singles / batched >= 10 else 'LOSS'}")  # fmt: skip
+        singles = statistics.median(sum(timed([[g]]) for g in inputs) for _ in range(5))
+        batched = statistics.median(timed([inputs]) for _ in range(5))
+        print(f"in process, {backend}, one thread: 64 single calls {singles * 1000:.1f} ms, one call of 64 graphs "
+              f"{batched * 1000:.1f} ms: {singles / batched:.1f}x (target >= 10x) -> "
+              f"{'ok' if singles / batched >= 10 else 'LOSS'}")  # fmt: skip
 
 
 def main() -> None:
