@@ -48,6 +48,9 @@ BATCHED_FAMILIES = ("dense", "nlp")  # their first dimension is the batch; gnn i
 MAX_BATCH_SIZE = 64
 # BYTES elements one request may carry; the nlp service's own, smaller limit applies after this.
 MAX_TEXTS = 100_000
+# Graphs one graph-classification request may carry (each becomes a message here, on the loop);
+# the gnn service's own, smaller limit (MAAS_GNN_MAX_GRAPHS_PER_CALL) applies after this.
+MAX_GRAPHS = 10_000
 
 
 def datatype_name(dtype: int) -> str:
@@ -250,6 +253,8 @@ def to_classify_graphs_request(
     if edges.size and (edges.min() < 0 or edges.max() >= nodes):
         bad = int(edges.min() if edges.min() < 0 else edges.max())
         raise InvalidArgumentError(f"inputs ('edge_index'): node index {bad} is out of range for {nodes} nodes")
+    if int(ids[-1]) + 1 > MAX_GRAPHS:
+        raise InvalidArgumentError(f"inputs ('graph_ids'): {int(ids[-1]) + 1} graphs; at most {MAX_GRAPHS} per request")
     starts = np.concatenate([[0], np.flatnonzero(steps) + 1, [nodes]])
     graph_of_edge = ids[edges[0]] if edges.size else np.zeros(0, np.int64)
     if edges.size and (ids[edges[1]] != graph_of_edge).any():
