@@ -3,21 +3,24 @@
 A graph a tenant published (UpdateGraph with new_graph_name) is that tenant's; the default graphs,
 and the graphs stored with a model, are public. The gateway enforces it as it enforces model
 ownership, before the cache: another tenant's query, update or explanation naming the graph gets
-the NOT_FOUND a graph that does not exist gets. Owners come from GnnService.ListGraphs, read
-again (at most once a second) when a query names a graph the catalog does not know; a graph's
+the NOT_FOUND a graph that does not exist gets. Owners come from GnnService.ListGraphs; a graph's
 owner never changes, so what was read stays true.
+
+It fails closed. A query naming a graph the catalog does not know (published a moment ago through
+another gateway worker, or no graph at all) waits for a fresh read (one at a time, shared by the
+callers waiting) and is decided on it: a graph still unknown is NOT_FOUND here, never forwarded on
+the chance that the service holds it, and a read that fails is UNAVAILABLE. So a private graph is
+never served to another tenant in the moment before this worker learns its owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from gateway.backends import Backend
-from gateway.catalog import MISS_REFRESH_S
 from maas.gnn.v1 import gnn_pb2
-from shared.errors import MaasError
+from shared.errors import MaasError, UnavailableError
 from shared.families import family
 from shared.stored_graphs import missing_graph, visible
 
@@ -32,8 +35,8 @@ class GraphCatalog:
         self.call_timeout_s = call_timeout_s
         self.owners: dict[str, str] = {}  # stored graph -> owner ("" public)
         self.model_graphs: dict[str, set[str]] = {}  # model -> the graphs stored with it
-        self._last_refresh = -float("inf")
         self._refreshing: asyncio.Task | None = None
+        self._listed = False  # whether the latest read succeeded
 
     async def refresh(self) -> None:
         """Reads the stored graphs and their owners from the gnn service (one read at a time)."""
@@ -42,13 +45,14 @@ class GraphCatalog:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        self._last_refresh = time.monotonic()
         try:
             raw = await self.backend.call(LIST_GRAPHS, gnn_pb2.ListGraphsRequest().SerializeToString(),
                                           self.call_timeout_s)  # fmt: skip
         except MaasError as exc:
             log.warning("stored graphs could not be listed: %s", exc.message)
-            return  # what was read before stays true; a query then meets the service's own answer
+            self._listed = False
+            return  # what was read before stays true
+        self._listed = True
         model_graphs: dict[str, set[str]] = {}
         for graph in gnn_pb2.ListGraphsResponse.FromString(raw).graphs:
             if graph.model_name:
@@ -69,8 +73,14 @@ class GraphCatalog:
         """NOT_FOUND, in the words a missing graph gets, when `name` is another tenant's stored graph."""
         if self.backend is None or not name or name in self.model_graphs.get(model_name, ()):
             return  # a graph stored with the model comes first, whatever the store holds
-        if name not in self.owners and time.monotonic() - self._last_refresh >= MISS_REFRESH_S:
+        if name not in self.owners:
             await self.refresh()
-        owner = self.owners.get(name)
-        if owner is not None and not visible(owner, tenant):
+            if name in self.model_graphs.get(model_name, ()):
+                return
+            if name not in self.owners:
+                if not self._listed:
+                    raise UnavailableError(f"stored_graph: could not learn who may read {name!r} from the gnn "
+                                           "service; retry shortly")  # fmt: skip
+                raise missing_graph(name, self.model_graphs.get(model_name, ()), graph_version)
+        if not visible(self.owners[name], tenant):
             raise missing_graph(name, self.model_graphs.get(model_name, ()), graph_version)

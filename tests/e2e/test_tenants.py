@@ -26,6 +26,7 @@ from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
 from services.gnn.defaults import LESMIS_GRAPH, LESMIS_LINKS
 from shared.cluster import ClusterPorts, LocalCluster, health_status
+from shared.stored_graphs import TENANT_METADATA
 from shared.tensors import from_numpy
 from tests.e2e.test_training import served_version, wait_for
 
@@ -300,6 +301,21 @@ def refused(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call()
     return caught.value
+
+
+def test_a_private_graph_the_gateway_has_not_heard_of_is_refused_to_others_at_once(secured):
+    """A graph published past this gateway worker (through another worker; here straight at the gnn service)
+    is refused to other tenants from the moment it exists, not only after the worker next reads the owners."""
+    cluster, channel = secured
+    # The worker has just read the graphs: a query naming an unknown graph reads them, and is NOT_FOUND.
+    assert refused(lambda: score_links(channel, "beta", "gamma-lesmis")).code() == grpc.StatusCode.NOT_FOUND
+    request = gnn_pb2.UpdateGraphRequest(graph_name=LESMIS_GRAPH, new_graph_name="gamma-lesmis",
+                                         edge_index=from_numpy(np.array([[0], [9]], np.int64)))  # fmt: skip
+    with grpc.insecure_channel(cluster.specs["gnn"].target) as direct:
+        gnn_pb2_grpc.GnnServiceStub(direct).UpdateGraph(request, timeout=60, metadata=((TENANT_METADATA, "alpha"),))
+    other = refused(lambda: score_links(channel, "beta", "gamma-lesmis"))
+    assert other.code() == grpc.StatusCode.NOT_FOUND and "gamma-lesmis" in other.details()
+    assert score_links(channel, "alpha", "gamma-lesmis")[0].graph_version == 1
 
 
 def test_a_graph_a_tenant_publishes_is_its_own_and_the_default_graphs_stay_public(secured):
