@@ -433,7 +433,8 @@ class TrainingWorker:
         attempt = record["attempts"] + 1
         await self.jobs.update(job_id, f"attempt {attempt} on {self.consumer}{note}", state="RUNNING",
                                attempts=attempt, trainer=self.consumer, **extra)  # fmt: skip
-        keeper = asyncio.create_task(self._keep_claimed(entry))
+        keeping = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_claimed(entry, keeping))
         context = JobContext(
             job_id, self.family, record["spec"], self.store, self.datasets, self.checkpoint_dir, self.device,
             asyncio.get_running_loop(), self.jobs, self.data, self.stopping, limits=self.limits,
@@ -445,7 +446,10 @@ class TrainingWorker:
         except Exception as exc:  # noqa: BLE001 - every outcome but a result is handled below
             outcome = exc
         finally:
-            # Stopped before the entry changes hands, so a late touch cannot undo a hand-back.
+            # Stopped before the entry changes hands, so a late touch cannot undo a hand-back. The event
+            # ends it even if a Redis call swallows the cancellation (Python 3.11's asyncio.timeout turns a
+            # cancel that races the socket timeout into TimeoutError, a RedisError it would suppress).
+            keeping.set()
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
@@ -523,10 +527,13 @@ class TrainingWorker:
         JOBS.labels(self.family, "dead_lettered").inc()
         log.error("job %s moved to the dead-letter stream: %s", job_id, error)
 
-    async def _keep_claimed(self, entry: QueueEntry) -> None:
-        """Resets the entry's idle time while the job runs, without counting a delivery."""
-        while True:
-            await asyncio.sleep(max(0.2, self.claim_idle_ms / 3000))
+    async def _keep_claimed(self, entry: QueueEntry, keeping: asyncio.Event) -> None:
+        """Resets the entry's idle time while the job runs, without counting a delivery, until `keeping` is set."""
+        while not keeping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(keeping.wait(), max(0.2, self.claim_idle_ms / 3000))
+            if keeping.is_set():
+                return
             with contextlib.suppress(redis.RedisError, OSError):
                 await self.queue.keep_claimed(entry)
 

@@ -388,3 +388,35 @@ async def test_a_redis_failure_under_a_running_job_is_not_a_failed_attempt(jobs,
         await running.stop()
     assert record["state"] == "SUCCEEDED" and record["attempts"] == 1 and len(calls) == 2
     assert await jobs.redis.xlen(dead_letter_key("dense")) == 0
+
+
+async def test_a_job_finishes_when_its_claim_keeper_swallows_the_cancellation(jobs, tmp_path):
+    """Regression: the task that keeps a running job's entry claimed was stopped by cancel() alone. Python 3.11's
+    asyncio.timeout (redis-py's socket timeout) turns a cancel racing the timeout into TimeoutError, which the
+    keeper suppressed as a Redis error; it then kept going, `await keeper` never returned, and the job stayed
+    EVALUATING while its trainer took no other job. Here the keeper's Redis call swallows every cancel so."""
+    job_id, _ = await jobs.submit("dense", dense_spec(), tenant="")
+    inside = threading.Event()
+
+    def run_job(context: JobContext) -> JobResult:
+        assert inside.wait(30), "the keeper never touched the entry"
+        return quick_result(context)
+
+    worker = make_worker(jobs, tmp_path, run_job)
+    real_keep_claimed = worker.queue.keep_claimed
+
+    async def keep_claimed_swallowing_cancel(entry):
+        await real_keep_claimed(entry)
+        inside.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise redis.TimeoutError("Timeout reading from socket") from None
+
+    worker.queue.keep_claimed = keep_claimed_swallowing_cancel
+    running = Running(worker)
+    try:
+        record = await finished(jobs, job_id, timeout=20)
+    finally:
+        await running.stop()
+    assert record["state"] == "SUCCEEDED" and record["attempts"] == 1
