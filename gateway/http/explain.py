@@ -25,16 +25,15 @@ from google.protobuf.descriptor import FieldDescriptor
 from gateway.auth import current_tenant
 from gateway.http.context import HttpCallContext
 from gateway.http.kserve import (
-    CACHE_HEADER,
     ERRORS,
     HEADER_LENGTH,
     INFER_BODY,
     INFER_RESPONSES,
     TIMEOUT_DOC,
     _off_loop,
+    infer_response,
     parse_infer_request,
     read_body,
-    render_infer_response,
 )
 from gateway.open_inference import (
     InferInputs,
@@ -220,15 +219,7 @@ async def _explain(request: Request, model_name: str, model_version: str = "") -
     explain = to_explain_request(family, message)
     raw = await front.proxy.predict_message(route, explain, explain.SerializeToString(), context)
     reply = to_explain_reply(message, route.predict_response.FromString(raw))
-    size = sum(len(raw) for raw in reply.raw_output_contents)
-    content, header_length = await _off_loop(size, render_infer_response, reply, choice)
-    headers = {}
-    if (outcome := context.trailing(CACHE_HEADER)) is not None:
-        headers[CACHE_HEADER] = outcome
-    if header_length is None:
-        return Response(content, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(header_length)
-    return Response(content, media_type="application/octet-stream", headers=headers)
+    return await infer_response(reply, choice, context)
 
 
 @router.post("/v2/models/{model_name}/explain", summary="Explain a prediction", operation_id="model_explain",

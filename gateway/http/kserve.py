@@ -384,6 +384,11 @@ async def _infer(request: Request, model_name: str, model_version: str = "") -> 
         front.settings.max_tensor_elements,
     )  # fmt: skip
     reply = await front.inference.ModelInfer(message, context)
+    return await infer_response(reply, choice, context)
+
+
+async def infer_response(reply: oip.ModelInferResponse, choice, context: HttpCallContext) -> Response:
+    """An infer-shaped reply as JSON or Triton's binary extension (as the request chose), with the cache header."""
     size = sum(len(raw) for raw in reply.raw_output_contents)
     content, header_length = await _off_loop(size, render_infer_response, reply, choice)
     headers = {}
