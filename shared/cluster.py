@@ -257,8 +257,16 @@ class LocalCluster:
         """Health reaches one worker only; the others say they serve through their ready files."""
         return spec.workers <= 1 or all(ready_file(spec.run_dir, i).exists() for i in range(spec.workers))
 
-    def _log_hint(self, name: str) -> str:
-        return f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""
+    def _log_hint(self, name: str, tail_lines: int = 30) -> str:
+        """Where the process logged, and the end of it: a CI run keeps only what the error says."""
+        if not self.log_dir:
+            return ""
+        path = self.log_dir / f"{name}.log"
+        try:
+            tail = path.read_text(errors="replace").splitlines()[-tail_lines:]
+        except OSError:
+            tail = []
+        return f"; see {path}" + ("; it ends:\n" + "\n".join(tail) if tail else "")
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
         process = self.processes.pop(name, None)

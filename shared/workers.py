@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -65,7 +66,36 @@ def ready_file(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / f"ready-{index}"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port no one listens on, for a server started later.
+
+    Taken below the kernel's ephemeral range where there is room: a port the kernel hands out (bind to 0)
+    may be taken as the local end of some outgoing connection before the server binds it, and then the
+    server cannot start. Ports already handed out by this process are not handed out again."""
+    low = _ephemeral_low()
+    if low > 12000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("0.0.0.0" if host in ("", "0.0.0.0", "127.0.0.1") else host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
