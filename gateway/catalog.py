@@ -5,6 +5,7 @@ models, and to name the version in a cache key before it calls a backend. The mo
 decide; the catalog follows. It re-reads a family when a model event says something changed
 there (the job queue Redis's channel), when a call meets a name it does not know (at most once
 a second per family), and every `refresh_s` as a fallback for events missed while Redis was away.
+A call naming a model it still does not know is NOT_FOUND: it fails closed (`check_visible`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from gateway.auth import current_principal
 from gateway.backends import Backend
 from maas.common.v1 import model_pb2
 from maas.models.v1 import models_pb2
-from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, NotFoundError, PermissionDeniedError
+from shared.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MaasError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from shared.model_events import ModelEvent, ModelEvents
 
 log = logging.getLogger(__name__)
@@ -133,12 +141,25 @@ class ModelCatalog:
         return self.owner(model) in ("", tenant)
 
     async def check_visible(self, family: str, name: str, tenant: str) -> None:
-        """NOT_FOUND, exactly as for a model that does not exist, when the model is another tenant's."""
+        """NOT_FOUND, exactly as for a model that does not exist, when the model is another tenant's.
+
+        Fails closed: a name the catalog does not know, after the read a miss may make, is NOT_FOUND here and
+        never forwarded on the chance that the service holds it. A private model loaded a moment ago, before
+        this gateway worker has read it (its model event is on the way), is so never served to another tenant,
+        nor cached under a public key; its owner's call in that moment is NOT_FOUND too, and a retry finds it.
+        A family that could not be read is UNAVAILABLE. An empty name goes on: the service says what it needs.
+        """
+        if not name:
+            return
         model = self.models[family].get(name)
         if model is None:
             await self.refresh_if_stale(family)
             model = self.models[family].get(name)
-        if model is not None and not self.visible(model, tenant):
+            if model is None and not self.reachable.get(family):
+                raise UnavailableError(
+                    f"could not learn which models the {family} service holds (it did not answer); retry shortly"
+                )
+        if model is None or not self.visible(model, tenant):
             raise NotFoundError(f"model {name!r} not found")
 
     async def find_visible(self, name: str, tenant: str) -> tuple[str, model_pb2.Model]:

@@ -13,6 +13,8 @@ from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.server import GrpcServer
 from shared.settings import ServerSettings
 from shared.tensors import from_numpy
+from tests.integration.listed_models import SERVICE_NAME as MODEL_SERVICE
+from tests.integration.listed_models import add_listed_models
 
 
 class RecordingDense(dense_pb2_grpc.DenseServiceServicer):
@@ -26,13 +28,18 @@ class RecordingDense(dense_pb2_grpc.DenseServiceServicer):
         return dense_pb2.PredictResponse(model_name=request.model_name, model_version=request.model_version)
 
 
+def register(server, servicer) -> None:
+    dense_pb2_grpc.add_DenseServiceServicer_to_server(servicer, server)
+    add_listed_models(server, "dense", "m")  # the gateway refuses a model its catalog has not read
+
+
 @pytest.fixture
 async def gateway():
     backend_servicer = RecordingDense()
     backend = GrpcServer(
         ServerSettings(port=0),
-        lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(backend_servicer, s),
-        ["maas.dense.v1.DenseService"],
+        lambda s: register(s, backend_servicer),
+        ["maas.dense.v1.DenseService", MODEL_SERVICE],
     )
     await backend.start()
     settings = GatewaySettings(port=0, default_deadline_s=7.0, redis_url=None)

@@ -26,6 +26,8 @@ from shared.redis_server import CACHE_CONFIG, RedisServer
 from shared.server import GrpcServer
 from shared.settings import ServerSettings
 from shared.tensors import from_numpy
+from tests.integration.listed_models import SERVICE_NAME as MODEL_SERVICE
+from tests.integration.listed_models import add_listed_models
 
 
 class SlowDense(dense_pb2_grpc.DenseServiceServicer):
@@ -41,6 +43,15 @@ class SlowDense(dense_pb2_grpc.DenseServiceServicer):
                                          outputs={"y": request.inputs["x"]})  # fmt: skip
 
 
+def register(server, servicer) -> None:
+    dense_pb2_grpc.add_DenseServiceServicer_to_server(servicer, server)
+    # The gateway refuses a model its catalog has not read: the backend lists the names the tests call.
+    add_listed_models(server, "dense", *MODELS)
+
+
+MODELS = ("m", "uncached-model", "short-lived")
+
+
 @pytest.fixture(scope="module")
 def cache_redis(tmp_path_factory):
     server = RedisServer(free_port(), tmp_path_factory.mktemp("cache"), CACHE_CONFIG)
@@ -52,9 +63,8 @@ def cache_redis(tmp_path_factory):
 @pytest.fixture
 async def gateway(cache_redis):
     backend_servicer = SlowDense()
-    backend = GrpcServer(ServerSettings(port=0),
-                         lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(backend_servicer, s),
-                         ["maas.dense.v1.DenseService"])  # fmt: skip
+    backend = GrpcServer(ServerSettings(port=0), lambda s: register(s, backend_servicer),
+                         ["maas.dense.v1.DenseService", MODEL_SERVICE])  # fmt: skip
     await backend.start()
     redis.Redis.from_url(cache_redis.url).flushall()
     settings = GatewaySettings(
@@ -129,9 +139,8 @@ async def test_an_oversized_message_is_resource_exhausted_with_the_limit(gateway
 async def limited_gateway(cache_redis, tmp_path):
     """A gateway with API keys and a limit of 3 calls/s (burst 3) per tenant; tenant "bulk" gets 1/s."""
     backend_servicer = SlowDense()
-    backend = GrpcServer(ServerSettings(port=0),
-                         lambda s: dense_pb2_grpc.add_DenseServiceServicer_to_server(backend_servicer, s),
-                         ["maas.dense.v1.DenseService"])  # fmt: skip
+    backend = GrpcServer(ServerSettings(port=0), lambda s: register(s, backend_servicer),
+                         ["maas.dense.v1.DenseService", MODEL_SERVICE])  # fmt: skip
     await backend.start()
     redis.Redis.from_url(cache_redis.url).flushall()
     keys = tmp_path / "keys.json"
