@@ -51,8 +51,13 @@ def test_each_server_exposes_requests_batches_and_model_state(cluster, gateway_c
 def test_errors_are_counted_by_status_code(cluster, gateway_channel):
     stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
     before = value(scrape(cluster.ports.dense_metrics), "maas_requests_total", code="NOT_FOUND")
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError):  # a model the service holds, in a version it does not
+        stub.Predict(dense_pb2.PredictRequest(model_name="digits-mlp", model_version=999), timeout=10)
+    assert value(scrape(cluster.ports.dense_metrics), "maas_requests_total", code="NOT_FOUND") == before + 1
+    # A model no service holds is answered at the gateway (its catalog fails closed): the service never sees it.
+    with pytest.raises(grpc.RpcError) as err:
         stub.Predict(dense_pb2.PredictRequest(model_name="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "'nope' not found" in err.value.details()
     assert value(scrape(cluster.ports.dense_metrics), "maas_requests_total", code="NOT_FOUND") == before + 1
 
 
@@ -65,7 +70,7 @@ def test_the_request_id_comes_back_and_reaches_the_backends_json_log(cluster, ga
     )
     assert dict(call.trailing_metadata())["x-request-id"] == "req-ok-1"
     with pytest.raises(grpc.RpcError) as err:
-        stub.Predict(dense_pb2.PredictRequest(model_name="missing-model"), timeout=10,
+        stub.Predict(dense_pb2.PredictRequest(model_name="digits-mlp", model_version=999), timeout=10,
                      metadata=(("x-request-id", "req-failed-2"),))  # fmt: skip
     assert dict(err.value.trailing_metadata())["x-request-id"] == "req-failed-2"
     # Without an id from the caller, the gateway makes one.
