@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.families import FAMILIES
 from shared.keyring import LOCAL_KEK_ID, create_kek
 from shared.redis_server import CACHE_CONFIG, QUEUE_CONFIG, RedisServer
-from shared.workers import default_workers, free_port, ready_file
+from shared.workers import STOP_WITH_PARENT_ENV, default_workers, free_port, ready_file
 
 
 @dataclass
@@ -232,7 +232,8 @@ class LocalCluster:
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        env = {**os.environ, **spec.env, **spec.local_env, **self.extra_env}
+        # Each process stops once this one is gone (a killed test run, a killed `make run`), not lives on.
+        env = {**os.environ, **spec.env, **spec.local_env, STOP_WITH_PARENT_ENV: "1", **self.extra_env}
         # Its own process group, so that a process that will not stop is killed with its workers.
         self.processes[name] = subprocess.Popen(
             spec.command, env=env, stdout=output, stderr=output, start_new_session=True

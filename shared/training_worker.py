@@ -56,6 +56,7 @@ from shared.keyring import Keyring, KeyUnavailableError
 from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_events import ModelEvent, ModelEvents
 from shared.model_store import Manifest, ModelStore
+from shared.workers import stop_with_parent_if_asked
 
 log = logging.getLogger(__name__)
 
@@ -548,6 +549,7 @@ async def serve_trainer(
     goes back to the queue."""
     from shared.torch_device import resolve_torch_device
 
+    stop_with_parent_if_asked()
     torch.set_num_threads(settings.torch_threads)
     heartbeat = Heartbeat()
     start_metrics_and_health_server(settings.metrics_port, heartbeat, settings.liveness_timeout_s)

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 WORKER_INDEX_ENV = "MAAS_WORKER_INDEX"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STOP_WITH_PARENT_ENV = "MAAS_STOP_WITH_PARENT"
 # sysexits' EX_CONFIG: the process cannot run as configured; restarting it will not help.
 EXIT_CONFIG = 78
 # A worker that dies sooner than this after its start is failing to start, not crashing.
@@ -204,6 +205,13 @@ def _mark_dead(pid: int, run_dir: Path) -> None:
     mark_process_dead(pid, str(run_dir))
 
 
+def stop_with_parent_if_asked() -> None:
+    """With MAAS_STOP_WITH_PARENT=1 (LocalCluster sets it: `make run`, the tests), stops this process once the
+    process that started it is gone, killed or out of memory, instead of living on holding ports and cores."""
+    if os.environ.get(STOP_WITH_PARENT_ENV) == "1":
+        _stop_when_orphaned()
+
+
 def _stop_when_orphaned() -> None:
     """A worker whose supervisor died (SIGKILL, OOM) stops itself rather than serve on unsupervised."""
     parent = os.getppid()
@@ -225,6 +233,8 @@ def run_server_process(process: str, module: str, settings: Any, serve: Callable
 
     index = worker_index()
     configure_logging(process if index is None else f"{process}#{index}", settings.log_level, settings.log_format)
+    if index is None:  # a supervisor too: it passes the SIGTERM on to its workers
+        stop_with_parent_if_asked()
     workers = settings.workers or default_workers()
     if workers > 1 and index is None:
         prefix = settings.model_config["env_prefix"]
