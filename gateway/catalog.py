@@ -28,7 +28,7 @@ from shared.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
-from shared.model_events import ModelEvent, ModelEvents
+from shared.model_events import GRAPH_CHANGED, ModelEvent, ModelEvents
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ class ModelCatalog:
         self.models: dict[str, dict[str, model_pb2.Model]] = {family: {} for family in backends}
         self._last_refresh: dict[str, float] = {family: 0.0 for family in backends}
         self._refreshing: dict[str, asyncio.Task] = {}
+        # Told of GRAPH_CHANGED events, which travel on the same channel (the gateway's graph catalog).
+        self.on_graph_change: Callable[[ModelEvent], Awaitable[None]] | None = None
 
     def default_version(self, family: str, model: str) -> int | None:
         """The default version the family's service last reported, or None for a model it has not."""
@@ -205,6 +207,10 @@ class ModelCatalog:
                 await listener
 
     async def on_event(self, event: ModelEvent) -> None:
+        if event.kind == GRAPH_CHANGED:  # a stored graph's versions, not a model
+            if self.on_graph_change is not None:
+                await self.on_graph_change(event)
+            return
         if event.family in self.backends:
             await self.refresh(event.family)
 

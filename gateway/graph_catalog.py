@@ -11,6 +11,11 @@ another gateway worker, or no graph at all) waits for a fresh read (one at a tim
 callers waiting) and is decided on it: a graph still unknown is NOT_FOUND here, never forwarded on
 the chance that the service holds it, and a read that fails is UNAVAILABLE. So a private graph is
 never served to another tenant in the moment before this worker learns its owner.
+
+Versions too: a query naming a graph version the catalog does not hold is decided on a fresh read, and
+the gnn service says (a model event, GRAPH_CHANGED) when a graph's versions change, so a version
+deleted by DeleteGraphVersion or by retention is NOT_FOUND here at once, before the result cache,
+which still holds answers computed on it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import logging
 
 from gateway.backends import Backend
 from maas.gnn.v1 import gnn_pb2
-from shared.errors import MaasError, UnavailableError
+from shared.errors import MaasError, NotFoundError, UnavailableError
 from shared.families import family
+from shared.model_events import ModelEvent
 from shared.stored_graphs import missing_graph, visible
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class GraphCatalog:
         self.call_timeout_s = call_timeout_s
         self.owners: dict[str, str] = {}  # stored graph -> owner ("" public)
         self.model_graphs: dict[str, set[str]] = {}  # model -> the graphs stored with it
+        self.versions: dict[str, list[int]] = {}  # stored graph -> the versions the store holds
         self._refreshing: asyncio.Task | None = None
         self._listed = False  # whether the latest read succeeded
 
@@ -54,12 +61,15 @@ class GraphCatalog:
             return  # what was read before stays true
         self._listed = True
         model_graphs: dict[str, set[str]] = {}
+        versions: dict[str, list[int]] = {}
         for graph in gnn_pb2.ListGraphsResponse.FromString(raw).graphs:
             if graph.model_name:
                 model_graphs.setdefault(graph.model_name, set()).add(graph.name)
             else:
                 self.owners[graph.name] = graph.owner
+                versions[graph.name] = list(graph.versions)
         self.model_graphs = model_graphs
+        self.versions = versions
 
     def owner(self, name: str) -> str | None:
         """The graph's owner ("" public), or None when the catalog does not know it."""
@@ -68,6 +78,14 @@ class GraphCatalog:
     def learned(self, name: str, owner: str) -> None:
         """A graph this gateway just published or updated."""
         self.owners[name] = owner
+
+    def deleted(self, name: str, response: bytes) -> None:
+        """The versions left after a DeleteGraphVersion this gateway forwarded (its response)."""
+        self.versions[name] = list(gnn_pb2.DeleteGraphVersionResponse.FromString(response).graph_versions)
+
+    async def changed(self, event: ModelEvent) -> None:
+        """The gnn service says a graph's versions changed: read them again."""
+        await self.refresh()
 
     async def check_visible(self, name: str, tenant: str, model_name: str = "", graph_version: int = 0) -> None:
         """NOT_FOUND, in the words a missing graph gets, when `name` is another tenant's stored graph."""
@@ -84,3 +102,11 @@ class GraphCatalog:
                 raise missing_graph(name, self.model_graphs.get(model_name, ()), graph_version)
         if not visible(self.owners[name], tenant):
             raise missing_graph(name, self.model_graphs.get(model_name, ()), graph_version)
+        if graph_version > 0 and graph_version not in self.versions.get(name, ()):
+            await self.refresh()  # made since the last read, or deleted: the fresh read decides
+            if graph_version not in self.versions.get(name, ()):
+                if not self._listed:
+                    raise UnavailableError(f"graph_version: could not learn the versions of {name!r} from the gnn "
+                                           "service; retry shortly")  # fmt: skip
+                raise NotFoundError(f"graph_version: graph {name!r} has no version {graph_version}; "
+                                    f"it has {self.versions.get(name, [])}")  # fmt: skip

@@ -93,6 +93,7 @@ class GatewayProxy:
         self.stats = ModelStats()
         self.limits = RequestLimits.from_settings(settings)
         self.graphs = GraphCatalog(backends.get("gnn"))
+        catalog.on_graph_change = self.graphs.changed
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
         self._in_flight: dict[str, asyncio.Task] = {}
         # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
@@ -140,6 +141,8 @@ class GatewayProxy:
         response = await self.backends[route.family].call(route.path, raw, self.timeout(context), metadata)
         if publishes:
             self.graphs.learned(request.new_graph_name, tenant)
+        if route.method == "DeleteGraphVersion":  # this worker refuses the deleted version from now on
+            self.graphs.deleted(request.graph_name, response)
         return response
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:

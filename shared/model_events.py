@@ -25,13 +25,16 @@ from redis.backoff import NoBackoff
 log = logging.getLogger(__name__)
 
 CHANNEL = "maas:v1:model-events"
+GRAPH_CHANGED = "graph"
 
 
 @dataclass(frozen=True)
 class ModelEvent:
     family: str
     model: str
-    # "published" (a new version in the store), "loaded", "unloaded" or "default" (a pin moved).
+    # "published" (a new version in the store), "loaded", "unloaded" or "default" (a pin moved); or
+    # GRAPH_CHANGED, where `model` is a stored graph of the family whose versions changed (a new one, or some
+    # deleted by DeleteGraphVersion or retention): gateways read the graphs again, model services ignore it.
     kind: str
     version: int = 0
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from maas.common.v1 import model_pb2
 from shared.batching import BatchPolicy, DynamicBatcher
 from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
-from shared.model_events import ModelEvent, ModelEvents
+from shared.model_events import GRAPH_CHANGED, ModelEvent, ModelEvents
 from shared.model_info import to_model_version
 from shared.model_store import Artifacts, Manifest, ModelStore
 from shared.observability import MODEL_STATE
@@ -159,7 +159,7 @@ class ModelRepository:
 
     async def on_event(self, event: ModelEvent) -> None:
         """Another process changed a model: look at the store again now rather than at the next poll."""
-        if event.family != self.family:
+        if event.family != self.family or event.kind == GRAPH_CHANGED:  # a stored graph, not a model
             return
         try:
             await self.sync_model(event.model)

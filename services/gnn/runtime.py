@@ -23,6 +23,7 @@ from services.gnn.architectures import build_network
 from services.gnn.graph_store import GraphStore, StoredGraph
 from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index
 from shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from shared.model_events import GRAPH_CHANGED, ModelEvent
 from shared.model_repository import ModelRepository, Prediction
 from shared.model_store import Artifacts, Manifest, check_model_name
 from shared.onnx_session import OnnxConfig, OnnxSession
@@ -521,8 +522,10 @@ class GnnRuntime:
             stored = await self.repository.run(self.graph_store.names)
             if new_name in stored or any(new_name in graphs for _, graphs in self.model_graphs()):
                 raise AlreadyExistsError(f"new_graph_name: a graph named {new_name!r} exists; choose another name")
-        return await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index,
-                                         new_name, owner)  # fmt: skip
+        stored = await self.repository.run(self.graph_store.update, name, base_version, node_features, edge_index,
+                                           new_name, owner)  # fmt: skip
+        await self._graph_changed(new_name or name, stored.version)  # a new version; retention may have pruned
+        return stored
 
     def model_graphs(self) -> list[tuple[str, list[str]]]:
         """(model, the graphs stored with it) for every loaded gnn model that holds some."""
@@ -536,22 +539,30 @@ class GnnRuntime:
                 found.append((model.name, sorted(graphs)))
         return found
 
-    async def list_graphs(self) -> list[tuple[str, int, str, str]]:
-        """(name, latest version, owner, model) of every stored graph, then of every graph stored with a model."""
+    async def list_graphs(self) -> list[tuple[str, list[int], str, str]]:
+        """(name, versions, owner, model) of every stored graph, then of every graph stored with a model (which
+        has no versions)."""
 
-        def stored() -> list[tuple[str, int, str, str]]:
-            return [(name, self.graph_store.latest(name), self.graph_store.owner(name), "")
+        def stored() -> list[tuple[str, list[int], str, str]]:
+            return [(name, self.graph_store.versions(name), self.graph_store.owner(name), "")
                     for name in self.graph_store.names()]  # fmt: skip
 
         found = await self.repository.run(stored)
-        return found + [(graph, 0, "", model) for model, graphs in self.model_graphs() for graph in graphs]
+        return found + [(graph, [], "", model) for model, graphs in self.model_graphs() for graph in graphs]
 
     async def delete_graph_version(self, name: str, version: int) -> list[int]:
         if not name:
             raise InvalidArgumentError("graph_name: required, the stored graph whose version to delete")
         if version <= 0:
             raise InvalidArgumentError(f"graph_version: the version to delete, a positive number; got {version}")
-        return await self.repository.run(self.graph_store.delete, name, version)
+        left = await self.repository.run(self.graph_store.delete, name, version)
+        await self._graph_changed(name, version)
+        return left
+
+    async def _graph_changed(self, name: str, version: int) -> None:
+        """Gateways read the graph's versions again: one deleted (or pruned) is NOT_FOUND there at once, never
+        a result they cached for it."""
+        await self.repository.events.publish(ModelEvent("gnn", name, GRAPH_CHANGED, version))
 
 
 def _node_outputs(manifest: Manifest, probabilities: np.ndarray) -> Prediction:

@@ -112,8 +112,9 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
     async def ListGraphs(self, request: gnn_pb2.ListGraphsRequest, context: grpc.aio.ServicerContext):
         graphs = await self.runtime.list_graphs()
         return gnn_pb2.ListGraphsResponse(
-            graphs=[gnn_pb2.StoredGraphInfo(name=name, latest_version=version, owner=owner, model_name=model)
-                    for name, version, owner, model in graphs]  # fmt: skip
+            graphs=[gnn_pb2.StoredGraphInfo(name=name, latest_version=versions[-1] if versions else 0, owner=owner,
+                                            model_name=model, versions=versions)
+                    for name, versions, owner, model in graphs]  # fmt: skip
         )
 
     async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):

@@ -2,6 +2,7 @@
 graph updates and the cache, link prediction and graph classification (real default models)."""
 
 import concurrent.futures
+import time
 
 import grpc
 import numpy as np
@@ -254,7 +255,17 @@ def test_a_deleted_graph_version_answers_not_found_naming_the_versions_left(gnn,
                                          node_ids=[3])  # fmt: skip
         return gnn.Predict(request, timeout=30, metadata=metadata)
 
+    def cached(version):
+        """The cache outcome of a query naming `version`, or the error the gateway answers."""
+        request = gnn_pb2.PredictRequest(model_name="sbm-sage", stored_graph="churn", graph_version=version,
+                                         node_ids=[3])  # fmt: skip
+        try:
+            return dict(gnn.Predict.with_call(request, timeout=30)[1].trailing_metadata())["maas-cache"]
+        except grpc.RpcError as exc:
+            return exc
+
     assert ask(1).graph_version == 1
+    assert [cached(1), cached(1)] == ["miss", "hit"]  # v1's answer is in the gateway's cache
     # Bigger than a tenth of the graph: stored as a full version, which v1 is no base of.
     added = np.stack([np.arange(40, 50), np.arange(10)])
     update = gnn_pb2.UpdateGraphRequest(graph_name="churn", base_version=1, edge_index=from_numpy(added),
@@ -272,3 +283,24 @@ def test_a_deleted_graph_version_answers_not_found_naming_the_versions_left(gnn,
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "graph 'churn' has no version 1; it has [2]" in err.value.details()
     assert ask(2).graph_version == 2 and ask(0, ()).graph_version == 2  # the service keeps serving the graph
+    # The deleted version's answer, still in the cache, is not served: the gateway refuses the version first.
+    refused = cached(1)
+    assert refused.code() == grpc.StatusCode.NOT_FOUND and refused.details() == err.value.details()
+
+    # Deleted past this gateway (straight at the gnn service, as another gateway would): the service's event
+    # tells the gateway, which refuses the version from then on, though its answer is cached.
+    added = np.stack([np.arange(50, 70), np.arange(20)])
+    update = gnn_pb2.UpdateGraphRequest(graph_name="churn", base_version=2, edge_index=from_numpy(added),
+                                        node_features=from_numpy(sbm.node_features[50:70]))  # fmt: skip
+    assert gnn.UpdateGraph(update, timeout=60).graph_version == 3
+    cached(2)  # (the latest-version query above may have stored v2's answer already)
+    assert cached(2) == "hit"
+    with grpc.insecure_channel(cluster.specs["gnn"].target) as direct:
+        request = gnn_pb2.DeleteGraphVersionRequest(graph_name="churn", graph_version=2)
+        assert list(gnn_pb2_grpc.GnnServiceStub(direct).DeleteGraphVersion(request, timeout=30).graph_versions) == [3]
+    deadline = time.monotonic() + 15
+    while isinstance(outcome := cached(2), str):
+        assert outcome == "hit" and time.monotonic() < deadline, "the gateway still serves the deleted version"
+        time.sleep(0.1)
+    assert outcome.code() == grpc.StatusCode.NOT_FOUND
+    assert "graph 'churn' has no version 2; it has [3]" in outcome.details()
