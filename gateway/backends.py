@@ -6,6 +6,7 @@ to the caller (and the cache) unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -93,6 +94,15 @@ class Backend:
         request_id = current_request_id()
         sent = (*metadata, *(((REQUEST_ID_KEY, request_id),) if request_id else ()))
         return await self._call(path, request, timeout, sent or None)
+
+    async def wait_ready(self, within_s: float) -> bool:
+        """Waits up to `within_s` for the channel to connect, as it does again after the service restarted
+        (within its reconnect backoff); whether it did. Calls fail at once while it is not connected."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), within_s)
+            return True
+        except TimeoutError:
+            return False
 
     async def _call(self, path: str, request: bytes, timeout: float, metadata) -> bytes:
         try:

@@ -24,6 +24,8 @@ from shared.keyring import Keyring
 log = logging.getLogger(__name__)
 
 DATASETS = "datasets"
+# How long a rotation or listing waits for a service whose channel is reconnecting (it restarted a moment ago).
+RESTART_WAIT_S = 10.0
 KEY_SERVICE = SERVICE_NAME
 
 
@@ -85,9 +87,14 @@ class GatewayKeyService(keys_pb2_grpc.KeyServiceServicer):
     async def _ask_services(self, method: str, request, response_type, context) -> dict[str, object]:
         timeout, path, raw = self.timeout(context), f"/{SERVICE_NAME}/{method}", request.SerializeToString()
         families = list(self.backends)
-        replies = await asyncio.gather(
-            *(self.backends[f].call(path, raw, timeout) for f in families), return_exceptions=True
-        )
+
+        async def ask(backend: Backend) -> bytes:
+            # A service restarted a moment ago, its channel still reconnecting, is waited for a little rather
+            # than reported as an error that leaves a rotation incomplete; one that is down fails soon.
+            await backend.wait_ready(min(timeout, RESTART_WAIT_S))
+            return await backend.call(path, raw, timeout)
+
+        replies = await asyncio.gather(*(ask(self.backends[f]) for f in families), return_exceptions=True)
         return {
             family: response_type.FromString(reply) if isinstance(reply, bytes) else reply
             for family, reply in zip(families, replies, strict=True)
