@@ -212,13 +212,18 @@ def to_gnn_request(request: oip.ModelInferRequest, version: int, inputs: InferIn
         message.stored_graph = stored
         message.graph_version = graph_version
     else:
-        message.graph.node_features.CopyFrom(inputs.tensor("node_features"))
-        message.graph.edge_index.CopyFrom(inputs.tensor("edge_index"))
-        if inputs.has("edge_weight"):
-            message.graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
+        _copy_inline_graph(message.graph, inputs)
     message.node_ids.extend(_integers(inputs, "node_ids"))
     message.fan_outs.extend(_integers(inputs, "fan_outs"))
     return message
+
+
+def _copy_inline_graph(graph: gnn_pb2.Graph, inputs: InferInputs) -> None:
+    """An inline graph's inputs (node_features, edge_index and, when sent, edge_weight) into `graph`."""
+    graph.node_features.CopyFrom(inputs.tensor("node_features"))
+    graph.edge_index.CopyFrom(inputs.tensor("edge_index"))
+    if inputs.has("edge_weight"):
+        graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
 
 
 def to_classify_graphs_request(

@@ -37,6 +37,7 @@ from gateway.http.kserve import (
 )
 from gateway.open_inference import (
     InferInputs,
+    _copy_inline_graph,
     _integers,
     _stored_graph,
     datatype_name,
@@ -121,10 +122,7 @@ def to_explain_request(family: str, request: oip.ModelInferRequest):
             message.stored_graph = stored
             message.graph_version = graph_version
         elif inputs.has("node_features") or inputs.has("edge_index"):
-            message.graph.node_features.CopyFrom(inputs.tensor("node_features"))
-            message.graph.edge_index.CopyFrom(inputs.tensor("edge_index"))
-            if inputs.has("edge_weight"):
-                message.graph.edge_weight.CopyFrom(inputs.tensor("edge_weight"))
+            _copy_inline_graph(message.graph, inputs)
         message.node_ids.extend(_integers(inputs, "node_ids"))
         message.fan_outs.extend(_integers(inputs, "fan_outs"))
         if inputs.has("pairs"):

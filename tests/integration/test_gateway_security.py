@@ -22,7 +22,6 @@ from maas_client import Client, Unauthenticated
 from shared.cluster import free_port
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
-from shared.redis_server import QUEUE_CONFIG, RedisServer
 from shared.server import GrpcServer
 
 KEYS = {"alpha": "key-alpha-0123456789", "beta": "key-beta-9876543210"}
@@ -48,14 +47,6 @@ def pki(tmp_path_factory) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=d)  # fmt: skip
     return d
-
-
-@pytest.fixture(scope="module")
-def queue_redis(tmp_path_factory):
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("queue"), QUEUE_CONFIG)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def start_gateway(pki: Path, queue_redis, tmp_path: Path, mutual: bool):

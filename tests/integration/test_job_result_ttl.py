@@ -8,26 +8,8 @@ import asyncio
 import pytest
 import redis
 
-from shared.cluster import free_port
 from shared.errors import NotFoundError
-from shared.jobs import EXPLAIN, JobStore, events_key, idempotency_record_key, job_key, result_key
-from shared.redis_server import QUEUE_CONFIG, RedisServer
-
-
-@pytest.fixture(scope="module")
-def queue_redis(tmp_path_factory):
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("queue"), QUEUE_CONFIG)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def jobs(queue_redis):
-    redis.Redis.from_url(queue_redis.url).flushall()
-    store = JobStore.from_url(queue_redis.url)
-    yield store
-    await store.close()
+from shared.jobs import EXPLAIN, events_key, idempotency_record_key, job_key, result_key
 
 
 def job_keys(job_id: str, tenant: str, idempotency_key: str) -> list[str]:

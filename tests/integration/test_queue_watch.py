@@ -14,22 +14,12 @@ from gateway.settings import GatewaySettings
 from gateway.training import TrainingServicer
 from maas.training.v1 import training_pb2 as t
 from maas.training.v1 import training_pb2_grpc
-from shared.cluster import free_port
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
-from shared.redis_server import QUEUE_CONFIG, RedisServer
 from shared.server import GrpcServer
 
 KEYS = {"alpha": "watch-key-alpha-0123", "beta": "watch-key-beta-45678"}
 CAP = 3
-
-
-@pytest.fixture(scope="module")
-def queue_redis(tmp_path_factory):
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("queue"), QUEUE_CONFIG)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

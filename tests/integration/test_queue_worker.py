@@ -27,26 +27,9 @@ from shared.job_limits import JobLimits
 from shared.jobs import GROUP, JobStore, dead_letter_key, queue_key, tenants_key
 from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_store import ModelStore
-from shared.redis_server import QUEUE_CONFIG, RedisServer
 from shared.training_worker import DataSource, JobContext, JobResult, TrainingWorker
 
 DENSE_DATA = DataSource(dense_data.parse, dense_data.describe, dense_data.load_builtin)
-
-
-@pytest.fixture(scope="module")
-def queue_redis(tmp_path_factory):
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("queue"), QUEUE_CONFIG)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def jobs(queue_redis):
-    redis.Redis.from_url(queue_redis.url).flushall()
-    store = JobStore.from_url(queue_redis.url)
-    yield store
-    await store.close()
 
 
 def dense_spec(tenant: str = "", **changes) -> dict:
