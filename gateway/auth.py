@@ -27,7 +27,6 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import grpc
 
 from shared.errors import PermissionDeniedError, UnauthenticatedError
-from shared.handler_wrapping import wrap_handler
+from shared.handler_wrapping import MethodInterceptor, wrap_handler
 
 ADMIN = "admin"
 ROLES = frozenset({ADMIN})
@@ -153,56 +152,52 @@ class KeysFile:
         return self._keys
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid key (UNAUTHENTICATED) and runs the others as their tenant."""
+class AuthInterceptor(MethodInterceptor):
+    """Refuses calls without a valid key (UNAUTHENTICATED) and runs the others as their tenant.
+
+    Each method is wrapped once; the key is read from each call's own metadata."""
 
     def __init__(self, keys: ApiKeys | KeysFile) -> None:
         self.keys = keys if isinstance(keys, KeysFile) else None
         self._fixed = keys if isinstance(keys, ApiKeys) else None
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS):
+    def principal_for(self, metadata: Any) -> Principal:
+        return (self._fixed or self.keys.keys()).principal_for(metadata)
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith(OPEN_METHODS):
             return handler
-        keys = self._fixed or self.keys.keys()
-        try:
-            principal, refusal = keys.principal_for(details.invocation_metadata), None
-        except UnauthenticatedError as exc:
-            principal, refusal = Principal(""), exc
-        return _as_principal(handler, principal, refusal)
+        principal_for = self.principal_for
 
-
-def _as_principal(handler: grpc.RpcMethodHandler, principal: Principal, refusal: UnauthenticatedError | None):
-    def unary(behavior):
-        async def wrapped(request, context):
-            if refusal is not None:
-                await context.abort(refusal.code, refusal.message)
-            token = CURRENT_PRINCIPAL.set(principal)
+        async def enter(context) -> contextvars.Token:
             try:
-                return await behavior(request, context)
-            finally:
-                CURRENT_PRINCIPAL.reset(token)
+                principal = principal_for(context.invocation_metadata())
+            except UnauthenticatedError as exc:
+                await context.abort(exc.code, exc.message)
+            return CURRENT_PRINCIPAL.set(principal)
 
-        return wrapped
+        def unary(behavior):
+            async def wrapped(request, context):
+                token = await enter(context)
+                try:
+                    return await behavior(request, context)
+                finally:
+                    CURRENT_PRINCIPAL.reset(token)
 
-    def streaming(behavior):
-        async def wrapped(request, context):
-            if refusal is not None:
-                await context.abort(refusal.code, refusal.message)
-            token = CURRENT_PRINCIPAL.set(principal)
-            try:
-                async for item in behavior(request, context):
-                    yield item
-            finally:
-                CURRENT_PRINCIPAL.reset(token)
+            return wrapped
 
-        return wrapped
+        def streaming(behavior):
+            async def wrapped(request, context):
+                token = await enter(context)
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    CURRENT_PRINCIPAL.reset(token)
 
-    return wrap_handler(handler, unary, streaming)
+            return wrapped
+
+        return wrap_handler(handler, unary, streaming)
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

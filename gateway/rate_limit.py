@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
 import grpc
 import redis.asyncio as redis
 
 from gateway.auth import OPEN_METHODS, current_tenant
-from shared.handler_wrapping import wrap_handler
+from shared.handler_wrapping import MethodInterceptor, wrap_handler
 from shared.observability import add_trailing_metadata
 
 log = logging.getLogger(__name__)
@@ -68,32 +67,27 @@ class RateLimiter:
             return 0, rate
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(MethodInterceptor):
     """RESOURCE_EXHAUSTED, with a `retry-after-ms` hint, once a tenant's bucket is empty."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS):
-            return handler
-        limiter = self.limiter
+    async def admit(self, context) -> None:
+        tenant = current_tenant()
+        wait_ms, rate = await self.limiter.wait_ms(tenant)
+        if wait_ms:
+            add_trailing_metadata(context, RETRY_AFTER_KEY, str(wait_ms))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} reached; "
+                f"retry after {wait_ms} ms",
+            )
 
-        async def admit(context) -> None:
-            tenant = current_tenant()
-            wait_ms, rate = await limiter.wait_ms(tenant)
-            if wait_ms:
-                add_trailing_metadata(context, RETRY_AFTER_KEY, str(wait_ms))
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} reached; "
-                    f"retry after {wait_ms} ms",
-                )
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith(OPEN_METHODS):
+            return handler
+        admit = self.admit
 
         def unary(behavior):
             async def wrapped(request, context):

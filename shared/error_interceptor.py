@@ -7,46 +7,26 @@ UNKNOWN for a request its deserializer cannot parse, before any handler runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from shared.errors import InvalidArgumentError, MaasError
-from shared.handler_wrapping import wrap_handler
+from shared.handler_wrapping import MethodInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(MethodInterceptor):
     """Turns `MaasError` into its status and anything unexpected into a generic INTERNAL.
 
     The traceback of an unexpected error goes to the log, never to the caller.
     """
 
-    def __init__(self) -> None:
-        # Handlers are fixed per method, so each is wrapped once, not on every call.
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrap(await continuation(handler_call_details), method)
-            if wrapped is not None:
-                self._wrapped[method] = wrapped
-        return wrapped
-
-    @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
-        if handler is None:
-            return None
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         handler = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
         return wrap_handler(
             handler, lambda behavior: _wrap_unary(behavior, method), lambda behavior: _wrap_stream(behavior, method)

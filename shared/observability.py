@@ -12,14 +12,15 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from shared import tracing
-from shared.handler_wrapping import wrap_handler
+from shared.handler_wrapping import MethodInterceptor, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -93,74 +94,85 @@ def _model_and_version(request, response) -> tuple[str, str]:
 OTHER_MODEL = "other"
 
 
-class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+class ObservabilityInterceptor(MethodInterceptor):
+    """Request id, log context, counts and latency for every call but health and reflection."""
+
     def __init__(self, known_model: Callable[[str], bool] | None = None) -> None:
         self.known_model = known_model
+        # Label children by their label values: `labels()` hashes and locks on every call otherwise.
+        self._counters: dict[tuple[str, ...], Any] = {}
+        self._latencies: dict[tuple[str, ...], Any] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        # Wrapped on every call, never cached per method: the interceptors inside this one (auth)
-        # wrap each call with what that call carries, such as its tenant.
-        handler = await continuation(details)
-        if handler is None or details.method.startswith("/grpc."):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith("/grpc."):
             return handler
-        service, _, method = details.method.strip("/").rpartition("/")
-        known = self.known_model
+        service, _, name = method.strip("/").rpartition("/")
         return wrap_handler(
             handler,
-            lambda behavior: _observed(behavior, service, method, known),
-            lambda behavior: _observed_stream(behavior, service, method, known),
+            lambda behavior: self._observed(behavior, service, name),
+            lambda behavior: self._observed_stream(behavior, service, name),
         )
 
+    def record(self, service: str, method: str, request, response, context, started: float) -> None:
+        model, version = _model_and_version(request, response)
+        if model and self.known_model is not None and not self.known_model(model):
+            model, version = OTHER_MODEL, ""
+        code = context.code()
+        name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code in (None, 0) else str(code))
+        elapsed = time.perf_counter() - started
+        key = (service, method, model, version, name)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = REQUESTS.labels(*key)
+        counter.inc()
+        key = (service, method, model)
+        latency = self._latencies.get(key)
+        if latency is None:
+            latency = self._latencies[key] = LATENCY.labels(*key)
+        latency.observe(elapsed)
+        if name != "OK":  # failed calls are logged (with the request id); successful ones only counted
+            log.info("%s/%s model=%s failed: %s %s (%.1f ms)", service, method, model, name, context.details() or "",
+                     elapsed * 1000)  # fmt: skip
 
-def _begin(context):
-    incoming = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_KEY), None)
-    request_id = incoming or uuid.uuid4().hex
+    def _observed(self, behavior, service, method):
+        record = self.record
+
+        async def wrapped(request, context):
+            token, started, response = begin_call(context), time.perf_counter(), None
+            try:
+                response = await behavior(request, context)
+                return response
+            finally:
+                record(service, method, request, response, context, started)
+                REQUEST_ID.reset(token)
+
+        return wrapped
+
+    def _observed_stream(self, behavior, service, method):
+        record = self.record
+
+        async def wrapped(request, context):
+            token, started = begin_call(context), time.perf_counter()
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                record(service, method, request, None, context, started)
+                REQUEST_ID.reset(token)
+
+        return wrapped
+
+
+def begin_call(context) -> contextvars.Token:
+    """Takes the caller's request id (or makes one), returns it in trailing metadata and logs under it."""
+    request_id = None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            request_id = value
+            break
+    request_id = request_id or uuid.uuid4().hex
     token = REQUEST_ID.set(request_id)
-    add_trailing_metadata(context, REQUEST_ID_KEY, request_id)
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     if tracing.enabled():  # on the span opentelemetry-instrumentation-grpc opened for this call
         trace.get_current_span().set_attribute("maas.request_id", request_id)
     return token
-
-
-def _record(service, method, request, response, context, started, known) -> None:
-    model, version = _model_and_version(request, response)
-    if model and known is not None and not known(model):
-        model, version = OTHER_MODEL, ""
-    code = context.code()
-    name = code.name if isinstance(code, grpc.StatusCode) else ("OK" if code in (None, 0) else str(code))
-    elapsed = time.perf_counter() - started
-    REQUESTS.labels(service, method, model, version, name).inc()
-    LATENCY.labels(service, method, model).observe(elapsed)
-    if name != "OK":  # failed calls are logged (with the request id); successful ones only counted
-        log.info("%s/%s model=%s failed: %s %s (%.1f ms)", service, method, model, name, context.details() or "",
-                 elapsed * 1000)  # fmt: skip
-
-
-def _observed(behavior, service, method, known):
-    async def wrapped(request, context):
-        token, started, response = _begin(context), time.perf_counter(), None
-        try:
-            response = await behavior(request, context)
-            return response
-        finally:
-            _record(service, method, request, response, context, started, known)
-            REQUEST_ID.reset(token)
-
-    return wrapped
-
-
-def _observed_stream(behavior, service, method, known):
-    async def wrapped(request, context):
-        token, started = _begin(context), time.perf_counter()
-        try:
-            async for item in behavior(request, context):
-                yield item
-        finally:
-            _record(service, method, request, None, context, started, known)
-            REQUEST_ID.reset(token)
-
-    return wrapped

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from shared import tracing
 from shared.error_interceptor import ErrorInterceptor
 from shared.errors import UnavailableError
-from shared.handler_wrapping import wrap_handler
+from shared.handler_wrapping import MethodInterceptor, fold, wrap_handler
 from shared.observability import ObservabilityInterceptor, start_metrics_server
 from shared.settings import ServerSettings
 from shared.workers import ready_file, worker_index
@@ -48,7 +48,7 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     ]
 
 
-class StartupGate(grpc.aio.ServerInterceptor):
+class StartupGate(MethodInterceptor):
     """UNAVAILABLE for every call but health and reflection until `open()`: a caller retries
     instead of acting on an answer from a process that has not finished starting."""
 
@@ -62,9 +62,8 @@ class StartupGate(grpc.aio.ServerInterceptor):
     def close(self) -> None:
         self.is_open = False
 
-    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = await continuation(details)
-        if self.is_open or handler is None or details.method.startswith("/grpc."):
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if method.startswith("/grpc."):
             return handler
         return wrap_handler(handler, self._refuse_unary, self._refuse_stream)
 
@@ -105,13 +104,15 @@ class GrpcServer:
         self.gate = StartupGate("this server")
         # Outermost first: observability sees every call's final status, auth failures included.
         self.server = grpc.aio.server(
-            interceptors=[
-                *tracing.server_interceptors(),
-                ObservabilityInterceptor(known_model),
-                *interceptors,
-                ErrorInterceptor(),
-                self.gate,
-            ],
+            interceptors=fold(
+                [
+                    *tracing.server_interceptors(),
+                    ObservabilityInterceptor(known_model),
+                    *interceptors,
+                    ErrorInterceptor(),
+                    self.gate,
+                ]
+            ),
             options=server_options(settings),
         )
         register(self.server)
