@@ -91,3 +91,26 @@ def test_the_same_request_serialized_differently_has_one_key():
     request = dense_request(a=np.ones((2, 2), np.float32), b=np.zeros((1, 1), np.int64))
     reparsed = dense_pb2.PredictRequest.FromString(request.SerializeToString(deterministic=True))
     assert dense_digest(request) == dense_digest(reparsed)
+
+
+def test_a_request_sent_unpacked_or_out_of_order_has_the_key_of_its_canonical_form():
+    canonical = gnn_pb2.PredictRequest(stored_graph="karate", node_ids=[3, 1])
+    # node_ids written unpacked (one tag per element), and before a field with a lower number.
+    field = gnn_pb2.PredictRequest.DESCRIPTOR.fields_by_name["node_ids"].number
+    unpacked = b"".join(bytes([field << 3 | 0, value]) for value in (3, 1))
+    stored = gnn_pb2.PredictRequest(stored_graph="karate").SerializeToString()
+    reordered = gnn_pb2.PredictRequest.FromString(unpacked + stored)
+    assert reordered == canonical
+    assert gnn_digest(reordered) == gnn_digest(canonical)
+
+
+def test_the_digest_leaves_the_request_as_it_was():
+    request = dense_pb2.PredictRequest(model_name="m", model_version=7, inputs={"x": from_numpy(np.ones(2))})
+    before = request.SerializeToString()
+    dense_digest(request)
+    assert request.SerializeToString() == before
+
+
+def test_the_family_or_rpc_is_part_of_the_digest():
+    request = dense_pb2.PredictRequest()
+    assert request_digest("dense", request) != request_digest("dense/Explain", request)
