@@ -19,12 +19,11 @@ from gateway.http.server import GatewayServer, attach_http
 from gateway.keys import KEY_SERVICE, GatewayKeyService, dataset_store
 from gateway.model_service import SERVICE_NAME as MODEL_SERVICE
 from gateway.model_service import GatewayModelService
-from gateway.open_inference import OpenInferenceServicer
+from gateway.open_inference import OPEN_INFERENCE_SERVICE, OpenInferenceServicer, add_open_inference_to_server
 from gateway.proxy import ROUTES, GatewayProxy
 from gateway.rate_limit import RateLimiter, RateLimitInterceptor
 from gateway.settings import GatewaySettings
 from gateway.training import TrainingServicer
-from inference import open_inference_pb2, open_inference_pb2_grpc
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from maas.keys.v1 import keys_pb2_grpc
 from maas.models.v1 import models_pb2_grpc
@@ -37,7 +36,6 @@ from shared.workers import run_server_process
 TRAINING_SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 EXPLANATION_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["ExplanationService"].full_name
-OPEN_INFERENCE_SERVICE = open_inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -78,9 +76,7 @@ async def serve(settings: GatewaySettings) -> None:
     def register(server: grpc.aio.Server) -> None:
         server.add_generic_rpc_handlers(proxy.handlers())
         models_pb2_grpc.add_ModelServiceServicer_to_server(model_service, server)
-        open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OpenInferenceServicer(proxy, catalog, model_service), server
-        )
+        add_open_inference_to_server(OpenInferenceServicer(proxy, catalog, model_service, limiter), server)
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(FanoutServicer(proxy), server)
         keys_pb2_grpc.add_KeyServiceServicer_to_server(GatewayKeyService(datasets, backends, proxy.timeout), server)
         if training is not None:
@@ -93,6 +89,7 @@ async def serve(settings: GatewaySettings) -> None:
         [TRAINING_SERVICE, EXPLANATION_SERVICE] if jobs is not None else []
     )
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    limiter = None
     if settings.api_keys_file:
         interceptors.append(AuthInterceptor(KeysFile(settings.api_keys_file)))
     if settings.redis_url and (settings.rate_limit_per_s or settings.rate_limits):

@@ -1,21 +1,33 @@
 """The Open Inference Protocol (KServe v2) and Triton's extensions, for every family.
 
 Each model name is routed to the service that owns it. Requests are converted to the family's
-Predict message and go through the same path as native calls (cache, deadlines, statistics);
-tensors stay raw bytes both ways wherever the caller sends raw contents.
+Predict message and go through the same path as native calls (deadlines, single-flight,
+statistics); tensors stay raw bytes both ways wherever the caller sends raw contents.
+
+ModelInfer keeps its own results in the result cache: the key is the digest of the Open
+Inference request itself (less its id, name and version, which the key names as it does for
+native calls: resolved version, owner), and the value is the encoded ModelInferResponse. A hit
+translates nothing: the cached bytes go back with the caller's id in front.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import struct
+import time
 from collections.abc import Sequence
 
+import grpc
 import numpy as np
 
 from gateway.auth import current_tenant
+from gateway.cache import CACHE_RESULTS
+from gateway.cache_key import message_digest, result_key
 from gateway.catalog import ModelCatalog
 from gateway.model_service import GatewayModelService
-from gateway.proxy import QUERY_ROUTE, GatewayProxy
+from gateway.proxy import CACHE_CONTROL, CACHE_OUTCOME, QUERY_ROUTE, FamilyRoute, GatewayProxy
+from gateway.rate_limit import RateLimiter
 from inference import open_inference_pb2 as oip
 from inference import open_inference_pb2_grpc
 from maas.common.v1 import model_pb2, tensor_pb2
@@ -23,8 +35,11 @@ from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
-from shared.errors import InvalidArgumentError, NotFoundError
+from shared.errors import InvalidArgumentError, MaasError, NotFoundError, ResourceExhaustedError
+from shared.observability import add_trailing_metadata
 from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape, from_numpy, to_numpy
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "maas"
 SERVER_VERSION = "0.1.0"
@@ -51,6 +66,15 @@ MAX_TEXTS = 100_000
 # Graphs one graph-classification request may carry (each becomes a message here, on the loop);
 # the gnn service's own, smaller limit (MAAS_GNN_MAX_GRAPHS_PER_CALL) applies after this.
 MAX_GRAPHS = 10_000
+# Named by the cache key (or the caller's own), so not part of an Open Inference request's digest.
+OIP_KEY_FIELDS = ("id", "model_name", "model_version")
+OPEN_INFERENCE_SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ID_TAG = b"\x1a"  # ModelInferResponse.id: field 3, length-delimited
+STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 2, length-delimited
+# Calls one ModelStreamInfer stream may have in flight; past it, the gateway reads no further
+# message until one finishes (the client's sends wait on HTTP/2 flow control).
+STREAM_IN_FLIGHT = 256
+INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
 def datatype_name(dtype: int) -> str:
@@ -278,10 +302,10 @@ def to_classify_graphs_request(
     return message
 
 
-def to_infer_response(request: oip.ModelInferRequest, response) -> oip.ModelInferResponse:
+def to_infer_response(request: oip.ModelInferRequest, response, with_id: bool = True) -> oip.ModelInferResponse:
     wanted = {output.name for output in request.outputs}
     reply = oip.ModelInferResponse(model_name=response.model_name, model_version=str(response.model_version),
-                                   id=request.id)  # fmt: skip
+                                   id=request.id if with_id else "")  # fmt: skip
     for name, tensor in response.outputs.items():
         if wanted and name not in wanted:
             continue
@@ -292,6 +316,104 @@ def to_infer_response(request: oip.ModelInferRequest, response) -> oip.ModelInfe
         reply.outputs.add(name="class_name", datatype="BYTES", shape=[len(labels)])
         reply.raw_output_contents.append(encode_bytes_elements([label.encode() for label in labels]))
     return reply
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def with_request_id(encoded: bytes, request_id: str) -> bytes:
+    """An encoded ModelInferResponse without an id, given `request_id` (a field may come in any order)."""
+    if not request_id:
+        return encoded
+    raw = request_id.encode()
+    return ID_TAG + _varint(len(raw)) + raw + encoded
+
+
+def names_stored_graph(request: oip.ModelInferRequest) -> bool:
+    """Whether a gnn request queries a stored graph (whose latest version may change under a key)."""
+    return "stored_graph" in request.parameters or any(tensor.name == "stored_graph" for tensor in request.inputs)
+
+
+class StreamCallContext:
+    """One call on a ModelStreamInfer stream: the stream's metadata, its own deadline (the stream's, or
+    sooner when the request's `timeout` parameter, in microseconds as tritonclient sends it, says so),
+    and its own trailing metadata (which has nowhere to go on a stream, and is dropped)."""
+
+    __slots__ = ("_stream", "_trailing", "_deadline")
+
+    def __init__(self, stream: grpc.aio.ServicerContext, request: oip.ModelInferRequest) -> None:
+        self._stream = stream
+        self._trailing: tuple = ()
+        timeout = request.parameters.get("timeout")
+        self._deadline = time.monotonic() + timeout.int64_param / 1e6 if timeout and timeout.int64_param > 0 else None
+
+    def invocation_metadata(self):
+        return self._stream.invocation_metadata()
+
+    def time_remaining(self) -> float | None:
+        remaining = self._stream.time_remaining()
+        if self._deadline is None:
+            return remaining
+        own = self._deadline - time.monotonic()
+        return own if remaining is None else min(own, remaining)
+
+    def trailing_metadata(self):
+        return self._trailing
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._trailing = tuple(metadata)
+
+
+def stream_response(encoded_infer_response: bytes) -> bytes:
+    """A ModelStreamInferResponse carrying an encoded ModelInferResponse, without decoding it."""
+    return STREAM_RESPONSE_TAG + _varint(len(encoded_infer_response)) + encoded_infer_response
+
+
+def stream_error(request: oip.ModelInferRequest, exc: Exception) -> bytes:
+    """A failed call on a stream: its status and message in error_message, as tritonclient formats errors."""
+    if isinstance(exc, MaasError):
+        message = f"[StatusCode.{exc.code.name}] {exc.message}"
+    else:
+        log.error("ModelStreamInfer: unhandled error for model %r", request.model_name, exc_info=exc)
+        message = f"[StatusCode.INTERNAL] {INTERNAL_MESSAGE}"
+    return oip.ModelStreamInferResponse(
+        error_message=message, infer_response=oip.ModelInferResponse(model_name=request.model_name, id=request.id)
+    ).SerializeToString()
+
+
+def _serialize_infer_response(response) -> bytes:
+    return response if type(response) is bytes else response.SerializeToString()
+
+
+def add_open_inference_to_server(servicer: OpenInferenceServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, except that ModelInfer may answer with encoded bytes (a cache hit)."""
+
+    class Capture:
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+        def add_generic_rpc_handlers(self, handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers) -> None:
+            Capture.handlers = dict(handlers)
+
+    open_inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Capture())
+    handlers = Capture.handlers
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer, request_deserializer=oip.ModelInferRequest.FromString,
+        response_serializer=_serialize_infer_response,
+    )  # fmt: skip
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer, request_deserializer=oip.ModelInferRequest.FromString
+    )  # yields encoded ModelStreamInferResponse messages
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(OPEN_INFERENCE_SERVICE, handlers),))
+    server.add_registered_method_handlers(OPEN_INFERENCE_SERVICE, handlers)
 
 
 def default_version(model: model_pb2.Model, version: str) -> model_pb2.ModelVersion:
@@ -307,10 +429,12 @@ def platform(version: model_pb2.ModelVersion) -> tuple[str, str]:
 
 
 class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, proxy: GatewayProxy, catalog: ModelCatalog, models: GatewayModelService) -> None:
+    def __init__(self, proxy: GatewayProxy, catalog: ModelCatalog, models: GatewayModelService,
+                 limiter: RateLimiter | None = None) -> None:  # fmt: skip
         self.proxy = proxy
         self.catalog = catalog
         self.models = models
+        self.limiter = limiter  # each message of a ModelStreamInfer stream takes one token, as a call does
 
     async def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=True)
@@ -349,17 +473,119 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
             outputs=outputs,
         )
 
-    async def ModelInfer(self, request: oip.ModelInferRequest, context):
-        family, model = await self.catalog.find_visible(request.model_name, current_tenant())
+    async def ModelStreamInfer(self, requests, context):
+        """Each message is a ModelInfer call of its own, run concurrently with the others (at most
+        STREAM_IN_FLIGHT at once); responses go back as calls finish, failures as error_message."""
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        calls: set[asyncio.Task] = set()
+        end = object()
+
+        async def call(request: oip.ModelInferRequest) -> None:
+            try:
+                await self._admit_message()
+                response = await self.ModelInfer(request, StreamCallContext(context, request))
+                finished.put_nowait(stream_response(_serialize_infer_response(response)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is this call's response, never the stream's
+                finished.put_nowait(stream_error(request, exc))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = loop.create_task(call(request))
+                    calls.add(task)
+                    task.add_done_callback(calls.discard)
+                if calls:
+                    await asyncio.wait(set(calls))
+                finished.put_nowait(end)
+            except Exception as exc:  # noqa: BLE001 - a malformed message: the stream ends with its status
+                finished.put_nowait(exc)
+
+        reader = loop.create_task(read())
+        try:
+            while (item := await finished.get()) is not end:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:  # the client went away, or the stream ended: nothing of it keeps running
+            reader.cancel()
+            for task in list(calls):
+                task.cancel()
+
+    async def _admit_message(self) -> None:
+        if self.limiter is None:
+            return
+        tenant = current_tenant()
+        wait_ms, rate = await self.limiter.wait_ms(tenant)
+        if wait_ms:
+            raise ResourceExhaustedError(f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} "
+                                         f"reached; retry after {wait_ms} ms")  # fmt: skip
+
+    async def ModelInfer(self, request: oip.ModelInferRequest, context) -> bytes | oip.ModelInferResponse:
+        started = time.perf_counter_ns()
+        name = request.model_name
+        family, model = await self.catalog.find_visible(name, current_tenant())
         # A link-prediction model (its signature takes pairs) answers through PredictLinks, a graph
         # classifier (its signature takes graph_ids) through ClassifyGraphs.
         signature = {s.name for v in model.versions for s in v.inputs} if family == "gnn" else set()
         links, graphs = "pairs" in signature, "graph_ids" in signature
         route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
-        message = to_family_request(family, request, parse_version(request.model_version), links, graphs)
-        raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context)
-        response = route.predict_response.FromString(raw)
-        return to_infer_response(request, response)
+        cache, proxy = self.proxy.cache, self.proxy
+        control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
+        policy = proxy.settings.cache_policy.get(name, {})
+        # A stored graph's latest version may change under a key: such queries take the native path's cache.
+        if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (
+            family == "gnn" and names_stored_graph(request)
+        ):
+            response = await self._forward(route, request, context)
+            return to_infer_response(request, response)
+
+        # The version the key names: the one asked for, else the default the catalog last heard of.
+        version = parse_version(request.model_version) or self.catalog.default_version(family, name)
+        owner = self.catalog.owner_of(family, name)
+        digest = message_digest(f"oip/{route.family}/{route.method}", request, OIP_KEY_FIELDS)
+        ttl = policy.get("ttl_s")
+        key = result_key(family, name, version, digest, owner) if version else None
+        cached, counted = None, True
+        if key is None or control == "no-cache":
+            outcome, counted = "bypass", False
+        elif (cached := cache.get_local(family, key)) is not None:
+            outcome = "hit"
+        elif not cache.available():
+            outcome, counted = "error", False  # Redis failed moments ago: uncached until the retry interval ends
+        else:
+            cached = await cache.get(family, key, ttl)  # counts its own hit, miss or error
+            outcome = "hit" if cached is not None else "miss" if cache.available() else "error"
+        if cached is not None:
+            proxy.stats.succeeded(name, time.perf_counter_ns() - started, "hit")
+            add_trailing_metadata(context, CACHE_OUTCOME, "hit")
+            return with_request_id(cached, request.id)
+        if not counted:
+            CACHE_RESULTS.labels(family, outcome).inc()
+        response = await self._forward(route, request, context, outcome)
+        encoded = to_infer_response(request, response, with_id=False).SerializeToString()
+        ran = response.model_version
+        if not parse_version(request.model_version) and ran != version:
+            self.catalog.refresh_soon(family)  # the default moved: the catalog is behind
+        if not await cache.put(family, result_key(family, name, ran, digest, owner), encoded, ttl):
+            outcome = "error"
+        add_trailing_metadata(context, CACHE_OUTCOME, outcome)
+        return with_request_id(encoded, request.id)
+
+    async def _forward(self, route: FamilyRoute, request: oip.ModelInferRequest, context, cache_outcome: str = ""):
+        """The family's response to `request`; with `cache_outcome`, the caller keeps the cache."""
+        version = parse_version(request.model_version)
+        message = to_family_request(route.family, request, version, route.method == "PredictLinks",
+                                    route.method == "ClassifyGraphs")  # fmt: skip
+        raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
+                                               trailing=not cache_outcome, cache_outcome=cache_outcome)  # fmt: skip
+        return route.predict_response.FromString(raw)
 
     async def ModelConfig(self, request, context):
         family, model = await self.catalog.find_visible(request.name, current_tenant())

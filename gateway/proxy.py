@@ -165,10 +165,14 @@ class GatewayProxy:
             ) from None
         return await self.predict_message(route, request, raw, context)
 
-    async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True) -> bytes:
+    async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True,
+                              cache_outcome: str = "") -> bytes:  # fmt: skip
         """Predict for a parsed request whose serialized form is `raw`; returns the response bytes.
 
-        With `trailing`, the caller's trailing metadata says what the cache did.
+        With `trailing`, the caller's trailing metadata says what the cache did. With `cache_outcome`,
+        the caller keeps a cache of its own (the Open Inference path): this one is neither read nor
+        written, identical calls in flight still share one backend call, and the statistics count
+        `cache_outcome`.
         """
         started = time.perf_counter_ns()
         known = False
@@ -179,7 +183,8 @@ class GatewayProxy:
                 await self.graphs.check_visible(request.stored_graph, current_tenant(), request.model_name,
                                                 getattr(request, "graph_version", 0))  # fmt: skip
             known = self.catalog.knows(route.family, request.model_name)
-            response, outcome = await self._predict(route, request, raw, context)
+            response, outcome = await self._predict(route, request, raw, context, not cache_outcome)
+            outcome = cache_outcome or outcome
         except Exception:
             if known:  # statistics only for models that exist: a caller's random names cost nothing
                 self.stats.failed(request.model_name, time.perf_counter_ns() - started)
@@ -190,8 +195,10 @@ class GatewayProxy:
             add_trailing_metadata(context, CACHE_OUTCOME, outcome)
         return response
 
-    async def _predict(self, route: FamilyRoute, request, raw: bytes, context) -> tuple[bytes, str]:
-        """The backend's response bytes, and what the cache did: hit, miss, coalesced, bypass, off or error."""
+    async def _predict(self, route: FamilyRoute, request, raw: bytes, context,
+                       cached: bool = True) -> tuple[bytes, str]:  # fmt: skip
+        """The backend's response bytes, and what the cache did: hit, miss, coalesced, bypass, off or error
+        (with `cached` false, the cache is the caller's: neither read nor written, and "passed")."""
         backend = self.backends[route.family]
         timeout = self.timeout(context)
         control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
@@ -200,7 +207,7 @@ class GatewayProxy:
         if version is None:
             self.catalog.refresh_soon(route.family)
         policy = self.settings.cache_policy.get(request.model_name, {})
-        use_cache = self.cache.enabled and policy.get("enabled", True) and control != "no-store"
+        use_cache = cached and self.cache.enabled and policy.get("enabled", True) and control != "no-store"
         # Large requests are hashed off the event loop (hashlib releases the GIL on big buffers).
         digest = await asyncio.to_thread(route.digest, request) if len(raw) > OFF_LOOP_BYTES else route.digest(request)
         owner = self.catalog.owner_of(route.family, request.model_name)
@@ -212,7 +219,9 @@ class GatewayProxy:
         if use_cache and key and control != "no-cache" and (local := self.cache.get_local(route.family, key)):
             return local, "hit"
 
-        if not use_cache:
+        if not cached:
+            outcome = "passed"
+        elif not use_cache:
             outcome = "off" if not self.cache.enabled or not policy.get("enabled", True) else "bypass"
         elif not self.cache.available():
             outcome = "error"  # Redis failed moments ago: serve uncached until the retry interval ends
@@ -223,7 +232,7 @@ class GatewayProxy:
             if cached is not None:
                 return cached, "hit"
             outcome = "miss" if self.cache.available() else "error"
-        if outcome != "miss":
+        if outcome not in ("miss", "passed"):
             CACHE_RESULTS.labels(route.family, outcome).inc()
 
         # Identical calls in flight share one backend call; without a known version, they share

@@ -384,6 +384,8 @@ async def _infer(request: Request, model_name: str, model_version: str = "") -> 
         front.settings.max_tensor_elements,
     )  # fmt: skip
     reply = await front.inference.ModelInfer(message, context)
+    if type(reply) is bytes:  # a cache hit: the encoded response, as the gRPC front sends it
+        reply = oip.ModelInferResponse.FromString(reply)
     return await infer_response(reply, choice, context)
 
 

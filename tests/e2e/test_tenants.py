@@ -349,3 +349,45 @@ def test_a_graph_a_tenant_publishes_is_its_own_and_the_default_graphs_stay_publi
     assert "admin role" in denied.details() and "new_graph_name" in denied.details()
     taken = refused(lambda: update_graph(channel, "beta", LESMIS_GRAPH, new_name=LESMIS_GRAPH))
     assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_open_inference_cache_entries_stay_with_their_tenant(secured, private_model):
+    _, channel = secured
+    wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
+    inference = oip_grpc.GRPCInferenceServiceStub(channel)
+    request = infer_request(private_model)
+    request.id = "cache-crossing"
+
+    def infer(tenant):
+        reply, call = inference.ModelInfer.with_call(request, timeout=10, metadata=key(tenant))
+        return reply, dict(call.trailing_metadata())["maas-cache"]
+
+    first, _ = infer("alpha")
+    again, outcome = infer("alpha")
+    assert outcome == "hit" and again == first
+    for tenant in ("beta", "ops"):  # another tenant, the admin too: the model is not there for them
+        with pytest.raises(grpc.RpcError) as err:
+            infer(tenant)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert err.value.details() == f"model {private_model!r} not found"
+
+
+def test_model_stream_infer_keeps_tenants_apart(secured, private_model):
+    _, channel = secured
+    wait_for(lambda: served_version(lambda: predict(channel, private_model, "alpha")), what="served")
+    inference = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    def stream(tenant, *models):
+        requests = [infer_request(model) for model in models]
+        for i, request in enumerate(requests):
+            request.id = f"{tenant}-{i}"
+        metadata = key(tenant) if tenant else ()
+        return list(inference.ModelStreamInfer(iter(requests), timeout=30, metadata=metadata))
+
+    own = stream("alpha", private_model, "sentiment")
+    assert [r.error_message for r in own] == ["", ""]
+    theirs = {r.infer_response.id: r.error_message for r in stream("beta", private_model, "sentiment")}
+    assert theirs == {"beta-0": f"[StatusCode.NOT_FOUND] model {private_model!r} not found", "beta-1": ""}
+    with pytest.raises(grpc.RpcError) as err:
+        stream("", "sentiment")
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
