@@ -45,7 +45,7 @@ class Rpc:
     service: str
     method: str
     request: type
-    streaming: str  # "unary", "client" or "server"
+    streaming: str  # "unary", "client", "server" or "bidi"
 
     @property
     def path(self) -> str:
@@ -60,7 +60,8 @@ def _rpcs_of(server: str, module, service_name: str) -> list[Rpc]:
     found = []
     for method in service.methods:
         request = getattr(module, method.input_type.name, None) or _nested_class(module, method.input_type)
-        kind = "client" if method.client_streaming else "server" if method.server_streaming else "unary"
+        kind = ("bidi" if method.client_streaming and method.server_streaming else "client" if method.client_streaming
+                else "server" if method.server_streaming else "unary")  # fmt: skip
         found.append(Rpc(server, service.full_name, method.name, request, kind))
     return found
 
@@ -147,6 +148,9 @@ def call(channel: grpc.Channel, rpc: Rpc, parts: list[bytes]) -> grpc.StatusCode
     try:
         if rpc.streaming == "client":
             channel.stream_unary(rpc.path)(iter(parts), timeout=10)
+        elif rpc.streaming == "bidi":  # ModelStreamInfer: a failed message is a response of its own
+            for response in channel.stream_stream(rpc.path)(iter(parts), timeout=10):
+                assert b"[StatusCode.INTERNAL]" not in response[:32], f"{rpc} answered {response[:200]!r}"
         elif rpc.streaming == "server":
             stream = channel.unary_stream(rpc.path)(parts[0], timeout=2)
             for _ in zip(range(3), stream, strict=False):  # a few events are enough; then the call is cut short
@@ -207,6 +211,8 @@ SEEDS = seeds()
 def requests_for(rpc: Rpc):
     if rpc.streaming == "client":  # UploadDataset: an info message (or not), then chunks (or not)
         return st.lists(wire(rpc.request), min_size=0, max_size=4)
+    if rpc.streaming == "bidi":  # ModelStreamInfer: several calls, each odd in its own way
+        return st.lists(wire(rpc.request, SEEDS.get(rpc.request.DESCRIPTOR.full_name, ())), min_size=0, max_size=4)
     return wire(rpc.request, SEEDS.get(rpc.request.DESCRIPTOR.full_name, ())).map(lambda raw: [raw])
 
 
@@ -226,7 +232,7 @@ def test_malformed_requests_get_a_status_never_internal(servers, rpc):
     def fuzz(parts):
         if rpc.method in DESTRUCTIVE and any(names_a_real_model(rpc, raw) for raw in parts):
             return
-        if rpc.streaming != "client" and not parts:
+        if rpc.streaming not in ("client", "bidi") and not parts:
             return
         call(channel, rpc, parts)
 
