@@ -1,17 +1,22 @@
-"""The gateway against a one-hop call to the dense service, cache hits, and the CPU each call costs.
+"""The gateway against a bare grpc.aio echo server, a one-hop call to the dense service, cache hits,
+and the CPU each call costs.
 
 Run with `make bench`. The cluster runs as `make run` starts it (the gateway with one worker
-per core). In each row the clients switch between the three kinds of call every slice, so
-drift on a shared machine hits them alike: read the ratios.
+per core). In each row the clients switch between the kinds of call every slice, so drift on a
+shared machine hits them alike: read the ratios, all against the echo server of the same run.
 
-- direct: digits-mlp calls straight to the dense service (the one-hop baseline);
-- gateway: the same calls through the gateway, all distinct and `no-store`, so nothing is
-  coalesced or cached: pure forwarding;
-- cache hit: one call repeated through the gateway, answered from each worker's memory.
+- echo: a bare grpc.aio server answering each call with its request bytes (one process): the
+  floor of one Python gRPC hop;
+- direct: digits-mlp calls straight to the dense service (one hop, with the model);
+- gateway / OIP uncached: the same calls through the gateway, natively and as Open Inference
+  ModelInfer, all distinct and `no-store`, so nothing is coalesced or cached: pure forwarding;
+- gateway / OIP hit: one call repeated through the gateway, answered from each worker's memory;
+- stream uncached / hit: the same Open Inference calls as ModelStreamInfer messages, one stream
+  per caller, one message at a time on it (as perf_analyzer --streaming sends them).
 
-B2 asks, at concurrency 64, for hits at 2x or more of uncached calls and 1.0x or more of direct
-ones. B3 is the gateway's CPU time per forwarded call (all workers, user + system) beside a bare
-grpc.aio echo server's, in the same run.
+H1 asks, at concurrency 64, for uncached Open Inference calls at 0.7x the echo server or more;
+H2 for hits at 0.9x or more; H3 for ModelStreamInfer at 1.5x or more. H4 is the gateway's CPU
+time per forwarded call (all workers, user + system) beside the echo server's, in the same run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import grpc
 import numpy as np
 import psutil
 
+from inference import open_inference_pb2 as oip
 from maas.dense.v1 import dense_pb2
 from shared.cluster import ClusterPorts, LocalCluster, free_port
 from shared.tensors import from_numpy
@@ -36,6 +42,8 @@ from tests.stores import plain_defaults
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = [int(c) for c in os.environ.get("MAAS_BENCH_CONCURRENCY", "1,16,64").split(",")]
 PREDICT = "/maas.dense.v1.DenseService/Predict"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 NO_STORE = (("cache-control", "no-store"),)
 
 
@@ -46,6 +54,17 @@ def distinct_requests(count: int = 4096) -> tuple[bytes, ...]:
         dense_pb2.PredictRequest(model_name="digits-mlp", inputs={"pixels": from_numpy(row)}).SerializeToString()
         for row in rows
     )
+
+
+def distinct_infer_requests(count: int = 4096) -> tuple[bytes, ...]:
+    """The same rows as distinct_requests, as Open Inference ModelInfer requests with raw contents."""
+    rows = np.random.default_rng(0).integers(0, 17, size=(count, 1, 64)).astype(np.float32)
+    tensor = oip.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[1, 64])
+    return tuple(
+        oip.ModelInferRequest(model_name="digits-mlp", id=f"bench-{i}", inputs=[tensor],
+                              raw_input_contents=[row.tobytes()]).SerializeToString()
+        for i, row in enumerate(rows)
+    )  # fmt: skip
 
 
 def cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -72,7 +91,7 @@ def start_echo() -> tuple[subprocess.Popen, str]:
 
 
 def main() -> None:
-    distinct = distinct_requests()
+    distinct, infers = distinct_requests(), distinct_infer_requests()
     with tempfile.TemporaryDirectory() as var:
         store = plain_defaults(Path(var) / "models")
         cluster = LocalCluster(ClusterPorts.free(), store.root, Path(var), log_dir=Path(var) / "logs")
@@ -80,30 +99,41 @@ def main() -> None:
         echo, echo_target = start_echo()
         try:
             gateway_spec = cluster.specs["gateway"]
-            direct = CallSpec(cluster.specs["dense"].target, PREDICT, distinct)
             forwarded = CallSpec(gateway_spec.target, PREDICT, distinct, NO_STORE)
-            hits = CallSpec(gateway_spec.target, PREDICT, distinct[:1])
+            repeated = tuple(infers[0].replace(b"bench-0", f"bench-{i}".encode()) for i in range(10))
+            kinds = {
+                "echo": CallSpec(echo_target, PREDICT, distinct),
+                "direct": CallSpec(cluster.specs["dense"].target, PREDICT, distinct),
+                "gateway uncached": forwarded,
+                "gateway hit": CallSpec(gateway_spec.target, PREDICT, distinct[:1]),
+                "OIP uncached": CallSpec(gateway_spec.target, MODEL_INFER, infers, NO_STORE),
+                # Other ids, one entry: the id is not part of the key.
+                "OIP hit": CallSpec(gateway_spec.target, MODEL_INFER, repeated),
+                # One stream per caller, one message at a time on it.
+                "stream uncached": CallSpec(gateway_spec.target, MODEL_STREAM_INFER, infers, NO_STORE, streaming=True),
+                "stream hit": CallSpec(gateway_spec.target, MODEL_STREAM_INFER, repeated, streaming=True),
+            }  # fmt: skip
             print(
                 f"\ngateway, digits-mlp, 1 row per call, {gateway_spec.workers} gateway workers, "
-                f"{DURATION_S:.0f}s per cell, {os.cpu_count()} cores"
+                f"{DURATION_S:.0f}s per cell, {os.cpu_count()} cores; calls/s (x echo) and p99 ms"
             )
-            print(
-                f"{'conc':>4} | {'direct rps':>10} {'p50 ms':>7} | {'gateway rps':>11} {'p50 ms':>7} {'/direct':>7} | "
-                f"{'cache-hit rps':>13} {'p50 ms':>7} {'/direct':>7} {'/gateway':>8}"
-            )
+            header = " | ".join(f"c{c:<3} {'rps':>6} {'x echo':>6} {'p99':>6}" for c in CONCURRENCY)
+            rows: dict[str, list[str]] = {name: [] for name in kinds}
+            errors: list[str] = []
             for concurrency in CONCURRENCY:
-                one_hop, via, hit = run_interleaved([direct, forwarded, hits], concurrency, DURATION_S)
-                base = one_hop.throughput
-                print(
-                    f"{concurrency:>4} | {base:>10.0f} {one_hop.percentile_ms(50):>7.2f} | "
-                    f"{via.throughput:>11.0f} {via.percentile_ms(50):>7.2f} {via.throughput / base:>7.2f} | "
-                    f"{hit.throughput:>13.0f} {hit.percentile_ms(50):>7.2f} {hit.throughput / base:>7.2f} "
-                    f"{hit.throughput / via.throughput:>8.2f}",
-                    flush=True,
-                )
-                for name, result in (("direct", one_hop), ("gateway", via), ("cache-hit", hit)):
+                results = dict(zip(kinds, run_interleaved(list(kinds.values()), concurrency, DURATION_S), strict=True))
+                base = results["echo"].throughput
+                for name, result in results.items():
+                    rows[name].append(f"{'':4} {result.throughput:>6.0f} {result.throughput / base:>6.2f} "
+                                      f"{result.percentile_ms(99):>6.1f}")  # fmt: skip
                     if result.errors:
-                        print(f"     {name}: {result.errors} errors, e.g. {result.error_examples[:1]}")
+                        example = result.error_examples[:1]
+                        errors.append(f"c{concurrency} {name}: {result.errors} errors, e.g. {example}")
+            print(f"{'':17} | {header}")
+            for name, cells in rows.items():
+                print(f"{name:<17} | {' | '.join(cells)}")
+            for line in errors:
+                print(f"     {line}")
 
             gateway = psutil.Process(cluster.processes["gateway"].pid)
             workers = gateway.children() or [gateway]

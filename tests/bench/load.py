@@ -31,6 +31,10 @@ class CallSpec:
     requests: tuple[bytes, ...]
     metadata: tuple[tuple[str, str], ...] = ()
     timeout_s: float = 30.0
+    # Each caller keeps one bidirectional stream open on `method` and sends its calls on it, one at a
+    # time (as perf_analyzer --streaming does); a response whose first field is an error_message
+    # (Triton's ModelStreamInferResponse) counts as an error.
+    streaming: bool = False
 
 
 @dataclass
@@ -98,6 +102,10 @@ def run_interleaved(
     ]
 
 
+class StreamMessageError(Exception):
+    """A message on a stream that came back as an error."""
+
+
 def _client(specs, callers: int, schedule, ready, results) -> None:
     results.put(asyncio.run(_closed_loop(specs, callers, schedule, ready)))
 
@@ -114,9 +122,24 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
     for channel in itertools.chain.from_iterable(channels):
         await channel.channel_ready()
     methods = [
-        [c.unary_unary(spec.method, request_serializer=None, response_deserializer=None) for c in spec_channels]
+        [(c.stream_stream if spec.streaming else c.unary_unary)(spec.method, request_serializer=None,
+                                                                 response_deserializer=None) for c in spec_channels]
         for spec, spec_channels in zip(specs, channels, strict=True)
-    ]
+    ]  # fmt: skip
+    streams: dict[tuple[int, int], grpc.aio.StreamStreamCall] = {}
+
+    async def streamed(which: int, index: int, method, request: bytes, spec: CallSpec) -> None:
+        stream = streams.get((which, index))
+        if stream is None:
+            stream = streams[which, index] = method(metadata=spec.metadata or None)
+        await stream.write(request)
+        response = await stream.read()
+        if response is grpc.aio.EOF:
+            del streams[which, index]
+            await stream  # raises the stream's status
+        elif response[:1] == b"\n":
+            raise StreamMessageError(response)
+
     requests = [itertools.cycle(spec.requests) for spec in specs]
     measured: list[tuple[list[float], list[str]]] = [([], []) for _ in specs]
     await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120)
@@ -129,16 +152,26 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
             which = turn % len(specs)
             spec, method = specs[which], methods[which][index % len(methods[which])]
             try:
-                await method(next(requests[which]), timeout=spec.timeout_s, metadata=spec.metadata or None)
+                if spec.streaming:
+                    await streamed(which, index, method, next(requests[which]), spec)
+                else:
+                    await method(next(requests[which]), timeout=spec.timeout_s, metadata=spec.metadata or None)
             except grpc.aio.AioRpcError as exc:
                 if start >= begin:
                     measured[which][1].append(f"{exc.code().name}: {exc.details()}")
+                continue
+            except StreamMessageError as exc:
+                if start >= begin:
+                    measured[which][1].append(f"stream message: {exc.args[0][:200]!r}")
                 continue
             # Counted only when the call started and ended within one measured slice of its target.
             if start >= begin and (done := time.monotonic()) <= begin + (turn + 1) * slice_s:
                 measured[which][0].append(done - start)
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
+    for stream in streams.values():
+        await stream.done_writing()
+        stream.cancel()
     for channel in itertools.chain.from_iterable(channels):
         await channel.close()
     return [(latencies, len(errors), errors[:3]) for latencies, errors in measured]
