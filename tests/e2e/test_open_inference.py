@@ -134,14 +134,20 @@ def _input(name, array, datatype="FP32"):
     return tensor
 
 
-def test_perf_analyzer_runs_unchanged_against_the_gateway(cluster):
-    """Triton's perf_analyzer (shipped in the tritonclient wheel) measures a maas model as it would Triton."""
+def perf_analyzer() -> tuple[Path, dict[str, str]]:
+    """Triton's perf_analyzer from the tritonclient wheel and the environment it starts in, or a skip."""
     binary = Path(sys.executable).parent / "perf_analyzer"
     cuda_runtime = Path(sys.executable).parents[1] / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
     env = {**os.environ, "LD_LIBRARY_PATH": str(cuda_runtime)}
     missing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env).stdout
     if not binary.exists() or "not found" in missing:
         pytest.skip(f"perf_analyzer cannot start here (needs Debian's libb64-0d; .ci/run installs it): {missing[:200]}")
+    return binary, env
+
+
+def test_perf_analyzer_runs_unchanged_against_the_gateway(cluster):
+    """Triton's perf_analyzer (shipped in the tritonclient wheel) measures a maas model as it would Triton."""
+    binary, env = perf_analyzer()
     result = subprocess.run(
         [str(binary), "-m", "digits-mlp", "-u", cluster.specs["gateway"].target, "-i", "grpc",
          "--concurrency-range", "2", "--measurement-interval", "1000", "--stability-percentage", "999"],

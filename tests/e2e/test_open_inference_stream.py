@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,6 +13,7 @@ from tritonclient.grpc import service_pb2 as oip  # the same wire protocol; one 
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from services.dense.datasets import digits_split
+from tests.e2e.test_open_inference import perf_analyzer
 from tests.e2e.test_open_inference_cache import infer_digits
 
 
@@ -93,12 +91,7 @@ def test_a_message_that_is_not_a_request_ends_the_stream_with_invalid_argument(c
 
 
 def test_perf_analyzer_streams_against_the_gateway(cluster):
-    binary = Path(sys.executable).parent / "perf_analyzer"
-    cuda_runtime = Path(sys.executable).parents[1] / "lib/python3.11/site-packages/nvidia/cuda_runtime/lib"
-    env = {**os.environ, "LD_LIBRARY_PATH": str(cuda_runtime)}
-    missing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env).stdout
-    if not binary.exists() or "not found" in missing:
-        pytest.skip(f"perf_analyzer cannot start here (needs Debian's libb64-0d; .ci/run installs it): {missing[:200]}")
+    binary, env = perf_analyzer()
     result = subprocess.run(
         [str(binary), "-m", "digits-mlp", "-u", cluster.specs["gateway"].target, "-i", "grpc", "--streaming",
          "--concurrency-range", "4", "--measurement-interval", "1000", "--stability-percentage", "999"],
