@@ -27,7 +27,7 @@ from gateway.cache_key import message_digest, result_key
 from gateway.catalog import ModelCatalog
 from gateway.model_service import GatewayModelService
 from gateway.proxy import CACHE_CONTROL, CACHE_OUTCOME, QUERY_ROUTE, FamilyRoute, GatewayProxy
-from gateway.rate_limit import RateLimiter
+from gateway.rate_limit import RateLimiter, refusal
 from inference import open_inference_pb2 as oip
 from inference import open_inference_pb2_grpc
 from maas.common.v1 import model_pb2, tensor_pb2
@@ -35,6 +35,7 @@ from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
+from shared.error_interceptor import INTERNAL_MESSAGE
 from shared.errors import InvalidArgumentError, MaasError, NotFoundError, ResourceExhaustedError
 from shared.observability import add_trailing_metadata
 from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape, from_numpy, to_numpy
@@ -74,7 +75,6 @@ STREAM_RESPONSE_TAG = b"\x12"  # ModelStreamInferResponse.infer_response: field 
 # Calls one ModelStreamInfer stream may have in flight; past it, the gateway reads no further
 # message until one finishes (the client's sends wait on HTTP/2 flow control).
 STREAM_IN_FLIGHT = 256
-INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
 def datatype_name(dtype: int) -> str:
@@ -524,8 +524,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         tenant = current_tenant()
         wait_ms, rate = await self.limiter.wait_ms(tenant)
         if wait_ms:
-            raise ResourceExhaustedError(f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} "
-                                         f"reached; retry after {wait_ms} ms")  # fmt: skip
+            raise ResourceExhaustedError(refusal(tenant, rate, wait_ms))
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context) -> bytes | oip.ModelInferResponse:
         started = time.perf_counter_ns()
@@ -573,7 +572,10 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         ran = response.model_version
         if not parse_version(request.model_version) and ran != version:
             self.catalog.refresh_soon(family)  # the default moved: the catalog is behind
-        if not await cache.put(family, result_key(family, name, ran, digest, owner), encoded, ttl):
+        # As on the native path: nothing is written while Redis is failing, so a hung Redis costs
+        # one timeout per retry interval, not one per call.
+        if outcome in ("miss", "bypass") and not await cache.put(family, result_key(family, name, ran, digest, owner),
+                                                                 encoded, ttl):  # fmt: skip
             outcome = "error"
         add_trailing_metadata(context, CACHE_OUTCOME, outcome)
         return with_request_id(encoded, request.id)

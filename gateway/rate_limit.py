@@ -67,6 +67,11 @@ class RateLimiter:
             return 0, rate
 
 
+def refusal(tenant: str, rate: float, wait_ms: int) -> str:
+    """What a caller over its tenant's rate is told."""
+    return f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} reached; retry after {wait_ms} ms"
+
+
 class RateLimitInterceptor(MethodInterceptor):
     """RESOURCE_EXHAUSTED, with a `retry-after-ms` hint, once a tenant's bucket is empty."""
 
@@ -78,11 +83,7 @@ class RateLimitInterceptor(MethodInterceptor):
         wait_ms, rate = await self.limiter.wait_ms(tenant)
         if wait_ms:
             add_trailing_metadata(context, RETRY_AFTER_KEY, str(wait_ms))
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"rate limit of {rate:g} requests/s for tenant {tenant or 'default'!r} reached; "
-                f"retry after {wait_ms} ms",
-            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal(tenant, rate, wait_ms))
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if method.startswith(OPEN_METHODS):

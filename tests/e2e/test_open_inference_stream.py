@@ -51,7 +51,7 @@ def test_one_bad_call_fails_alone_and_the_stream_goes_on(gateway_channel):
     responses = {r.infer_response.id: r for r in stream(gateway_channel, [good, short_row, unknown, later])}
     assert set(responses) == {"good-1", "short-row", "unknown", "good-2"}
     assert responses["good-1"].error_message == "" and responses["good-2"].error_message == ""
-    assert [o.name for o in responses["good-2"].infer_response.outputs][:1] == ["label"]
+    assert "label" in [o.name for o in responses["good-2"].infer_response.outputs]  # outputs come in any order
     assert responses["short-row"].error_message.startswith("[StatusCode.INVALID_ARGUMENT]")
     assert "pixels" in responses["short-row"].error_message  # it names the input
     assert responses["unknown"].error_message == "[StatusCode.NOT_FOUND] model 'no-such-model' not found"
