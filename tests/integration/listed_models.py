@@ -17,6 +17,10 @@ class ListedModels(models_pb2_grpc.ModelServiceServicer):
         self.names = names
 
     async def ListModels(self, request, context):
+        # As a real service: a read for another family's models finds none here. Tests that point every
+        # family's backend at this one server then resolve each name to one family, not to whichever read won.
+        if request.family and request.family != self.family:
+            return models_pb2.ListModelsResponse()
         return models_pb2.ListModelsResponse(models=[self.model(name) for name in self.names])
 
     def model(self, name: str) -> model_pb2.Model:
