@@ -30,6 +30,7 @@ from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
 from gateway.catalog import ModelCatalog
 from gateway.graph_catalog import GraphCatalog
+from gateway.hop_batching import HopBatcher
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
@@ -96,8 +97,15 @@ class GatewayProxy:
         catalog.on_graph_change = self.graphs.changed
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
         self._in_flight: dict[str, asyncio.Task] = {}
+        self._flight_waiters: dict[asyncio.Task, int] = {}  # callers waiting on each in-flight call
         # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
         self._unversioned_graphs: set[tuple[str, int, str]] = set()
+        # Dense Predicts merged on the hop to the dense service while its call slots are busy.
+        self._hop: HopBatcher | None = None
+        if settings.hop_batching and "dense" in backends:
+            max_bytes = min(settings.max_request_bytes, settings.max_message_bytes)
+            self._hop = HopBatcher(backends["dense"], ROUTE_BY_FAMILY["dense"].path, settings.hop_max_in_flight,
+                                   settings.hop_max_rows, max_bytes)  # fmt: skip
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """Each family's data plane; model management is the gateway's ModelService."""
@@ -238,18 +246,22 @@ class GatewayProxy:
         # Identical calls in flight share one backend call; without a known version, they share
         # whatever the backend's default is. The call runs in its own task, under the first caller's
         # deadline: a follower survives that caller going away, and calls alone if that deadline,
-        # shorter than its own, ran out.
+        # shorter than its own, ran out. When every caller has gone, the call is cancelled.
         flight = key or result_key(route.family, request.model_name, 0, digest, owner)
         shared = self._in_flight.get(flight)
         if shared is not None:
             CACHE_RESULTS.labels(route.family, "coalesced").inc()
             try:
-                return await asyncio.shield(shared), "coalesced"
+                return await self._join(flight, shared), "coalesced"
             except UpstreamError as exc:
                 if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
             timeout = self.timeout(context)
-        response = await asyncio.shield(self._share(flight, backend.call(route.path, raw, timeout)))
+        if self._hop is not None and route.family == "dense" and route.method == "Predict":
+            call = self._hop.call(request, raw, timeout)
+        else:
+            call = backend.call(route.path, raw, timeout)
+        response = await self._join(flight, self._share(flight, call))
         if use_cache and outcome in ("miss", "bypass"):
             answer = route.predict_response.FromString(response)
             ran = answer.model_version
@@ -271,6 +283,21 @@ class GatewayProxy:
         pinned.CopyFrom(request)
         pinned.graph_version = graph_version
         return route.digest(pinned)
+
+    async def _join(self, flight: str, task: asyncio.Task) -> bytes:
+        """Waits for an in-flight call with the callers already waiting; the last caller to go away
+        cancels it, so a call nobody waits for stops (a queued dense request never leaves the gateway)."""
+        self._flight_waiters[task] = self._flight_waiters.get(task, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            left = self._flight_waiters.pop(task) - 1
+            if left:
+                self._flight_waiters[task] = left
+            elif not task.done():
+                if self._in_flight.get(flight) is task:
+                    del self._in_flight[flight]  # a caller arriving now starts its own call
+                task.cancel()
 
     def _share(self, flight: str, call) -> asyncio.Task:
         """Runs `call` as the one in-flight call for `flight`, until it ends."""

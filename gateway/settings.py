@@ -99,6 +99,15 @@ class GatewaySettings(ServerSettings):
         65_536, description="Most entries of any repeated field of a request: texts, node ids, output names."
     )
     max_tensor_elements: int = Field(1 << 24, description="Most elements of any tensor of a request.")
+    hop_batching: bool = Field(
+        True,
+        description="Merge concurrent dense Predicts for one model, version and input signature into one call to the "
+        "dense service while that lane's call slots are busy; a request that finds a slot free goes alone.",
+    )
+    hop_max_in_flight: int = Field(
+        4, ge=1, description="Calls each lane (model, version, input signature) may have in flight to the dense service"
+    )
+    hop_max_rows: int = Field(64, ge=1, description="Most rows one merged call to the dense service carries.")
     http_port: int = Field(
         0,
         description="HTTP port (KServe v2 REST, OpenAI-compatible embeddings, the console, /openapi.json), served "

@@ -61,3 +61,34 @@ def test_concurrent_calls_form_batches_and_each_gets_its_own_answer(cluster):
         np.testing.assert_allclose(
             to_numpy(batched.outputs["probabilities"], "p"), to_numpy(single.outputs["probabilities"], "p"), **served()
         )
+
+
+def gateway_metric(cluster, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics", timeout=5).read()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+        if s.name == name and s.labels.get("family") == "dense"
+    )
+
+
+def test_calls_merged_on_the_gateway_hop_give_each_caller_its_own_answer(cluster, gateway_channel):
+    _, x_test, _, _ = digits_split()
+    requests = [request(x_test[i : i + 1 + i % 3]) for i in range(64)]  # one to three rows each
+    uncached = (("cache-control", "no-store"),)
+    stub = dense_pb2_grpc.DenseServiceStub(gateway_channel)
+    alone = [stub.Predict(r, timeout=30, metadata=uncached) for r in requests]
+    calls = gateway_metric(cluster, "maas_gateway_hop_batch_requests_count")
+    merged = gateway_metric(cluster, "maas_gateway_hop_batch_requests_sum")
+    for _ in range(5):  # 64 calls in flight at once through the gateway, five times over
+        futures = [stub.Predict.future(r, timeout=30, metadata=uncached) for r in requests]
+        replies = [f.result() for f in futures]
+        for single, together in zip(alone, replies, strict=True):
+            assert together.model_version == single.model_version
+            np.testing.assert_allclose(to_numpy(together.outputs["probabilities"], "p"),
+                                       to_numpy(single.outputs["probabilities"], "p"), **served())  # fmt: skip
+    calls = gateway_metric(cluster, "maas_gateway_hop_batch_requests_count") - calls
+    merged = gateway_metric(cluster, "maas_gateway_hop_batch_requests_sum") - merged
+    assert merged == 5 * 64
+    assert merged / calls > 1, f"{calls} gateway → dense calls for {merged} requests: none was merged"
