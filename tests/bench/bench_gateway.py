@@ -12,7 +12,9 @@ shared machine hits them alike: read the ratios, all against the echo server of 
   ModelInfer, all distinct and `no-store`, so nothing is coalesced or cached: pure forwarding;
 - gateway / OIP hit: one call repeated through the gateway, answered from each worker's memory;
 - stream uncached / hit: the same Open Inference calls as ModelStreamInfer messages, one stream
-  per caller, one message at a time on it (as perf_analyzer --streaming sends them).
+  per caller, one message at a time on it (as perf_analyzer --streaming sends them);
+- "hop unbatched": a second gateway on the same dense service with MAAS_GATEWAY_HOP_BATCHING=false,
+  every request its own call to the dense service, beside the default (merged while busy).
 
 H1 asks, at concurrency 64, for uncached Open Inference calls at 0.7x the echo server or more;
 H2 for hits at 0.9x or more; H3 for ModelStreamInfer at 1.5x or more. H4 is the gateway's CPU
@@ -21,6 +23,7 @@ time per forwarded call (all workers, user + system) beside the echo server's, i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -90,6 +93,20 @@ def start_echo() -> tuple[subprocess.Popen, str]:
     return process, target
 
 
+def start_unbatched_gateway(cluster: LocalCluster, var: Path) -> str:
+    """A second gateway like the cluster's, whose dense Predicts each travel alone; its target."""
+    spec = cluster.specs["gateway"]
+    port, run_dir = free_port(), var / "run" / "gateway-unbatched"
+    env = {**spec.env, "MAAS_GATEWAY_PORT": str(port), "MAAS_GATEWAY_METRICS_PORT": str(free_port()),
+           "MAAS_GATEWAY_HTTP_PORT": str(free_port()), "MAAS_GATEWAY_HOP_BATCHING": "false"}  # fmt: skip
+    local_env = {**spec.local_env, "MAAS_GATEWAY_RUN_DIR": str(run_dir)}
+    cluster.specs["gateway-unbatched"] = dataclasses.replace(spec, name="gateway-unbatched", port=port, env=env,
+                                                             run_dir=run_dir, local_env=local_env)  # fmt: skip
+    cluster.start_process("gateway-unbatched")
+    cluster.wait_serving("gateway-unbatched")
+    return cluster.specs["gateway-unbatched"].target
+
+
 def main() -> None:
     distinct, infers = distinct_requests(), distinct_infer_requests()
     with tempfile.TemporaryDirectory() as var:
@@ -98,6 +115,7 @@ def main() -> None:
         cluster.start()
         echo, echo_target = start_echo()
         try:
+            unbatched = start_unbatched_gateway(cluster, Path(var))
             gateway_spec = cluster.specs["gateway"]
             forwarded = CallSpec(gateway_spec.target, PREDICT, distinct, NO_STORE)
             repeated = tuple(infers[0].replace(b"bench-0", f"bench-{i}".encode()) for i in range(10))
@@ -105,8 +123,10 @@ def main() -> None:
                 "echo": CallSpec(echo_target, PREDICT, distinct),
                 "direct": CallSpec(cluster.specs["dense"].target, PREDICT, distinct),
                 "gateway uncached": forwarded,
+                "  hop unbatched": CallSpec(unbatched, PREDICT, distinct, NO_STORE),
                 "gateway hit": CallSpec(gateway_spec.target, PREDICT, distinct[:1]),
                 "OIP uncached": CallSpec(gateway_spec.target, MODEL_INFER, infers, NO_STORE),
+                "  hop unbatched ": CallSpec(unbatched, MODEL_INFER, infers, NO_STORE),
                 # Other ids, one entry: the id is not part of the key.
                 "OIP hit": CallSpec(gateway_spec.target, MODEL_INFER, repeated),
                 # One stream per caller, one message at a time on it.
@@ -139,11 +159,14 @@ def main() -> None:
             workers = gateway.children() or [gateway]
             time.sleep(1.0)
             gateway_cpu, gateway_rps = cpu_per_call(workers, forwarded, 64)
+            plain = psutil.Process(cluster.processes["gateway-unbatched"].pid)
+            plain_cpu, plain_rps = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
             echo_cpu, echo_rps = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct), 64)
             print(
                 f"\nCPU per call at concurrency 64: gateway forwarding {gateway_cpu * 1e6:.0f} us "
                 f"({len(workers)} workers, {gateway_rps:.0f} calls/s), bare grpc.aio echo {echo_cpu * 1e6:.0f} us "
-                f"(1 process, {echo_rps:.0f} calls/s): gateway / echo = {gateway_cpu / echo_cpu:.2f}"
+                f"(1 process, {echo_rps:.0f} calls/s): gateway / echo = {gateway_cpu / echo_cpu:.2f}; "
+                f"with the hop unbatched {plain_cpu * 1e6:.0f} us ({plain_rps:.0f} calls/s): {plain_cpu / echo_cpu:.2f}"
             )
         finally:
             echo.terminate()
