@@ -126,6 +126,11 @@ class ModelCatalog:
                 await asyncio.gather(*(self.refresh_if_stale(family) for family in self.backends))
         raise NotFoundError(f"model {name!r} not found")
 
+    def canary(self, family: str, name: str) -> model_pb2.Canary | None:
+        """The model's canary as its service last reported it (candidate READY, not the default), or None."""
+        model = self.models.get(family, {}).get(name)
+        return model.canary if model is not None and model.HasField("canary") else None
+
     def knows(self, family: str, name: str) -> bool:
         return name in self.models.get(family, {})
 

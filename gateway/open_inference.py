@@ -24,6 +24,7 @@ import numpy as np
 from gateway.auth import current_tenant
 from gateway.cache import CACHE_RESULTS
 from gateway.cache_key import message_digest, result_key
+from gateway.canary import choose, record
 from gateway.catalog import ModelCatalog
 from gateway.model_service import GatewayModelService
 from gateway.proxy import CACHE_CONTROL, CACHE_OUTCOME, QUERY_ROUTE, FamilyRoute, GatewayProxy
@@ -37,7 +38,7 @@ from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.error_interceptor import INTERNAL_MESSAGE
 from shared.errors import InvalidArgumentError, MaasError, NotFoundError, ResourceExhaustedError
-from shared.observability import add_trailing_metadata
+from shared.observability import add_trailing_metadata, current_request_id
 from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
@@ -536,13 +537,18 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         links, graphs = "pairs" in signature, "graph_ids" in signature
         route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
         cache, proxy = self.proxy.cache, self.proxy
+        arm = ""
+        if not parse_version(request.model_version):  # a canary's share goes to its candidate, by the request's id
+            chosen, arm = choose(self.catalog.canary(family, name), request.id or current_request_id())
+            if chosen:
+                request.model_version = str(chosen)
         control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
         policy = proxy.settings.cache_policy.get(name, {})
         # A stored graph's latest version may change under a key: such queries take the native path's cache.
         if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (
             family == "gnn" and names_stored_graph(request)
         ):
-            response = await self._forward(route, request, context)
+            response = await self._forward(route, request, context, arm=arm)
             return to_infer_response(request, response)
 
         # The version the key names: the one asked for, else the default the catalog last heard of.
@@ -563,11 +569,13 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
             outcome = "hit" if cached is not None else "miss" if cache.available() else "error"
         if cached is not None:
             proxy.stats.succeeded(name, time.perf_counter_ns() - started, "hit")
+            if arm:
+                record(name, arm, version, "OK", (time.perf_counter_ns() - started) / 1e9)
             add_trailing_metadata(context, CACHE_OUTCOME, "hit")
             return with_request_id(cached, request.id)
         if not counted:
             CACHE_RESULTS.labels(family, outcome).inc()
-        response = await self._forward(route, request, context, outcome)
+        response = await self._forward(route, request, context, outcome, arm)
         encoded = to_infer_response(request, response, with_id=False).SerializeToString()
         ran = response.model_version
         if not parse_version(request.model_version) and ran != version:
@@ -580,13 +588,16 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         add_trailing_metadata(context, CACHE_OUTCOME, outcome)
         return with_request_id(encoded, request.id)
 
-    async def _forward(self, route: FamilyRoute, request: oip.ModelInferRequest, context, cache_outcome: str = ""):
-        """The family's response to `request`; with `cache_outcome`, the caller keeps the cache."""
+    async def _forward(self, route: FamilyRoute, request: oip.ModelInferRequest, context, cache_outcome: str = "",
+                       arm: str = ""):  # fmt: skip
+        """The family's response to `request`; with `cache_outcome`, the caller keeps the cache; `arm`:
+        the canary arm the request was sent to, its version named ("" without a canary)."""
         version = parse_version(request.model_version)
         message = to_family_request(route.family, request, version, route.method == "PredictLinks",
                                     route.method == "ClassifyGraphs")  # fmt: skip
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
-                                               trailing=not cache_outcome, cache_outcome=cache_outcome)  # fmt: skip
+                                               trailing=not cache_outcome, cache_outcome=cache_outcome,
+                                               arm=arm)  # fmt: skip
         return route.predict_response.FromString(raw)
 
     async def ModelConfig(self, request, context):

@@ -28,16 +28,18 @@ from gateway.auth import current_principal, current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
+from gateway.canary import choose, record, record_labels
 from gateway.catalog import ModelCatalog
 from gateway.graph_catalog import GraphCatalog
 from gateway.hop_batching import HopBatcher
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
-from shared.errors import DeadlineExceededError, InvalidArgumentError, PermissionDeniedError, UpstreamError
+from shared.errors import DeadlineExceededError, InvalidArgumentError, MaasError, PermissionDeniedError, UpstreamError
 from shared.families import FAMILIES
-from shared.observability import add_trailing_metadata
+from shared.observability import add_trailing_metadata, current_request_id
 from shared.stored_graphs import TENANT_METADATA
+from shared.tensors import to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,16 @@ class GatewayProxy:
             self.graphs.deleted(request.graph_name, response)
         return response
 
+    def _count_arm(self, route: FamilyRoute, model: str, arm: str, response: bytes, started: int) -> None:
+        answer = route.predict_response.FromString(response)
+        record(model, arm, answer.model_version, "OK", (time.perf_counter_ns() - started) / 1e9)
+        outputs = getattr(answer, "outputs", None)
+        if outputs is not None and "label" in outputs:
+            try:
+                record_labels(model, arm, to_numpy(outputs["label"], "label"))
+            except MaasError:  # not a tensor this gateway can read: no labels to count
+                pass
+
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
         remaining = context.time_remaining()
@@ -174,13 +186,14 @@ class GatewayProxy:
         return await self.predict_message(route, request, raw, context)
 
     async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True,
-                              cache_outcome: str = "") -> bytes:  # fmt: skip
+                              cache_outcome: str = "", arm: str | None = None) -> bytes:  # fmt: skip
         """Predict for a parsed request whose serialized form is `raw`; returns the response bytes.
 
         With `trailing`, the caller's trailing metadata says what the cache did. With `cache_outcome`,
         the caller keeps a cache of its own (the Open Inference path): this one is neither read nor
         written, identical calls in flight still share one backend call, and the statistics count
-        `cache_outcome`.
+        `cache_outcome`. A call that names no version of a model with a canary goes to the arm its
+        request id falls in; with `arm`, the caller has chosen it (and named the version) already.
         """
         started = time.perf_counter_ns()
         known = False
@@ -191,12 +204,27 @@ class GatewayProxy:
                 await self.graphs.check_visible(request.stored_graph, current_tenant(), request.model_name,
                                                 getattr(request, "graph_version", 0))  # fmt: skip
             known = self.catalog.knows(route.family, request.model_name)
+            if arm is None:
+                arm = ""
+                if not request.model_version:
+                    version, arm = choose(self.catalog.canary(route.family, request.model_name), current_request_id())
+                    if version:  # the candidate's share: the call names it, for the cache key and the service
+                        pinned = route.predict_request()
+                        pinned.CopyFrom(request)
+                        pinned.model_version = version
+                        request, raw = pinned, pinned.SerializeToString()
             response, outcome = await self._predict(route, request, raw, context, not cache_outcome)
             outcome = cache_outcome or outcome
-        except Exception:
+        except Exception as exc:
             if known:  # statistics only for models that exist: a caller's random names cost nothing
                 self.stats.failed(request.model_name, time.perf_counter_ns() - started)
+            if arm:
+                code = exc.code if isinstance(exc, MaasError) else grpc.StatusCode.INTERNAL
+                record(request.model_name, arm, request.model_version, code.name,
+                       (time.perf_counter_ns() - started) / 1e9)  # fmt: skip
             raise
+        if arm:
+            self._count_arm(route, request.model_name, arm, response, started)
         if known or self.catalog.knows(route.family, request.model_name):
             self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
         if trailing:

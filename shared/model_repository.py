@@ -98,6 +98,7 @@ class ModelRepository:
         self.events = events or ModelEvents(None)
         self._entries: dict[str, dict[int, ModelEntry]] = {}
         self._pins: dict[str, int] = {}
+        self._canaries: dict[str, tuple[int, int]] = {}  # name: (candidate version, percent), as the store has them
         # Versions an operator unloaded: the store poll must not load them back.
         self._unloaded: set[tuple[str, int]] = set()
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
@@ -148,7 +149,9 @@ class ModelRepository:
 
     async def sync_model(self, name: str) -> None:
         """Loads a model's new versions and follows its pin, as the store has them now."""
-        versions, pinned = await self.run(lambda: (self.store.versions(name), self.store.pinned_version(name)))
+        versions, pinned, canary = await self.run(
+            lambda: (self.store.versions(name), self.store.pinned_version(name), self.store.canary(name))
+        )
         for version in versions:
             if version not in self._entries.get(name, {}) and (name, version) not in self._unloaded:
                 await self.load(name, version)
@@ -156,6 +159,10 @@ class ModelRepository:
             self._pins.pop(name, None)
         else:
             self._pins[name] = pinned
+        if canary is None:
+            self._canaries.pop(name, None)
+        else:
+            self._canaries[name] = canary
 
     async def on_event(self, event: ModelEvent) -> None:
         """Another process changed a model: look at the store again now rather than at the next poll."""
@@ -247,6 +254,10 @@ class ModelRepository:
             raise FailedPreconditionError(
                 f"{name!r} v{version} is the pinned default; set another default (or unpin) before unloading it"
             )
+        canary = self._canaries.get(name)
+        if canary is not None and (version == 0 or version == canary[0]):  # the candidate goes: the split ends
+            await self.run(self.store.clear_canary, name)
+            self._canaries.pop(name, None)
         for target in targets:
             entry = versions.pop(target)
             self._unloaded.add((name, target))
@@ -259,7 +270,7 @@ class ModelRepository:
         await self.events.publish(ModelEvent(self.family, name, "unloaded", version))
 
     async def set_default(self, name: str, version: int) -> model_pb2.Model:
-        """Pins the default version in the store (0 unpins); every replica's poll follows the pin."""
+        """Pins the default version in the store (0 unpins), ending any canary; every replica follows."""
         versions = self._entries.get(name)
         if versions is None:
             raise NotFoundError(f"model {name!r} not found")
@@ -279,9 +290,61 @@ class ModelRepository:
                 )
             await self.run(self.store.pin_default, name, version)
             self._pins[name] = version
+        if name in self._canaries:  # promotion or rollback: the new default takes all the traffic
+            await self.run(self.store.clear_canary, name)
+            del self._canaries[name]
+            log.info("canary of %s ended by the new default", name)
         log.info("default of %s is now %s", name, f"v{version} (pinned)" if version else "the latest ready version")
         await self.events.publish(ModelEvent(self.family, name, "default", version))
         return self.describe(name)
+
+    async def set_canary(self, name: str, version: int, percent: int) -> model_pb2.Model:
+        """Sends `percent` of the default traffic to `version` at the gateway (percent 0 ends the split)."""
+        versions = self._entries.get(name)
+        if versions is None:
+            raise NotFoundError(f"model {name!r} not found")
+        if not 0 <= percent <= 99:
+            raise InvalidArgumentError(f"percent: must be 1 to 99 (0 ends the canary), got {percent}")
+        if percent == 0:
+            await self.run(self.store.clear_canary, name)
+            self._canaries.pop(name, None)
+            log.info("canary of %s ended", name)
+        else:
+            entry = versions.get(version)
+            if entry is None:
+                stored = await self.run(self.store.versions, name)
+                if version not in stored:
+                    raise NotFoundError(f"model {name!r} has no version {version}; the store has {stored}")
+            if entry is None or entry.state != State.MODEL_STATE_READY:
+                state = "not loaded" if entry is None else State.Name(entry.state)
+                raise FailedPreconditionError(
+                    f"{name!r} v{version} is {state}; only a READY version can be a canary "
+                    f"(ready: {self._ready_versions(name)})"
+                )
+            default = self.default_version(name)
+            if version == default:
+                raise InvalidArgumentError(
+                    f"model_version: v{version} is already the default of {name!r}; pin the version that keeps "
+                    "the rest of the traffic with SetDefaultVersion, then name the candidate"
+                )
+            if name not in self._pins and default:  # a version trained meanwhile must not take the default's share
+                await self.run(self.store.pin_default, name, default)
+                self._pins[name] = default
+            await self.run(self.store.set_canary, name, version, percent)
+            self._canaries[name] = (version, percent)
+            log.info("canary of %s: v%d takes %d%% of the default traffic", name, version, percent)
+        await self.events.publish(ModelEvent(self.family, name, "canary", version))
+        return self.describe(name)
+
+    def canary(self, name: str) -> tuple[int, int] | None:
+        """(candidate, percent) while the candidate is READY and not the default; else None."""
+        canary = self._canaries.get(name)
+        if canary is None:
+            return None
+        entry = self._entries.get(name, {}).get(canary[0])
+        if entry is None or entry.state != State.MODEL_STATE_READY or canary[0] == self.default_version(name):
+            return None
+        return canary
 
     # Resolution
 
@@ -344,10 +407,12 @@ class ModelRepository:
         versions = self._entries.get(name)
         if versions is None:
             raise NotFoundError(f"model {name!r} not found")
+        canary = self.canary(name)
         return model_pb2.Model(
             name=name,
             default_version=self.default_version(name),
             versions=[entry.describe() for _, entry in sorted(versions.items())],
+            canary=model_pb2.Canary(model_version=canary[0], percent=canary[1]) if canary else None,
         )
 
     def describe_all(self) -> list[model_pb2.Model]:

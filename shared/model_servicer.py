@@ -43,3 +43,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def SetDefaultVersion(self, request, context):
         model = await self.repository.set_default(request.model_name, request.model_version)
         return models_pb2.SetDefaultVersionResponse(model=model)
+
+    async def SetCanary(self, request, context):
+        model = await self.repository.set_canary(request.model_name, request.model_version, request.percent)
+        return models_pb2.SetCanaryResponse(model=model)

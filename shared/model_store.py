@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 DEFAULT_PIN = "DEFAULT"
+CANARY = "CANARY"
 INDEX = "INDEX"
 LEGACY_INDEX = "INDEX.json"  # written before INDEX; read, and replaced at the model's next publish
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -453,6 +454,23 @@ class ModelStore:
         if version not in self.versions(name):
             raise NotFoundError(f"model {name!r} has no version {version}")
         _write_atomically(self.model_dir(name) / DEFAULT_PIN, f"default-version {version}\n")
+
+    def canary(self, name: str) -> tuple[int, int] | None:
+        """(candidate version, percent) of the model's canary, or None when it has none."""
+        try:
+            # "canary-version 3 percent 10"
+            words = (self.model_dir(name) / CANARY).read_text().split()
+            return int(words[1]), int(words[3])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def set_canary(self, name: str, version: int, percent: int) -> None:
+        if version not in self.versions(name):
+            raise NotFoundError(f"model {name!r} has no version {version}")
+        _write_atomically(self.model_dir(name) / CANARY, f"canary-version {int(version)} percent {int(percent)}\n")
+
+    def clear_canary(self, name: str) -> None:
+        (self.model_dir(name) / CANARY).unlink(missing_ok=True)
 
     def publish(
         self, manifest: dict[str, Any], artifacts: dict[str, Path | bytes], expected_latest: int | None = None

@@ -119,6 +119,13 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
             "--output-model", "ctl-iris", "--watch")  # fmt: skip
     assert "default is now v2" in maasctl("models", "promote", "ctl-iris", "2").stdout
     assert "from v2 to v1" in maasctl("models", "rollback", "ctl-iris").stdout
+    # A canary on the version rolled back from, shown in the list, and ended.
+    assert "v2 takes 25% of the default traffic, v1 the rest" in maasctl("models", "canary", "ctl-iris", "2",
+                                                                          "25").stdout  # fmt: skip
+    assert "v1 + v2 at 25%" in maasctl("models", "list").stdout
+    assert "no canary; v1 takes all" in maasctl("models", "canary", "ctl-iris", "2", "0").stdout
+    refused = maasctl("models", "canary", "ctl-iris", "2", "120", expect=1)
+    assert "percent: must be 1 to 99" in one_error_line(refused, "")
     assert job_id in maasctl("jobs", "list", "--family", "dense").stdout
 
 

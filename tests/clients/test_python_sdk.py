@@ -146,6 +146,11 @@ def test_upload_train_watch_and_version_life_cycle(maas, tmp_path):
     with pytest.raises(FailedPrecondition, match="no version older"):
         maas.models.rollback("sdk-blobs")
     assert ("dense", "sdk-blobs") in {(family, model.name) for family, model in maas.models.list()}
+    # A canary: the second version takes a share of the first's traffic until it is ended.
+    model = maas.models.canary("sdk-blobs", second.model_version, 30)
+    assert (model.default_version, model.canary.model_version, model.canary.percent) == (
+        first.model_version, second.model_version, 30)  # fmt: skip
+    assert not maas.models.canary("sdk-blobs", second.model_version, 0).HasField("canary")
 
 
 def test_cancel_a_running_job(maas):

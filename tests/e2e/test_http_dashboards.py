@@ -17,9 +17,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from shared.families import FAMILIES
 from shared.tensors import from_numpy
+from tests.e2e.test_canary import ids_in, predict, publish_two_versions
 from tests.e2e.test_training import wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -94,6 +96,14 @@ def exercise(cluster) -> None:
                                                      timeout=30)  # fmt: skip
     with urlopen(f"http://127.0.0.1:{cluster.ports.gateway_http}/v2/health/ready", timeout=30):
         pass
+    # A model with a canary, and calls on both arms (ids on either side of the split).
+    with grpc.insecure_channel(cluster.specs["gateway"].target) as channel:
+        models = publish_two_versions(cluster, channel, "dashboard-canary")
+        models.SetCanary(models_pb2.SetCanaryRequest(model_name="dashboard-canary", model_version=2, percent=50),
+                         timeout=10)  # fmt: skip
+        wait_for(lambda: all(predict(channel, i, "dashboard-canary") == 2 for i in ids_in(0, 50, 4))
+                 and all(predict(channel, i, "dashboard-canary") == 1 for i in ids_in(50, 100, 4)),
+                 timeout=30, what="the canary to split")  # fmt: skip
 
 
 def test_every_metric_named_exists_in_a_live_cluster(cluster):

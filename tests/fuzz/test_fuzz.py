@@ -36,7 +36,8 @@ SEEDED_EXAMPLES = EXAMPLES * 4
 REFUSED = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 REAL_MODELS = {"digits-mlp", "digits-cnn", "sine-gru", "karate-gcn", "minilm-l6-v2", "sentiment"}
 # Calls that would change the shared cluster for the other tests when they name a real model.
-DESTRUCTIVE = {"UnloadModel", "SetDefaultVersion", "RepositoryModelUnload", "LoadModel", "RepositoryModelLoad"}
+DESTRUCTIVE = {"UnloadModel", "SetDefaultVersion", "SetCanary", "RepositoryModelUnload", "LoadModel",
+               "RepositoryModelLoad"}  # fmt: skip
 
 
 @dataclass(frozen=True)

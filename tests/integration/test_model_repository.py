@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.dense.runtime import DenseRuntime, onnx_loader
-from shared.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from shared.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from shared.model_repository import ModelRepository, State
 from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig
@@ -74,3 +74,65 @@ async def test_a_service_lists_versions_of_its_own_family_only(store_copy):
         await gnn.list_versions("digits-mlp")
     _, _, versions = await repository(store_copy).list_versions("digits-mlp")  # unloaded, listed from the store
     assert [v.version for v in versions] == [1, 2]
+
+
+async def test_a_canary_pins_the_default_is_kept_in_the_store_and_ends_with_a_new_default(store_copy):
+    repo = repository(store_copy)
+    await repo.sync_with_store()
+    assert repo.describe("digits-mlp").default_version == 2  # the latest, unpinned
+    with pytest.raises(InvalidArgumentError, match="already the default"):
+        await repo.set_canary("digits-mlp", 2, 10)
+    await repo.set_default("digits-mlp", 1)
+    model = await repo.set_canary("digits-mlp", 2, 10)
+    assert (model.default_version, model.canary.model_version, model.canary.percent) == (1, 2, 10)
+    assert store_copy.canary("digits-mlp") == (2, 10)
+    # Another replica on the same store follows it.
+    other = repository(store_copy)
+    await other.sync_with_store()
+    assert other.describe("digits-mlp").canary.percent == 10
+    # Promotion (or rollback) ends the split, in the store too.
+    model = await repo.set_default("digits-mlp", 2)
+    assert not model.HasField("canary") and store_copy.canary("digits-mlp") is None
+    await other.sync_model("digits-mlp")
+    assert not other.describe("digits-mlp").HasField("canary")
+
+
+async def test_a_canary_on_an_unpinned_default_pins_it_so_a_new_version_takes_no_share(store_copy):
+    repo = repository(store_copy)
+    await repo.sync_with_store()
+    assert store_copy.pinned_version("digits-mlp") is None
+    model = await repo.set_canary("digits-mlp", 1, 20)  # v2 is the default as the latest version
+    assert (model.default_version, model.canary.model_version) == (2, 1)
+    assert store_copy.pinned_version("digits-mlp") == 2
+    # A version published meanwhile (a training job's) loads, but the split stays v2 / v1.
+    first = store_copy.manifest("digits-mlp", 1)
+    record = first.model_dump(exclude={"version", "files", "size_bytes", "created_at"})
+    store_copy.publish(record, {name: store_copy.version_dir("digits-mlp", 1) / name for name in first.files})
+    await repo.sync_with_store()
+    model = repo.describe("digits-mlp")
+    assert [v.version for v in model.versions] == [1, 2, 3]
+    assert (model.default_version, model.canary.model_version, model.canary.percent) == (2, 1, 20)
+    await repo.set_canary("digits-mlp", 0, 0)  # ends it; the pin stays
+    assert not repo.describe("digits-mlp").HasField("canary") and store_copy.canary("digits-mlp") is None
+    assert repo.describe("digits-mlp").default_version == 2
+
+
+async def test_a_canary_is_refused_for_what_cannot_take_traffic(store_copy):
+    repo = repository(store_copy)
+    await repo.sync_with_store()
+    await repo.set_default("digits-mlp", 1)
+    with pytest.raises(InvalidArgumentError, match="percent: must be 1 to 99"):
+        await repo.set_canary("digits-mlp", 2, 100)
+    with pytest.raises(InvalidArgumentError, match="percent: must be 1 to 99"):
+        await repo.set_canary("digits-mlp", 2, -1)
+    with pytest.raises(NotFoundError, match="has no version 7"):
+        await repo.set_canary("digits-mlp", 7, 10)
+    with pytest.raises(NotFoundError, match="'nope' not found"):
+        await repo.set_canary("nope", 2, 10)
+    await repo.unload("digits-mlp", 2)
+    with pytest.raises(FailedPreconditionError, match="not loaded; only a READY version can be a canary"):
+        await repo.set_canary("digits-mlp", 2, 10)
+    await repo.load("digits-mlp", 2)
+    await repo.set_canary("digits-mlp", 2, 10)
+    await repo.unload("digits-mlp", 2)  # the candidate goes: so does the split
+    assert store_copy.canary("digits-mlp") is None and not repo.describe("digits-mlp").HasField("canary")

@@ -211,6 +211,11 @@ class AsyncModelsApi:
         """Makes the newest version older than the current default the default again."""
         return await self._client.run(calls.models_rollback(self._lookups, model))
 
+    async def canary(self, model: str, version: int, percent: int) -> model_pb2.Model:
+        """Loads `version` and sends it `percent` (1 to 99) of the calls that name no version, split by
+        request id; percent 0 ends the split. Promoting or rolling back ends it too."""
+        return await self._client.run(calls.models_canary(self._lookups, model, version, percent))
+
     async def load(self, model: str, version: int) -> model_pb2.ModelVersion:
         return await self._client.run(calls.models_load(self._lookups, model, version))
 

@@ -579,6 +579,13 @@ def models_promote(lookups: Lookups, model: str, version: int) -> Call[model_pb2
     return (yield Rpc("models", "SetDefaultVersion", request)).model
 
 
+def models_canary(lookups: Lookups, model: str, version: int, percent: int) -> Call[model_pb2.Model]:
+    if percent:  # only a ready version can take traffic: load it first (a no-op when it is loaded)
+        yield from models_load(lookups, model, version)
+    request = models_pb2.SetCanaryRequest(model_name=model, model_version=version, percent=percent)
+    return (yield Rpc("models", "SetCanary", request)).model
+
+
 def models_rollback(lookups: Lookups, model: str) -> Call[model_pb2.Model]:
     listing = yield from models_versions(lookups, model)
     older = [

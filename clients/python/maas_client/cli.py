@@ -5,7 +5,7 @@
     maasctl embed "A man is playing a guitar." "Someone plays the guitar."
     maasctl classify --file reviews.txt
     maasctl graph predict karate-gcn --stored-graph karate --nodes 0,16,33
-    maasctl models list | show NAME | promote NAME VERSION | rollback NAME
+    maasctl models list | show NAME | promote NAME VERSION | rollback NAME | canary NAME VERSION PERCENT
     maasctl datasets upload iris.csv --family dense | list | show DATASET_ID
     maasctl train submit --family dense --arch mlp --dataset iris --epochs 20 --watch --plot curves.png
     maasctl train watch JOB_ID --plot curves.png
@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = models.add_parser("rollback", help="make the version before the default the default")
     rollback.add_argument("model")
     rollback.set_defaults(run=cmd_models_rollback)
+    canary = models.add_parser("canary", help="send a share of the default traffic to a candidate version")
+    canary.add_argument("model")
+    canary.add_argument("version", type=int)
+    canary.add_argument("percent", type=int, help="1 to 99; 0 ends the split")
+    canary.set_defaults(run=cmd_models_canary)
 
     datasets = commands.add_parser("datasets", help="training data").add_subparsers(
         dest="datasets_command", required=True
@@ -300,7 +305,8 @@ def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
     for family, model in client.models.list(args.family):
         default = next((v for v in model.versions if v.version == model.default_version), None)
         metrics = format_metrics(default.metrics) if default else ""
-        rows.append([model.name, family, f"v{model.default_version}", len(model.versions), metrics])
+        canary = f" + v{model.canary.model_version} at {model.canary.percent}%" if model.HasField("canary") else ""
+        rows.append([model.name, family, f"v{model.default_version}{canary}", len(model.versions), metrics])
     print_table(["model", "family", "default", "versions", "metrics (default)"], rows)
 
 
@@ -344,6 +350,15 @@ def cmd_models_rollback(client: Client, args: argparse.Namespace) -> None:
     before = client.models.versions(args.model).default_version
     model = client.models.rollback(args.model)
     print(f"{model.name}: default rolled back from v{before} to v{model.default_version}")
+
+
+def cmd_models_canary(client: Client, args: argparse.Namespace) -> None:
+    model = client.models.canary(args.model, args.version, args.percent)
+    if model.HasField("canary"):
+        print(f"{model.name}: v{model.canary.model_version} takes {model.canary.percent}% of the default traffic, "
+              f"v{model.default_version} the rest")  # fmt: skip
+    else:
+        print(f"{model.name}: no canary; v{model.default_version} takes all the default traffic")
 
 
 def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:

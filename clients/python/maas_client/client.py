@@ -322,6 +322,11 @@ class ModelsApi:
         """Makes the newest version older than the current default the default again."""
         return self._client.run(calls.models_rollback(self._lookups, model))
 
+    def canary(self, model: str, version: int, percent: int) -> model_pb2.Model:
+        """Loads `version` and sends it `percent` (1 to 99) of the calls that name no version, split by
+        request id; percent 0 ends the split. Promoting or rolling back ends it too."""
+        return self._client.run(calls.models_canary(self._lookups, model, version, percent))
+
     def load(self, model: str, version: int) -> model_pb2.ModelVersion:
         return self._client.run(calls.models_load(self._lookups, model, version))
 
