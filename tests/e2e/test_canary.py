@@ -14,10 +14,10 @@ import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2 as oip  # the same wire protocol; one copy of it per process
+from tritonclient.grpc import service_pb2_grpc
 
 from gateway.canary import share
-from inference import open_inference_pb2 as oip
-from inference import open_inference_pb2_grpc
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from maas.models.v1 import models_pb2, models_pb2_grpc
 from shared.model_store import ModelStore
@@ -58,7 +58,7 @@ def infer(channel, request_id: str) -> int:
     tensor = oip.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[1, 64])
     request = oip.ModelInferRequest(model_name=MODEL, id=request_id, inputs=[tensor],
                                     raw_input_contents=[np.ones((1, 64), np.float32).tobytes()])  # fmt: skip
-    return int(open_inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10).model_version)
+    return int(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10).model_version)
 
 
 def rest(cluster, request_id: str) -> int:
