@@ -121,6 +121,7 @@ async def serve(settings: GatewaySettings) -> None:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+        await proxy.close()
         await cache.close()
         await events.close()
         if jobs is not None:

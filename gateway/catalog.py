@@ -131,6 +131,19 @@ class ModelCatalog:
         model = self.models.get(family, {}).get(name)
         return model.canary if model is not None and model.HasField("canary") else None
 
+    def waits_for_batch(self, family: str, name: str, version: int) -> bool:
+        """Whether the service's batcher waits for batch-mates for this version (0: the default)."""
+        model = self.models.get(family, {}).get(name)
+        if model is None:
+            return False
+        version = version or model.default_version
+        return any(v.version == version and v.max_queue_delay_us > 0 for v in model.versions)
+
+    def shadow(self, family: str, name: str) -> model_pb2.Shadow | None:
+        """The model's shadow as its service last reported it (READY, not the default), or None."""
+        model = self.models.get(family, {}).get(name)
+        return model.shadow if model is not None and model.HasField("shadow") else None
+
     def knows(self, family: str, name: str) -> bool:
         return name in self.models.get(family, {})
 

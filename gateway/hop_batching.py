@@ -150,8 +150,9 @@ class HopBatcher:
         self._batch_size = HOP_BATCH_SIZE.labels(backend.family)
         self._retries = HOP_SPLIT_RETRIES.labels(backend.family)
 
-    async def call(self, request: dense_pb2.PredictRequest, raw: bytes, timeout: float) -> bytes:
-        key = lane_key(request)
+    async def call(self, request: dense_pb2.PredictRequest, raw: bytes, timeout: float, alone: bool = False) -> bytes:
+        """The response to `request` (serialized as `raw`); with `alone`, it is sent as it is, never merged."""
+        key = None if alone else lane_key(request)
         if key is not None and key in self._alone_until:
             if self._alone_until[key] > time.monotonic():
                 key = None

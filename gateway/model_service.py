@@ -3,7 +3,7 @@
 Each call goes to the service of the family that owns the model, found through the catalog
 (loaded models) or, for a model no service has loaded, by asking every service which one has
 it in the store. Other tenants' private models are NOT_FOUND, exactly like models that do not
-exist. Changing a model (load, unload, default, canary) needs the admin role, or owning the model (a
+exist. Changing a model (load, unload, default, canary, shadow) needs the admin role, or owning the model (a
 private one): a tenant cannot unload a public model for everyone. After a change the family's
 catalog is read again at once.
 """
@@ -78,6 +78,11 @@ class GatewayModelService(models_pb2_grpc.ModelServiceServicer):
         family = await self.loaded_family(request.model_name)
         _may_change(request.model_name, self.catalog.owner_of(family, request.model_name), "SetCanary")
         return await self._change(family, "SetCanary", request, models_pb2.SetCanaryResponse, context)
+
+    async def SetShadow(self, request, context):
+        family = await self.loaded_family(request.model_name)
+        _may_change(request.model_name, self.catalog.owner_of(family, request.model_name), "SetShadow")
+        return await self._change(family, "SetShadow", request, models_pb2.SetShadowResponse, context)
 
     async def _change(self, family: str, method: str, request, response_type, context):
         try:

@@ -537,9 +537,9 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         links, graphs = "pairs" in signature, "graph_ids" in signature
         route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
         cache, proxy = self.proxy.cache, self.proxy
-        arm = ""
+        arm, request_id = "", request.id or current_request_id()
         if not parse_version(request.model_version):  # a canary's share goes to its candidate, by the request's id
-            chosen, arm = choose(self.catalog.canary(family, name), request.id or current_request_id())
+            chosen, arm = choose(self.catalog.canary(family, name), request_id)
             if chosen:
                 request.model_version = str(chosen)
         control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
@@ -548,7 +548,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (
             family == "gnn" and names_stored_graph(request)
         ):
-            response = await self._forward(route, request, context, arm=arm)
+            response = await self._forward(route, request, context, arm=arm, request_id=request_id)
             return to_infer_response(request, response)
 
         # The version the key names: the one asked for, else the default the catalog last heard of.
@@ -575,7 +575,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
             return with_request_id(cached, request.id)
         if not counted:
             CACHE_RESULTS.labels(family, outcome).inc()
-        response = await self._forward(route, request, context, outcome, arm)
+        response = await self._forward(route, request, context, outcome, arm, request_id)
         encoded = to_infer_response(request, response, with_id=False).SerializeToString()
         ran = response.model_version
         if not parse_version(request.model_version) and ran != version:
@@ -589,7 +589,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return with_request_id(encoded, request.id)
 
     async def _forward(self, route: FamilyRoute, request: oip.ModelInferRequest, context, cache_outcome: str = "",
-                       arm: str = ""):  # fmt: skip
+                       arm: str = "", request_id: str | None = None):  # fmt: skip
         """The family's response to `request`; with `cache_outcome`, the caller keeps the cache; `arm`:
         the canary arm the request was sent to, its version named ("" without a canary)."""
         version = parse_version(request.model_version)
@@ -597,7 +597,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
                                     route.method == "ClassifyGraphs")  # fmt: skip
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
                                                trailing=not cache_outcome, cache_outcome=cache_outcome,
-                                               arm=arm)  # fmt: skip
+                                               arm=arm, request_id=request_id)  # fmt: skip
         return route.predict_response.FromString(raw)
 
     async def ModelConfig(self, request, context):

@@ -28,13 +28,14 @@ from gateway.auth import current_principal, current_tenant
 from gateway.backends import Backend
 from gateway.cache import CACHE_RESULTS, ResultCache
 from gateway.cache_key import request_digest, result_key
-from gateway.canary import choose, record, record_labels
+from gateway.canary import CANDIDATE, choose, record, record_labels
 from gateway.catalog import ModelCatalog
 from gateway.graph_catalog import GraphCatalog
 from gateway.hop_batching import HopBatcher
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
 from gateway.settings import GatewaySettings
+from gateway.shadow import Copy, ShadowSender, shadow_share
 from shared.errors import DeadlineExceededError, InvalidArgumentError, MaasError, PermissionDeniedError, UpstreamError
 from shared.families import FAMILIES
 from shared.observability import add_trailing_metadata, current_request_id
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 CACHE_CONTROL = "cache-control"  # request metadata: "no-cache" skips the read, "no-store" both
 CACHE_OUTCOME = "maas-cache"  # trailing metadata: hit, miss, coalesced, bypass, off or error
 OFF_LOOP_BYTES = 256 * 1024
+SHADOWED = frozenset({"Predict", "PredictLinks", "ClassifyGraphs"})  # the rpcs whose calls a shadow gets copies of
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class GatewayProxy:
         # Identical requests in flight share one backend call (single-flight), keyed like the cache.
         self._in_flight: dict[str, asyncio.Task] = {}
         self._flight_waiters: dict[asyncio.Task, int] = {}  # callers waiting on each in-flight call
+        self.shadows = ShadowSender(settings.shadow_queue_size, settings.shadow_workers, settings.default_deadline_s)
         # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
         self._unversioned_graphs: set[tuple[str, int, str]] = set()
         # Dense Predicts merged on the hop to the dense service while its call slots are busy.
@@ -165,6 +168,21 @@ class GatewayProxy:
             except MaasError:  # not a tensor this gateway can read: no labels to count
                 pass
 
+    def _mirror(self, route: FamilyRoute, request, response: bytes, request_id: str) -> None:
+        """Offers a copy of the call to the model's shadow, when it has one and the id falls in its share."""
+        shadow = self.catalog.shadow(route.family, request.model_name)
+        if shadow is None or shadow_share(request_id) >= shadow.percent:
+            return
+        copy = route.predict_request()
+        copy.CopyFrom(request)
+        copy.model_version = shadow.model_version
+        self.shadows.offer(Copy(request.model_name, shadow.model_version, route.path, self.backends[route.family],
+                                copy.SerializeToString(), response, route.predict_response))  # fmt: skip
+
+    async def close(self) -> None:
+        """Stops sending shadow copies; the ones still queued are dropped."""
+        await self.shadows.close()
+
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
         remaining = context.time_remaining()
@@ -186,7 +204,8 @@ class GatewayProxy:
         return await self.predict_message(route, request, raw, context)
 
     async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True,
-                              cache_outcome: str = "", arm: str | None = None) -> bytes:  # fmt: skip
+                              cache_outcome: str = "", arm: str | None = None,
+                              request_id: str | None = None) -> bytes:  # fmt: skip
         """Predict for a parsed request whose serialized form is `raw`; returns the response bytes.
 
         With `trailing`, the caller's trailing metadata says what the cache did. With `cache_outcome`,
@@ -194,9 +213,13 @@ class GatewayProxy:
         written, identical calls in flight still share one backend call, and the statistics count
         `cache_outcome`. A call that names no version of a model with a canary goes to the arm its
         request id falls in; with `arm`, the caller has chosen it (and named the version) already.
+        `request_id` splits the call, and picks the calls a shadow gets copies of (the current one
+        by default). A shadow's copy is sent after the answer is ready, off the caller's path.
         """
         started = time.perf_counter_ns()
         known = False
+        named = bool(request.model_version)
+        request_id = current_request_id() if request_id is None else request_id
         try:
             self.limits.check(request)
             await self.catalog.check_visible(route.family, request.model_name, current_tenant())
@@ -207,7 +230,7 @@ class GatewayProxy:
             if arm is None:
                 arm = ""
                 if not request.model_version:
-                    version, arm = choose(self.catalog.canary(route.family, request.model_name), current_request_id())
+                    version, arm = choose(self.catalog.canary(route.family, request.model_name), request_id)
                     if version:  # the candidate's share: the call names it, for the cache key and the service
                         pinned = route.predict_request()
                         pinned.CopyFrom(request)
@@ -225,6 +248,8 @@ class GatewayProxy:
             raise
         if arm:
             self._count_arm(route, request.model_name, arm, response, started)
+        if not named and arm != CANDIDATE and outcome not in ("hit", "coalesced") and route.method in SHADOWED:
+            self._mirror(route, request, response, request_id)
         if known or self.catalog.knows(route.family, request.model_name):
             self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
         if trailing:
@@ -286,7 +311,9 @@ class GatewayProxy:
                     raise
             timeout = self.timeout(context)
         if self._hop is not None and route.family == "dense" and route.method == "Predict":
-            call = self._hop.call(request, raw, timeout)
+            # A version whose batcher waits for batch-mates batches there: merged here too, a call would wait twice.
+            alone = self.catalog.waits_for_batch(route.family, request.model_name, request.model_version)
+            call = self._hop.call(request, raw, timeout, alone)
         else:
             call = backend.call(route.path, raw, timeout)
         response = await self._join(flight, self._share(flight, call))

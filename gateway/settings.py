@@ -108,6 +108,10 @@ class GatewaySettings(ServerSettings):
         2, ge=1, description="Calls each lane (model, version, input signature) may have in flight to the dense service"
     )
     hop_max_rows: int = Field(64, ge=1, description="Most rows one merged call to the dense service carries.")
+    shadow_queue_size: int = Field(
+        256, ge=1, description="Copies of calls waiting for a shadow version; past that, copies are dropped (counted)."
+    )
+    shadow_workers: int = Field(4, ge=1, description="Copies sent to shadow versions at once, per gateway worker.")
     http_port: int = Field(
         0,
         description="HTTP port (KServe v2 REST, OpenAI-compatible embeddings, the console, /openapi.json), served "

@@ -75,7 +75,10 @@ class ModelEntry:
 
     def describe(self) -> model_pb2.ModelVersion:
         device = self.predictor.device if self.predictor is not None else ""
-        return to_model_version(self.manifest, self.state, self.reason, device)
+        described = to_model_version(self.manifest, self.state, self.reason, device)
+        if self.batcher is not None and self.batcher.policy.enabled:
+            described.max_queue_delay_us = self.batcher.policy.max_queue_delay_us
+        return described
 
 
 class ModelRepository:
@@ -99,6 +102,7 @@ class ModelRepository:
         self._entries: dict[str, dict[int, ModelEntry]] = {}
         self._pins: dict[str, int] = {}
         self._canaries: dict[str, tuple[int, int]] = {}  # name: (candidate version, percent), as the store has them
+        self._shadows: dict[str, tuple[int, int]] = {}  # name: (shadow version, percent), as the store has them
         # Versions an operator unloaded: the store poll must not load them back.
         self._unloaded: set[tuple[str, int]] = set()
         self._loading: dict[tuple[str, int], asyncio.Task] = {}
@@ -149,8 +153,9 @@ class ModelRepository:
 
     async def sync_model(self, name: str) -> None:
         """Loads a model's new versions and follows its pin, as the store has them now."""
-        versions, pinned, canary = await self.run(
-            lambda: (self.store.versions(name), self.store.pinned_version(name), self.store.canary(name))
+        versions, pinned, canary, shadow = await self.run(
+            lambda: (self.store.versions(name), self.store.pinned_version(name), self.store.canary(name),
+                     self.store.shadow(name))  # fmt: skip
         )
         for version in versions:
             if version not in self._entries.get(name, {}) and (name, version) not in self._unloaded:
@@ -163,6 +168,10 @@ class ModelRepository:
             self._canaries.pop(name, None)
         else:
             self._canaries[name] = canary
+        if shadow is None:
+            self._shadows.pop(name, None)
+        else:
+            self._shadows[name] = shadow
 
     async def on_event(self, event: ModelEvent) -> None:
         """Another process changed a model: look at the store again now rather than at the next poll."""
@@ -258,6 +267,10 @@ class ModelRepository:
         if canary is not None and (version == 0 or version == canary[0]):  # the candidate goes: the split ends
             await self.run(self.store.clear_canary, name)
             self._canaries.pop(name, None)
+        shadow = self._shadows.get(name)
+        if shadow is not None and (version == 0 or version == shadow[0]):  # the shadow goes: so do its copies
+            await self.run(self.store.clear_shadow, name)
+            self._shadows.pop(name, None)
         for target in targets:
             entry = versions.pop(target)
             self._unloaded.add((name, target))
@@ -294,6 +307,10 @@ class ModelRepository:
             await self.run(self.store.clear_canary, name)
             del self._canaries[name]
             log.info("canary of %s ended by the new default", name)
+        if name in self._shadows and self._shadows[name][0] == self.default_version(name):  # the shadow promoted
+            await self.run(self.store.clear_shadow, name)
+            del self._shadows[name]
+            log.info("shadow of %s ended: it is the default now", name)
         log.info("default of %s is now %s", name, f"v{version} (pinned)" if version else "the latest ready version")
         await self.events.publish(ModelEvent(self.family, name, "default", version))
         return self.describe(name)
@@ -335,6 +352,49 @@ class ModelRepository:
             log.info("canary of %s: v%d takes %d%% of the default traffic", name, version, percent)
         await self.events.publish(ModelEvent(self.family, name, "canary", version))
         return self.describe(name)
+
+    async def set_shadow(self, name: str, version: int, percent: int) -> model_pb2.Model:
+        """Copies `percent` of the default traffic to `version` at the gateway (percent 0 stops)."""
+        versions = self._entries.get(name)
+        if versions is None:
+            raise NotFoundError(f"model {name!r} not found")
+        if not 0 <= percent <= 100:
+            raise InvalidArgumentError(f"percent: must be 1 to 100 (0 ends the shadow), got {percent}")
+        if percent == 0:
+            await self.run(self.store.clear_shadow, name)
+            self._shadows.pop(name, None)
+            log.info("shadow of %s ended", name)
+        else:
+            entry = versions.get(version)
+            if entry is None:
+                stored = await self.run(self.store.versions, name)
+                if version not in stored:
+                    raise NotFoundError(f"model {name!r} has no version {version}; the store has {stored}")
+            if entry is None or entry.state != State.MODEL_STATE_READY:
+                state = "not loaded" if entry is None else State.Name(entry.state)
+                raise FailedPreconditionError(
+                    f"{name!r} v{version} is {state}; only a READY version can be a shadow "
+                    f"(ready: {self._ready_versions(name)})"
+                )
+            if version == self.default_version(name):
+                raise InvalidArgumentError(
+                    f"model_version: v{version} is the default of {name!r}; a shadow is another version"
+                )
+            await self.run(self.store.set_shadow, name, version, percent)
+            self._shadows[name] = (version, percent)
+            log.info("shadow of %s: v%d gets copies of %d%% of the default traffic", name, version, percent)
+        await self.events.publish(ModelEvent(self.family, name, "shadow", version))
+        return self.describe(name)
+
+    def shadow(self, name: str) -> tuple[int, int] | None:
+        """(version, percent) while the shadow version is READY and not the default; else None."""
+        shadow = self._shadows.get(name)
+        if shadow is None:
+            return None
+        entry = self._entries.get(name, {}).get(shadow[0])
+        if entry is None or entry.state != State.MODEL_STATE_READY or shadow[0] == self.default_version(name):
+            return None
+        return shadow
 
     def canary(self, name: str) -> tuple[int, int] | None:
         """(candidate, percent) while the candidate is READY and not the default; else None."""
@@ -407,12 +467,13 @@ class ModelRepository:
         versions = self._entries.get(name)
         if versions is None:
             raise NotFoundError(f"model {name!r} not found")
-        canary = self.canary(name)
+        canary, shadow = self.canary(name), self.shadow(name)
         return model_pb2.Model(
             name=name,
             default_version=self.default_version(name),
             versions=[entry.describe() for _, entry in sorted(versions.items())],
             canary=model_pb2.Canary(model_version=canary[0], percent=canary[1]) if canary else None,
+            shadow=model_pb2.Shadow(model_version=shadow[0], percent=shadow[1]) if shadow else None,
         )
 
     def describe_all(self) -> list[model_pb2.Model]:

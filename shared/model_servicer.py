@@ -47,3 +47,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def SetCanary(self, request, context):
         model = await self.repository.set_canary(request.model_name, request.model_version, request.percent)
         return models_pb2.SetCanaryResponse(model=model)
+
+    async def SetShadow(self, request, context):
+        model = await self.repository.set_shadow(request.model_name, request.model_version, request.percent)
+        return models_pb2.SetShadowResponse(model=model)

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 DEFAULT_PIN = "DEFAULT"
 CANARY = "CANARY"
+SHADOW = "SHADOW"
 INDEX = "INDEX"
 LEGACY_INDEX = "INDEX.json"  # written before INDEX; read, and replaced at the model's next publish
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -471,6 +472,23 @@ class ModelStore:
 
     def clear_canary(self, name: str) -> None:
         (self.model_dir(name) / CANARY).unlink(missing_ok=True)
+
+    def shadow(self, name: str) -> tuple[int, int] | None:
+        """(shadow version, percent) of the model's shadow, or None when it has none."""
+        try:
+            # "shadow-version 3 percent 100"
+            words = (self.model_dir(name) / SHADOW).read_text().split()
+            return int(words[1]), int(words[3])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+
+    def set_shadow(self, name: str, version: int, percent: int) -> None:
+        if version not in self.versions(name):
+            raise NotFoundError(f"model {name!r} has no version {version}")
+        _write_atomically(self.model_dir(name) / SHADOW, f"shadow-version {int(version)} percent {int(percent)}\n")
+
+    def clear_shadow(self, name: str) -> None:
+        (self.model_dir(name) / SHADOW).unlink(missing_ok=True)
 
     def publish(
         self, manifest: dict[str, Any], artifacts: dict[str, Path | bytes], expected_latest: int | None = None

@@ -126,6 +126,11 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
     assert "no canary; v1 takes all" in maasctl("models", "canary", "ctl-iris", "2", "0").stdout
     refused = maasctl("models", "canary", "ctl-iris", "2", "120", expect=1)
     assert "percent: must be 1 to 99" in one_error_line(refused, "")
+    # A shadow on it: copies of v1's calls.
+    assert "v2 gets copies of 50% of the default traffic; v1 answers" in maasctl("models", "shadow", "ctl-iris", "2",
+                                                                                "50").stdout  # fmt: skip
+    assert "shadow v2 at 50%" in maasctl("models", "list").stdout
+    assert "no shadow" in maasctl("models", "shadow", "ctl-iris", "2", "0").stdout
     assert job_id in maasctl("jobs", "list", "--family", "dense").stdout
 
 

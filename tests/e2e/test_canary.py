@@ -1,5 +1,6 @@
-"""Canary traffic in a running cluster: a share of a model's default traffic goes to a candidate
-version, split by request id on every front, counted per arm, and ended by promotion."""
+"""Canary and shadow traffic in a running cluster: a share of a model's default traffic goes to a
+candidate version, split by request id on every front, counted per arm, and ended by promotion; a
+shadow version gets copies, compared with the default's answers, and never answers a caller."""
 
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def two_versions(cluster, gateway_channel):
     return publish_two_versions(cluster, gateway_channel, MODEL)
 
 
-def predict(channel, request_id: str, model: str = MODEL) -> int:
-    request = dense_pb2.PredictRequest(model_name=model, inputs={"pixels": from_numpy(np.ones((1, 64), np.float32))})
+def predict(channel, request_id: str, model: str = MODEL, value: float = 1.0) -> int:
+    pixels = from_numpy(np.full((1, 64), value, np.float32))
+    request = dense_pb2.PredictRequest(model_name=model, inputs={"pixels": pixels})
     reply = dense_pb2_grpc.DenseServiceStub(channel).Predict(request, timeout=10,
                                                              metadata=(("x-request-id", request_id),))  # fmt: skip
     return reply.model_version
@@ -166,3 +168,42 @@ def test_a_canary_that_cannot_be_is_refused(two_versions, version, percent, code
         two_versions.SetCanary(models_pb2.SetCanaryRequest(model_name="no-such-model", model_version=1, percent=10),
                                timeout=10)  # fmt: skip
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def shadow_counts(cluster, name: str, key: str) -> dict[str, float]:
+    return {s.labels[key]: s.value for s in gateway_samples(cluster, name)
+            if s.labels["model"] == MODEL and s.labels["version"] == "2"}  # fmt: skip
+
+
+def test_a_shadow_gets_copies_compared_with_the_default_and_ends_when_promoted(cluster, gateway_channel, two_versions):
+    model = two_versions.SetShadow(models_pb2.SetShadowRequest(model_name=MODEL, model_version=2, percent=100),
+                                   timeout=10).model  # fmt: skip
+    assert (model.default_version, model.shadow.model_version, model.shadow.percent) == (1, 2, 100)
+    before = shadow_counts(cluster, "maas_gateway_shadow_rows_total", "outcome")
+    deadline = time.monotonic() + 30
+    rng = np.random.default_rng(7)
+    while True:  # every call is answered by the default; its copies reach the shadow, which agrees
+        # Distinct inputs: a cache hit is not copied (the default did not compute it).
+        assert {predict(gateway_channel, uuid.uuid4().hex, value=rng.uniform(0, 16)) for _ in range(10)} == {1}
+        agreed = shadow_counts(cluster, "maas_gateway_shadow_rows_total", "outcome").get("agree", 0)
+        if agreed >= before.get("agree", 0) + 10:
+            break
+        assert time.monotonic() < deadline, "the shadow got no copies"
+        time.sleep(0.2)
+    assert shadow_counts(cluster, "maas_gateway_shadow_rows_total", "outcome").get("differ", 0) == before.get(
+        "differ", 0)  # the same weights: every label agrees  # fmt: skip
+    assert shadow_counts(cluster, "maas_gateway_shadow_requests_total", "code").get("OK", 0) >= 10
+
+    with pytest.raises(grpc.RpcError) as err:
+        two_versions.SetShadow(models_pb2.SetShadowRequest(model_name=MODEL, model_version=1, percent=50), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "is the default" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        two_versions.SetShadow(models_pb2.SetShadowRequest(model_name=MODEL, model_version=2, percent=101), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "percent: must be 1 to 100" in err.value.details()
+
+    # Promoting the shadow version ends the copies.
+    model = two_versions.SetDefaultVersion(models_pb2.SetDefaultVersionRequest(model_name=MODEL, model_version=2),
+                                           timeout=10).model  # fmt: skip
+    assert model.default_version == 2 and not model.HasField("shadow")
+    two_versions.SetDefaultVersion(models_pb2.SetDefaultVersionRequest(model_name=MODEL, model_version=1), timeout=10)
+    assert not two_versions.GetModel(models_pb2.GetModelRequest(model_name=MODEL), timeout=10).model.HasField("shadow")

@@ -104,6 +104,14 @@ def exercise(cluster) -> None:
         wait_for(lambda: all(predict(channel, i, "dashboard-canary") == 2 for i in ids_in(0, 50, 4))
                  and all(predict(channel, i, "dashboard-canary") == 1 for i in ids_in(50, 100, 4)),
                  timeout=30, what="the canary to split")  # fmt: skip
+        # A shadow on the same version: copies of the default's calls, compared.
+        models.SetShadow(models_pb2.SetShadowRequest(model_name="dashboard-canary", model_version=2, percent=100),
+                         timeout=10)  # fmt: skip
+        url = f"http://127.0.0.1:{cluster.ports.gateway_metrics}/metrics"
+        rng = np.random.default_rng(3)  # distinct inputs: a cache hit is not copied
+        wait_for(lambda: predict(channel, ids_in(50, 100, 1)[0], "dashboard-canary", rng.uniform(0, 16)) == 1
+                 and "maas_gateway_shadow_abs_difference_bucket{" in (_scrape(url) or ""), timeout=30,
+                 what="a shadow copy to be compared")  # fmt: skip
 
 
 def test_every_metric_named_exists_in_a_live_cluster(cluster):

@@ -17,12 +17,13 @@ from gateway.proxy import ROUTES, GatewayProxy
 from gateway.settings import GatewaySettings
 from maas.common.v1 import tensor_pb2
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
+from maas.models.v1 import models_pb2_grpc
 from shared.errors import InvalidArgumentError
 from shared.server import GrpcServer
 from shared.settings import ServerSettings
 from shared.tensors import from_numpy, to_numpy
 from tests.integration.listed_models import SERVICE_NAME as MODEL_SERVICE
-from tests.integration.listed_models import add_listed_models
+from tests.integration.listed_models import ListedModels
 
 
 class RowsTimesTwo(dense_pb2_grpc.DenseServiceServicer):
@@ -49,12 +50,24 @@ class RowsTimesTwo(dense_pb2_grpc.DenseServiceServicer):
                                          outputs={"y": from_numpy(y.astype(np.float32))})  # fmt: skip
 
 
+class WaitingListed(ListedModels):
+    """Model "waits" is served by a batcher that waits for batch-mates (a queue delay), as the dense
+    service reports it."""
+
+    def model(self, name):
+        model = super().model(name)
+        if name == "waits":
+            model.versions[0].max_queue_delay_us = 2000
+        return model
+
+
 async def stand_up(hop_batching=True):
     backend_servicer = RowsTimesTwo()
 
     def register(server):
         dense_pb2_grpc.add_DenseServiceServicer_to_server(backend_servicer, server)
-        add_listed_models(server, "dense", "m", "other", "single", "summary")
+        models_pb2_grpc.add_ModelServiceServicer_to_server(WaitingListed("dense", "m", "other", "single", "summary",
+                                                                          "waits"), server)  # fmt: skip
 
     backend = GrpcServer(ServerSettings(port=0), register, ["maas.dense.v1.DenseService", MODEL_SERVICE])
     await backend.start()
@@ -215,6 +228,15 @@ async def test_a_request_the_gateway_cannot_merge_goes_alone_and_gets_the_servic
     assert err.value.details().startswith("inputs['x']:")
     backend.open.set()
     await first
+
+
+async def test_a_version_whose_batcher_waits_gets_every_request_alone(gateway):
+    stub, backend, proxy = gateway
+    calls = [asyncio.ensure_future(stub.Predict(request(v, model="waits"), timeout=30)) for v in (1, 2, 3)]
+    await until(lambda: len(backend.calls) == 3, "three calls sent at once")  # none waits for a slot here
+    assert queued(proxy) == 0
+    backend.open.set()
+    assert [rows_of(r) for r in await asyncio.gather(*calls)] == [[[2, 3]], [[4, 5]], [[6, 7]]]
 
 
 async def test_without_hop_batching_every_request_is_its_own_call():

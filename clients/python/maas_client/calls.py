@@ -586,6 +586,13 @@ def models_canary(lookups: Lookups, model: str, version: int, percent: int) -> C
     return (yield Rpc("models", "SetCanary", request)).model
 
 
+def models_shadow(lookups: Lookups, model: str, version: int, percent: int) -> Call[model_pb2.Model]:
+    if percent:  # only a ready version can get copies: load it first (a no-op when it is loaded)
+        yield from models_load(lookups, model, version)
+    request = models_pb2.SetShadowRequest(model_name=model, model_version=version, percent=percent)
+    return (yield Rpc("models", "SetShadow", request)).model
+
+
 def models_rollback(lookups: Lookups, model: str) -> Call[model_pb2.Model]:
     listing = yield from models_versions(lookups, model)
     older = [

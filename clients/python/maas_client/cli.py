@@ -6,6 +6,7 @@
     maasctl classify --file reviews.txt
     maasctl graph predict karate-gcn --stored-graph karate --nodes 0,16,33
     maasctl models list | show NAME | promote NAME VERSION | rollback NAME | canary NAME VERSION PERCENT
+    maasctl models shadow NAME VERSION PERCENT
     maasctl datasets upload iris.csv --family dense | list | show DATASET_ID
     maasctl train submit --family dense --arch mlp --dataset iris --epochs 20 --watch --plot curves.png
     maasctl train watch JOB_ID --plot curves.png
@@ -165,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("version", type=int)
     canary.add_argument("percent", type=int, help="1 to 99; 0 ends the split")
     canary.set_defaults(run=cmd_models_canary)
+    shadow = models.add_parser("shadow", help="send copies of a share of the default traffic to a version")
+    shadow.add_argument("model")
+    shadow.add_argument("version", type=int)
+    shadow.add_argument("percent", type=int, help="1 to 100; 0 stops the copies")
+    shadow.set_defaults(run=cmd_models_shadow)
 
     datasets = commands.add_parser("datasets", help="training data").add_subparsers(
         dest="datasets_command", required=True
@@ -306,6 +312,8 @@ def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
         default = next((v for v in model.versions if v.version == model.default_version), None)
         metrics = format_metrics(default.metrics) if default else ""
         canary = f" + v{model.canary.model_version} at {model.canary.percent}%" if model.HasField("canary") else ""
+        if model.HasField("shadow"):
+            canary += f", shadow v{model.shadow.model_version} at {model.shadow.percent}%"
         rows.append([model.name, family, f"v{model.default_version}{canary}", len(model.versions), metrics])
     print_table(["model", "family", "default", "versions", "metrics (default)"], rows)
 
@@ -359,6 +367,15 @@ def cmd_models_canary(client: Client, args: argparse.Namespace) -> None:
               f"v{model.default_version} the rest")  # fmt: skip
     else:
         print(f"{model.name}: no canary; v{model.default_version} takes all the default traffic")
+
+
+def cmd_models_shadow(client: Client, args: argparse.Namespace) -> None:
+    model = client.models.shadow(args.model, args.version, args.percent)
+    if model.HasField("shadow"):
+        print(f"{model.name}: v{model.shadow.model_version} gets copies of {model.shadow.percent}% of the default "
+              f"traffic; v{model.default_version} answers")  # fmt: skip
+    else:
+        print(f"{model.name}: no shadow")
 
 
 def cmd_datasets_upload(client: Client, args: argparse.Namespace) -> None:

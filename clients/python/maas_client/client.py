@@ -327,6 +327,12 @@ class ModelsApi:
         request id; percent 0 ends the split. Promoting or rolling back ends it too."""
         return self._client.run(calls.models_canary(self._lookups, model, version, percent))
 
+    def shadow(self, model: str, version: int, percent: int) -> model_pb2.Model:
+        """Loads `version` and sends it copies of `percent` (1 to 100) of the calls that name no version,
+        after each caller has its answer; the copies' answers are compared in metrics, never returned.
+        Percent 0 stops the copies."""
+        return self._client.run(calls.models_shadow(self._lookups, model, version, percent))
+
     def load(self, model: str, version: int) -> model_pb2.ModelVersion:
         return self._client.run(calls.models_load(self._lookups, model, version))
 
