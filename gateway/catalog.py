@@ -131,6 +131,14 @@ class ModelCatalog:
         model = self.models.get(family, {}).get(name)
         return model.canary if model is not None and model.HasField("canary") else None
 
+    def version_of(self, family: str, name: str, version: int) -> model_pb2.ModelVersion | None:
+        """The loaded version as its service last described it (0: the default), or None."""
+        model = self.models.get(family, {}).get(name)
+        if model is None:
+            return None
+        version = version or model.default_version
+        return next((v for v in model.versions if v.version == version), None)
+
     def waits_for_batch(self, family: str, name: str, version: int) -> bool:
         """Whether the service's batcher waits for batch-mates for this version (0: the default)."""
         model = self.models.get(family, {}).get(name)

@@ -4,14 +4,18 @@ earlier step's output, all under the caller's one deadline."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import grpc
 
+from gateway.auth import current_principal
 from gateway.proxy import ROUTE_BY_FAMILY, GatewayProxy
 from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError
+from shared.errors import FailedPreconditionError, InvalidArgumentError, MaasError, PermissionDeniedError
 
 MAX_STEPS = 64
+CURSOR = re.compile(r"\d{1,20}-\d{1,20}")  # a Redis Stream entry id
+MAX_PAYLOAD_RECORDS = 1000
 
 
 def check_plan(steps) -> None:
@@ -43,6 +47,25 @@ def check_plan(steps) -> None:
 class FanoutServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def __init__(self, proxy: GatewayProxy) -> None:
         self.proxy = proxy
+
+    async def ReadPayloads(self, request: gateway_pb2.ReadPayloadsRequest, context) -> gateway_pb2.ReadPayloadsResponse:
+        if not request.model_name:
+            raise InvalidArgumentError("model_name: required")
+        limit = request.limit or 100
+        if not 1 <= limit <= MAX_PAYLOAD_RECORDS:
+            raise InvalidArgumentError(f"limit: {request.limit}; must be 1 to {MAX_PAYLOAD_RECORDS} (0 reads 100)")
+        if request.after and not CURSOR.fullmatch(request.after):
+            raise InvalidArgumentError(f"after: {request.after!r} is not a cursor; pass a ReadPayloadsResponse.next")
+        principal = current_principal()
+        tenant = request.tenant or principal.tenant
+        if tenant != principal.tenant and not principal.admin:
+            raise PermissionDeniedError(f"tenant: reading {tenant!r}'s payload records needs an API key with the "
+                                        "admin role; without tenant, a caller reads its own")  # fmt: skip
+        await self.proxy.catalog.find_visible(request.model_name, tenant)  # another tenant's private model: NOT_FOUND
+        records, cursor = await self.proxy.payloads.read(tenant, request.model_name, request.after, limit)
+        return gateway_pb2.ReadPayloadsResponse(
+            records=[gateway_pb2.PayloadRecord(id=i, cloud_event=event) for i, event in records], next=cursor
+        )
 
     async def Fanout(self, request: gateway_pb2.FanoutRequest, context: grpc.aio.ServicerContext):
         check_plan(request.steps)

@@ -27,6 +27,7 @@ from gateway.cache_key import message_digest, result_key
 from gateway.canary import choose, record
 from gateway.catalog import ModelCatalog
 from gateway.model_service import GatewayModelService
+from gateway.payloads import message_json, tensor_json
 from gateway.proxy import CACHE_CONTROL, CACHE_OUTCOME, QUERY_ROUTE, FamilyRoute, GatewayProxy
 from gateway.rate_limit import RateLimiter, refusal
 from inference import open_inference_pb2 as oip
@@ -328,6 +329,17 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def infer_response_json(encoded: bytes) -> dict:
+    """An encoded ModelInferResponse as a payload record's response: its outputs decoded to lists."""
+    reply = oip.ModelInferResponse.FromString(encoded)
+    outputs = {}
+    for i, output in enumerate(reply.outputs):
+        raw = reply.raw_output_contents[i] if i < len(reply.raw_output_contents) else b""
+        tensor = tensor_pb2.Tensor(dtype=DTYPE_CODES.get(output.datatype, 0), shape=output.shape, data=raw)
+        outputs[output.name] = tensor_json(tensor, output.name, datatype=output.datatype)
+    return {"model_name": reply.model_name, "model_version": parse_version(reply.model_version), "outputs": outputs}
+
+
 def with_request_id(encoded: bytes, request_id: str) -> bytes:
     """An encoded ModelInferResponse without an id, given `request_id` (a field may come in any order)."""
     if not request_id:
@@ -538,6 +550,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
         cache, proxy = self.proxy.cache, self.proxy
         arm, request_id = "", request.id or current_request_id()
+        protocol = getattr(context, "protocol", "open-inference")  # "rest" for KServe v2 REST calls
         if not parse_version(request.model_version):  # a canary's share goes to its candidate, by the request's id
             chosen, arm = choose(self.catalog.canary(family, name), request_id)
             if chosen:
@@ -548,7 +561,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (
             family == "gnn" and names_stored_graph(request)
         ):
-            response = await self._forward(route, request, context, arm=arm, request_id=request_id)
+            response = await self._forward(route, request, context, arm=arm, request_id=request_id, protocol=protocol)
             return to_infer_response(request, response)
 
         # The version the key names: the one asked for, else the default the catalog last heard of.
@@ -571,11 +584,12 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
             proxy.stats.succeeded(name, time.perf_counter_ns() - started, "hit")
             if arm:
                 record(name, arm, version, "OK", (time.perf_counter_ns() - started) / 1e9)
+            self._log_hit(route, request, version, cached, request_id, protocol)
             add_trailing_metadata(context, CACHE_OUTCOME, "hit")
             return with_request_id(cached, request.id)
         if not counted:
             CACHE_RESULTS.labels(family, outcome).inc()
-        response = await self._forward(route, request, context, outcome, arm, request_id)
+        response = await self._forward(route, request, context, outcome, arm, request_id, protocol)
         encoded = to_infer_response(request, response, with_id=False).SerializeToString()
         ran = response.model_version
         if not parse_version(request.model_version) and ran != version:
@@ -589,7 +603,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         return with_request_id(encoded, request.id)
 
     async def _forward(self, route: FamilyRoute, request: oip.ModelInferRequest, context, cache_outcome: str = "",
-                       arm: str = "", request_id: str | None = None):  # fmt: skip
+                       arm: str = "", request_id: str | None = None, protocol: str = ""):  # fmt: skip
         """The family's response to `request`; with `cache_outcome`, the caller keeps the cache; `arm`:
         the canary arm the request was sent to, its version named ("" without a canary)."""
         version = parse_version(request.model_version)
@@ -597,8 +611,28 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
                                     route.method == "ClassifyGraphs")  # fmt: skip
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
                                                trailing=not cache_outcome, cache_outcome=cache_outcome,
-                                               arm=arm, request_id=request_id)  # fmt: skip
-        return route.predict_response.FromString(raw)
+                                               arm=arm, request_id=request_id, protocol="")  # fmt: skip
+        response = route.predict_response.FromString(raw)
+        if protocol:  # the call as the family saw it, in the payload log if sampled
+            self.proxy.log_payload(route.family, message.model_name, message.model_version,
+                                   lambda masked: message_json(message, masked), lambda: message_json(response),
+                                   request_id or current_request_id(), protocol)  # fmt: skip
+        return response
+
+    def _log_hit(self, route: FamilyRoute, request: oip.ModelInferRequest, version: int, cached: bytes,
+                 request_id: str, protocol: str) -> None:  # fmt: skip
+        """A cache hit in the payload log (if sampled): the request as the family would see it, the stored answer."""
+
+        def request_json(masked):
+            try:
+                message = to_family_request(route.family, request, version, route.method == "PredictLinks",
+                                            route.method == "ClassifyGraphs")  # fmt: skip
+            except MaasError:
+                return {}
+            return message_json(message, masked)
+
+        self.proxy.log_payload(route.family, request.model_name, version, request_json,
+                               lambda: infer_response_json(cached), request_id, protocol)  # fmt: skip
 
     async def ModelConfig(self, request, context):
         family, model = await self.catalog.find_visible(request.name, current_tenant())

@@ -34,6 +34,7 @@ from gateway.graph_catalog import GraphCatalog
 from gateway.hop_batching import HopBatcher
 from gateway.limits import RequestLimits
 from gateway.model_stats import ModelStats
+from gateway.payloads import PAYLOADS, PayloadLog, Record, cloud_event, message_json, sampled
 from gateway.settings import GatewaySettings
 from gateway.shadow import Copy, ShadowSender, shadow_share
 from shared.errors import DeadlineExceededError, InvalidArgumentError, MaasError, PermissionDeniedError, UpstreamError
@@ -103,6 +104,7 @@ class GatewayProxy:
         self._in_flight: dict[str, asyncio.Task] = {}
         self._flight_waiters: dict[asyncio.Task, int] = {}  # callers waiting on each in-flight call
         self.shadows = ShadowSender(settings.shadow_queue_size, settings.shadow_workers, settings.default_deadline_s)
+        self.payloads = PayloadLog(settings.queue_redis_url, settings.payload_logging, settings.payload_log_max_len)
         # (model, version, stored graph) whose graph is stored with the model, unversioned: cacheable as is.
         self._unversioned_graphs: set[tuple[str, int, str]] = set()
         # Dense Predicts merged on the hop to the dense service while its call slots are busy.
@@ -179,9 +181,31 @@ class GatewayProxy:
         self.shadows.offer(Copy(request.model_name, shadow.model_version, route.path, self.backends[route.family],
                                 copy.SerializeToString(), response, route.predict_response))  # fmt: skip
 
+    def log_payload(self, family: str, model: str, version: int, request_json, response_json, request_id: str,
+                    protocol: str) -> None:  # fmt: skip
+        """Records a call in the payload log when the model's rate samples it. `request_json(masked)` and
+        `response_json()` make the JSON of each, only then; masked feature columns go in as null."""
+        rate = self.payloads.rate(model)
+        if not rate or not sampled(rate, request_id):
+            return
+        described = self.catalog.version_of(family, model, version)
+        if described is None or described.no_payload_logging:
+            return
+        try:
+            response = response_json()
+            ran = response.get("model_version") or described.version
+            event = cloud_event(request_id, current_tenant(), model, ran, protocol,
+                                request_json(frozenset(described.masked_features)), response)  # fmt: skip
+        except Exception:  # noqa: BLE001 - a record that cannot be made never fails the call it records
+            log.exception("payload record for %s could not be made", model)
+            PAYLOADS.labels(model, "error").inc()
+            return
+        self.payloads.offer(Record(current_tenant(), model, event))
+
     async def close(self) -> None:
-        """Stops sending shadow copies; the ones still queued are dropped."""
+        """Stops sending shadow copies (the ones still queued are dropped); writes the queued payload records."""
         await self.shadows.close()
+        await self.payloads.drain()
 
     def timeout(self, context: grpc.aio.ServicerContext) -> float:
         """The caller's remaining time less a margin for our own work, or the default deadline."""
@@ -205,7 +229,7 @@ class GatewayProxy:
 
     async def predict_message(self, route: FamilyRoute, request, raw: bytes, context, trailing: bool = True,
                               cache_outcome: str = "", arm: str | None = None,
-                              request_id: str | None = None) -> bytes:  # fmt: skip
+                              request_id: str | None = None, protocol: str = "grpc") -> bytes:  # fmt: skip
         """Predict for a parsed request whose serialized form is `raw`; returns the response bytes.
 
         With `trailing`, the caller's trailing metadata says what the cache did. With `cache_outcome`,
@@ -214,7 +238,8 @@ class GatewayProxy:
         `cache_outcome`. A call that names no version of a model with a canary goes to the arm its
         request id falls in; with `arm`, the caller has chosen it (and named the version) already.
         `request_id` splits the call, and picks the calls a shadow gets copies of (the current one
-        by default). A shadow's copy is sent after the answer is ready, off the caller's path.
+        by default). A shadow's copy is sent after the answer is ready, off the caller's path. The
+        call goes into the payload log, if sampled, as a call over `protocol` ("": the caller logs it).
         """
         started = time.perf_counter_ns()
         known = False
@@ -250,6 +275,11 @@ class GatewayProxy:
             self._count_arm(route, request.model_name, arm, response, started)
         if not named and arm != CANDIDATE and outcome not in ("hit", "coalesced") and route.method in SHADOWED:
             self._mirror(route, request, response, request_id)
+        if protocol:
+            self.log_payload(route.family, request.model_name, request.model_version,
+                             lambda masked: message_json(request, masked),
+                             lambda: message_json(route.predict_response.FromString(response)), request_id,
+                             protocol)  # fmt: skip
         if known or self.catalog.knows(route.family, request.model_name):
             self.stats.succeeded(request.model_name, time.perf_counter_ns() - started, outcome)
         if trailing:

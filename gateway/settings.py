@@ -108,6 +108,12 @@ class GatewaySettings(ServerSettings):
         2, ge=1, description="Calls each lane (model, version, input signature) may have in flight to the dense service"
     )
     hop_max_rows: int = Field(64, ge=1, description="Most rows one merged call to the dense service carries.")
+    payload_logging: dict[str, float] = Field(
+        default_factory=dict,
+        description='Share of calls (0 to 1) recorded in payload logs per model, "*" for the rest, e.g. '
+        '{"digits-mlp": 0.1, "*": 0.01}; empty (the default): none. Needs the queue Redis.',
+    )
+    payload_log_max_len: int = Field(10_000, ge=1, description="Records kept per tenant and model; older ones go.")
     shadow_queue_size: int = Field(
         256, ge=1, description="Copies of calls waiting for a shadow version; past that, copies are dropped (counted)."
     )

@@ -34,4 +34,6 @@ def to_model_version(manifest: Manifest, state: int, reason: str = "", device: s
         description=manifest.description,
         size_bytes=manifest.size_bytes,
         owner=manifest.owner,
+        masked_features=[int(c) for c in (manifest.config.get("torch_form") or {}).get("masked") or []],
+        no_payload_logging=manifest.config.get("payload_logging") is False,
     )

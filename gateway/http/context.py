@@ -57,6 +57,8 @@ def http_status(error: MaasError) -> int:
 class HttpCallContext:
     """The parts of `grpc.aio.ServicerContext` the gateway's servicers use, for one HTTP request."""
 
+    protocol = "rest"  # how the call came, for payload records
+
     def __init__(self, metadata: Iterable[tuple[str, str]], timeout_s: float | None) -> None:
         self._metadata = tuple(metadata)
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -9,10 +9,10 @@ import numpy as np
 
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
 from services.nlp.explain import TextExplanation
-from services.nlp.redaction import redact
 from services.nlp.runtime import CUT, ERROR, NlpRuntime
 from shared.batching import deadline_from
 from shared.model_store import Manifest
+from shared.redaction import redact
 from shared.tensors import encode_outputs, from_numpy
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 import json
 import logging
 
-from services.nlp.redaction import redact
 from shared.observability import REQUEST_ID, JsonFormatter
+from shared.redaction import redact
 
 
 def test_json_lines_carry_the_request_id():

@@ -1,4 +1,5 @@
-"""Redaction of sensitive text before it reaches a log: e-mail addresses, phone and card numbers."""
+"""Redaction of sensitive text before it reaches a log or a payload record: e-mail addresses, phone
+and card numbers."""
 
 from __future__ import annotations
 
