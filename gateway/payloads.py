@@ -8,7 +8,8 @@ response it got, as they were seen on the family's data plane (gRPC, Open Infere
 alike), tensors decoded to lists:
 
 - feature columns the model's training job masked are logged as null, and texts with e-mail
-  addresses, phone and card numbers redacted, as in the logs;
+  addresses, phone and card numbers redacted, as in the logs; a tensor of more than 65,536
+  elements is logged by its datatype and shape only;
 - records are tagged with the caller's tenant and kept per tenant and model, in
   `maas:v1:payloads:<tenant>:<model>` on the job queue's Redis (capped at
   `MAAS_GATEWAY_PAYLOAD_LOG_MAX_LEN` entries, oldest dropped); `GatewayService.ReadPayloads` gives
@@ -26,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +50,9 @@ PAYLOADS = Counter(
 )
 EVENT_TYPE = "dev.maas.inference.payload.v1"
 QUEUE_SIZE = 1024
+# A tensor larger than this is recorded by its datatype and shape only: a record is made on the call's
+# event loop, and a huge one would hold up the calls behind it.
+MAX_LOGGED_ELEMENTS = 65_536
 TENSOR = tensor_pb2.Tensor.DESCRIPTOR
 
 
@@ -70,6 +75,9 @@ def tensor_json(tensor: tensor_pb2.Tensor, field: str, masked: frozenset[int] = 
                 datatype: str = "") -> dict:  # fmt: skip
     """A tensor as {"datatype", "shape", "data"}: data a nested list, masked last-axis columns null."""
     datatype = datatype or tensor_pb2.DataType.Name(tensor.dtype).removeprefix("DATA_TYPE_")
+    elements = math.prod(tensor.shape)
+    if elements > MAX_LOGGED_ELEMENTS:
+        return {"datatype": datatype, "shape": list(tensor.shape), "data_omitted": f"{elements} elements"}
     try:
         array = to_numpy(tensor, field)
     except MaasError:  # strings, or bytes that do not match the shape: kept as base64

@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from gateway.auth import hash_key
 from maas.common.v1 import model_pb2
+from maas.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from maas.gnn.v1 import gnn_pb2, gnn_pb2_grpc
 from maas.models.v1 import models_pb2, models_pb2_grpc
 from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
@@ -185,6 +186,13 @@ def rpcs(channel, cancel_jobs: list):
                                                     timeout=30, metadata=md),  # fmt: skip
         "SetDefaultVersion": lambda m, md: models.SetDefaultVersion(
             models_pb2.SetDefaultVersionRequest(model_name=m), timeout=10, metadata=md),
+        # Percent 0 ends a split that is not there: what is checked is who may change the model.
+        "SetCanary": lambda m, md: models.SetCanary(models_pb2.SetCanaryRequest(model_name=m), timeout=10,
+                                                    metadata=md),  # fmt: skip
+        "SetShadow": lambda m, md: models.SetShadow(models_pb2.SetShadowRequest(model_name=m), timeout=10,
+                                                    metadata=md),  # fmt: skip
+        "ReadPayloads": lambda m, md: gateway_pb2_grpc.GatewayServiceStub(channel).ReadPayloads(
+            gateway_pb2.ReadPayloadsRequest(model_name=m), timeout=10, metadata=md),
         "RepositoryModelLoad": lambda m, md: inference.RepositoryModelLoad(
             oip.RepositoryModelLoadRequest(model_name=m), timeout=30, metadata=md),
         "SubmitJob": submit,
@@ -201,6 +209,9 @@ EXPECTED = {
     "ModelInfer":         (OK,         NOT_FOUND,  OK,               OK),
     "LoadModel":          (OK,         NOT_FOUND,  DENIED,           OK),
     "SetDefaultVersion":  (OK,         NOT_FOUND,  DENIED,           OK),
+    "SetCanary":          (OK,         NOT_FOUND,  DENIED,           OK),
+    "SetShadow":          (OK,         NOT_FOUND,  DENIED,           OK),
+    "ReadPayloads":       (OK,         NOT_FOUND,  OK,               OK),
     "RepositoryModelLoad": (OK,        NOT_FOUND,  DENIED,           OK),
     "SubmitJob":          (OK,         TAKEN,      DENIED,           OK),
 }  # fmt: skip

@@ -38,6 +38,10 @@ def test_a_record_decodes_tensors_nulls_masked_columns_and_redacts_texts():
     graph = gnn_pb2.Graph(edge_index=from_numpy(np.array([[0, 1], [1, 0]], np.int64)))
     nested = message_json(gnn_pb2.PredictRequest(model_name="g", graph=graph, node_ids=[0, 1]))
     assert nested["graph"]["edge_index"]["data"] == [[0, 1], [1, 0]] and nested["node_ids"] == [0, 1]
+    # A huge tensor: its datatype and shape only.
+    huge = from_numpy(np.zeros((300, 300), np.uint8))
+    big = message_json(dense_pb2.PredictRequest(model_name="m", inputs={"x": huge}))
+    assert big["inputs"]["x"] == {"datatype": "UINT8", "shape": [300, 300], "data_omitted": "90000 elements"}
 
 
 def test_sampling_is_a_pure_function_of_the_request_id():
