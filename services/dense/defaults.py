@@ -11,6 +11,7 @@ import torch
 
 from services.dense import torch_form
 from services.dense.datasets import PIXEL_MAX, SINE_WINDOW, digits_split, held_out, sine_windows
+from shared.drift import REFERENCE_FILE, reference_bytes
 from shared.model_store import Manifest, ModelStore
 from shared.training import ExportableClassifier, classification_metrics, export_onnx_bytes, fit, regression_metrics
 
@@ -33,9 +34,11 @@ def publish_onnx(
     record: dict[str, Any],
     net: torch.nn.Module,
     form: dict[str, Any],
+    reference: np.ndarray | None = None,
 ) -> Manifest:
     """Exports `module` (one input, batch-first) to ONNX, in memory, and publishes it as the next version,
-    with `net`'s weights beside it as the version's torch form (for gradient explanations)."""
+    with `net`'s weights beside it as the version's torch form (for gradient explanations), and a sample of
+    `reference` (training inputs, as callers send them) for drift checks."""
     input_name = record["inputs"][0]["name"]
     output_names = [output["name"] for output in record["outputs"]]
     onnx_model = export_onnx_bytes(
@@ -48,7 +51,11 @@ def publish_onnx(
     torch_files, torch_config = torch_form.save(net, form)
     record = {**record, "family": "dense", "framework": "onnx"}
     record["config"] = {**record["config"], "onnx_file": "model.onnx", **torch_config}
-    manifest = store.publish(record, {"model.onnx": onnx_model, **torch_files})
+    files = {"model.onnx": onnx_model, **torch_files}
+    if reference is not None:
+        files[REFERENCE_FILE] = reference_bytes(reference)
+        record["config"]["drift_reference"] = REFERENCE_FILE
+    manifest = store.publish(record, files)
     log.info("built %s v%d: %s", manifest.name, manifest.version, manifest.metrics)
     return manifest
 
@@ -78,6 +85,7 @@ def build_digits_mlp(store: ModelStore, seed: int = 0) -> Manifest:
         },
         net,
         form,
+        x_train,  # raw pixels, as callers send them
     )
 
 
@@ -107,6 +115,7 @@ def build_digits_cnn(store: ModelStore, seed: int = 0) -> Manifest:
         },
         net,
         form,
+        x_train.reshape(-1, 1, 8, 8),
     )
 
 
@@ -141,6 +150,7 @@ def build_sine_gru(store: ModelStore, seed: int = 0) -> Manifest:
         },
         net,
         form,
+        x_train,
     )
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from services.dense import torch_form
 from services.dense.datasets import ColumnFilter, TabularData, parse
+from shared.drift import REFERENCE_FILE, reference_bytes
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.training import (
@@ -142,8 +143,10 @@ def run_job(context: JobContext) -> JobResult:
             "task": data.task,
             "job": context.job_id,
             "spec": spec,
+            "drift_reference": REFERENCE_FILE,
             **torch_config,
         },  # fmt: skip
     }
     context.message("evaluated; writing the version", state="EVALUATING")
-    return context.publish(record, {"model.onnx": onnx_bytes, **torch_files}, data.task)
+    reference = reference_bytes(data.x[rest], spec["seed"])  # training inputs as callers send them, for drift checks
+    return context.publish(record, {"model.onnx": onnx_bytes, **torch_files, REFERENCE_FILE: reference}, data.task)
