@@ -66,6 +66,7 @@ async def serve(settings: GatewaySettings) -> None:
     jobs = JobStore.from_url(settings.queue_redis_url) if settings.queue_redis_url else None
     # One training servicer for gRPC and HTTP (the console's job event streams share its watch limits).
     datasets = dataset_store(settings)  # sealed under the KEKs when encryption is on
+    proxy.payloads.seal_with(datasets.keyring, datasets.policy)  # payload records too, each tenant's under its KEK
     training = None
     if jobs is not None:
         training = TrainingServicer(

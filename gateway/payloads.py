@@ -10,6 +10,9 @@ alike), tensors decoded to lists:
 - feature columns the model's training job masked are logged as null, and texts with e-mail
   addresses, phone and card numbers redacted, as in the logs; a tensor of more than 65,536
   elements is logged by its datatype and shape only;
+- with encryption on (the gateway's KEKs), each record is sealed like an upload: AES-256-GCM under
+  a data key of its own, wrapped by the tenant's KEK (`KekPolicy` of the data-set store), bound to
+  its stream; the model services that read records (drift checks) open them with the same KEKs;
 - records are tagged with the caller's tenant and kept per tenant and model, in
   `maas:v1:payloads:<tenant>:<model>` on the job queue's Redis (capped at
   `MAAS_GATEWAY_PAYLOAD_LOG_MAX_LEN` entries, oldest dropped); `GatewayService.ReadPayloads` gives
@@ -28,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +41,9 @@ from google.protobuf.message import Message
 from prometheus_client import Counter
 
 from maas.common.v1 import tensor_pb2
-from shared.errors import MaasError
+from shared.errors import FailedPreconditionError, MaasError
+from shared.keyring import DATA_KEY_BYTES, KekPolicy, Keyring
+from shared.payload_streams import sealing_context, stream_key
 from shared.redaction import redact
 from shared.tensors import to_numpy
 
@@ -56,8 +62,14 @@ MAX_LOGGED_ELEMENTS = 65_536
 TENSOR = tensor_pb2.Tensor.DESCRIPTOR
 
 
-def stream_key(tenant: str, model: str) -> str:
-    return f"maas:v1:payloads:{tenant or '-'}:{model}"
+def open_record(fields: dict[bytes, bytes], key: str | bytes, keyring: Keyring | None) -> str:
+    """A stream entry's CloudEvent JSON, opened with `keyring` when it was sealed."""
+    if b"event" in fields:
+        return fields[b"event"].decode()
+    if keyring is None:
+        raise FailedPreconditionError("payload records are sealed, and this gateway has no keys (KEYS_DIR, KEK_ID)")
+    plaintext, _, _ = keyring.open(fields[b"sealed"], sealing_context(key), "a payload record")
+    return plaintext.decode()
 
 
 def payload_share(request_id: str) -> float:
@@ -162,6 +174,22 @@ class PayloadLog:
                        if redis_url and rates else None)  # fmt: skip
         self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._writer: asyncio.Task | None = None
+        self.keyring: Keyring | None = None
+        self.policy: KekPolicy | None = None
+
+    def seal_with(self, keyring: Keyring, policy: KekPolicy) -> None:
+        """Seals records from now on (when `keyring` is enabled), each tenant's under its KEK."""
+        if keyring.enabled:
+            self.keyring, self.policy = keyring, policy
+
+    def _fields(self, record: Record) -> dict[str, bytes]:
+        event = json.dumps(record.event).encode()
+        if self.keyring is None:
+            return {"event": event}
+        kek_id = self.policy.for_owner(record.tenant)
+        key = stream_key(record.tenant, record.model)
+        return {"sealed": self.keyring.seal(event, kek_id, os.urandom(DATA_KEY_BYTES),
+                                        sealing_context(key))}  # fmt: skip
 
     def rate(self, model: str) -> float:
         if self._redis is None:
@@ -180,10 +208,11 @@ class PayloadLog:
         while True:
             record = await self._queue.get()
             try:
-                await self._redis.xadd(stream_key(record.tenant, record.model), {"event": json.dumps(record.event)},
-                                       maxlen=self.max_len, approximate=True)  # fmt: skip
+                fields = await asyncio.to_thread(self._fields, record)  # KEK files are read, not cached
+                await self._redis.xadd(stream_key(record.tenant, record.model), fields, maxlen=self.max_len,
+                                       approximate=True)  # fmt: skip
                 PAYLOADS.labels(record.model, "logged").inc()
-            except (aioredis.RedisError, OSError) as exc:
+            except (aioredis.RedisError, OSError, MaasError) as exc:
                 PAYLOADS.labels(record.model, "error").inc()
                 log.warning("payload record for %s dropped: %s", record.model, exc)
 
@@ -193,8 +222,13 @@ class PayloadLog:
         if self._redis is None:
             return [], after
         start = f"({after}" if after else "-"
-        entries = await self._redis.xrange(stream_key(tenant, model), min=start, max="+", count=limit)
-        records = [(entry_id.decode(), fields[b"event"].decode()) for entry_id, fields in entries]
+        key = stream_key(tenant, model)
+        entries = await self._redis.xrange(key, min=start, max="+", count=limit)
+
+        def opened() -> list[tuple[str, str]]:
+            return [(entry_id.decode(), open_record(fields, key, self.keyring)) for entry_id, fields in entries]
+
+        records = await asyncio.to_thread(opened)
         return records, records[-1][0] if records else after
 
     async def drain(self, within_s: float = 2.0) -> None:

@@ -35,13 +35,15 @@ from prometheus_client import Counter, Gauge
 from scipy.stats import ks_2samp
 
 from maas.common.v1 import model_pb2
+from shared.errors import MaasError
 from shared.jobs import JobStore
+from shared.keyring import Keyring
+from shared.payload_streams import sealing_context, streams_of
 
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference.npy"
 REFERENCE_ROWS = 500
-PAYLOAD_STREAMS = "maas:v1:payloads:*:{model}"  # every tenant's records of the model (gateway/payloads.py)
 
 DRIFT_SCORE = Gauge("maas_model_drift_score", "Largest per-feature KS statistic, logged inputs against the "
                     "training reference", ["model", "version"], multiprocess_mode="max")  # fmt: skip
@@ -109,7 +111,8 @@ class DriftMonitor:
     """Checks every loaded version that has a reference sample, against its recent payload records."""
 
     def __init__(self, repository, redis_url: str, interval_s: float, window: int, min_rows: int, p_value: float,
-                 retrain: bool) -> None:  # fmt: skip
+                 retrain: bool, keyring: Keyring | None = None) -> None:  # fmt: skip
+        self.keyring = keyring  # opens sealed payload records
         self.repository = repository
         self.redis = aioredis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
         self.interval_s = interval_s
@@ -172,11 +175,26 @@ class DriftMonitor:
 
     async def _recent(self, name: str) -> list[dict]:
         events: list[dict] = []
-        async for key in self.redis.scan_iter(match=PAYLOAD_STREAMS.format(model=name), count=100):
-            for _, fields in await self.redis.xrevrange(key, count=self.window):
-                events.append(json.loads(fields[b"event"]))
+        async for key in self.redis.scan_iter(match=streams_of(name), count=100):
+            entries = await self.redis.xrevrange(key, count=self.window)
+            events.extend(await asyncio.to_thread(self._open, key, entries))
         events.sort(key=lambda e: e.get("time", ""), reverse=True)
         return events[: self.window]
+
+    def _open(self, key: bytes, entries) -> list[dict]:
+        events = []
+        for _, fields in entries:
+            if b"event" in fields:
+                events.append(json.loads(fields[b"event"]))
+            elif self.keyring is not None and self.keyring.keys_dir is not None:
+                try:
+                    plaintext, _, _ = self.keyring.open(fields[b"sealed"], sealing_context(key),
+                                                         "a payload record")  # fmt: skip
+                except MaasError as exc:  # a KEK this service lacks: that record is not read
+                    log.warning("a payload record in %s cannot be opened here: %s", key.decode(), exc)
+                    continue
+                events.append(json.loads(plaintext))
+        return events
 
     async def _retrain(self, name: str, version: int) -> None:
         entry = self.repository.resolve(name, version)

@@ -33,7 +33,8 @@ async def serve(settings: DenseSettings) -> None:
     if settings.events_redis_url and settings.drift_interval_s > 0:  # the payload records are on the queue's Redis
         monitor = asyncio.create_task(DriftMonitor(repository, settings.events_redis_url, settings.drift_interval_s,
                                                    settings.drift_window, settings.drift_min_rows,
-                                                   settings.drift_p_value, settings.drift_retrain).run())  # fmt: skip
+                                                   settings.drift_p_value, settings.drift_retrain,
+                                                   repository.store.keyring).run())  # fmt: skip
     try:
         await serve_models(settings, FAMILY, repository, servicer)
     finally:

@@ -11,6 +11,7 @@ from http.client import HTTPConnection
 import grpc
 import numpy as np
 import pytest
+import redis
 from tritonclient.grpc import service_pb2 as oip  # the same wire protocol; one copy of it per process
 from tritonclient.grpc import service_pb2_grpc
 
@@ -164,6 +165,23 @@ def test_sampling_follows_the_request_id_and_texts_are_redacted(logged):
     assert {e["id"] for e in recorded} == expected
     texts = [text for e in recorded for text in e["data"]["request"]["texts"]]
     assert texts and all(text.endswith("write to [EMAIL]") for text in texts)
+
+
+def test_records_at_rest_are_sealed_under_the_tenants_key(logged):
+    cluster, channel = logged
+    predict(channel, "alpha", "sealed-1", value=11.0)
+    wait_for_ids(channel, "alpha", {"sealed-1"})
+    client = redis.Redis.from_url(cluster.queue_redis_url)
+    entries = client.xrange("maas:v1:payloads:alpha:digits-mlp")
+    assert entries and all(set(fields) == {b"sealed"} for _, fields in entries)
+    raw = b"".join(fields[b"sealed"] for _, fields in entries)
+    assert b"sealed-1" not in raw and b"digits-mlp" not in raw and b"alpha" not in raw  # nothing readable
+    # Moved into another tenant's stream, a record does not open: it is bound to its own.
+    client.xadd("maas:v1:payloads:beta:digits-mlp", {"sealed": entries[-1][1][b"sealed"]})
+    with pytest.raises(grpc.RpcError) as err:
+        read(channel, "beta")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    client.delete("maas:v1:payloads:beta:digits-mlp")
 
 
 def test_masked_columns_are_null_and_a_model_that_opts_out_is_never_recorded(logged):
