@@ -10,6 +10,7 @@ feature widths, node ids in range).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from maas.common.v1 import tensor_pb2
@@ -37,28 +38,37 @@ class RequestLimits:
             )
 
     def check(self, message, path: str = "") -> None:
-        """Every repeated field's length and every tensor's shape, by field: no per-element work."""
+        """Every repeated field's length and every tensor's shape, by field: no per-element work. Only
+        the fields that are set are visited, and a field's name is spelled out only for an error."""
         if message.DESCRIPTOR.full_name == TENSOR:
             check_shape(message.shape, path or "tensor", self.max_tensor_elements)
             return
-        for field in message.DESCRIPTOR.fields:
-            name = f"{path}.{field.name}" if path else field.name
-            value = getattr(message, field.name)
+        for field, value in message.ListFields():
             if field.is_repeated:
                 if len(value) > self.max_repeated:
                     raise InvalidArgumentError(
-                        f"{name}: {len(value)} entries; at most {self.max_repeated} per request "
+                        f"{_name(path, field)}: {len(value)} entries; at most {self.max_repeated} per request "
                         "(MAAS_GATEWAY_MAX_REPEATED)"
                     )
                 if field.message_type is None:
                     continue
-                if field.message_type.GetOptions().map_entry:
-                    value_field = field.message_type.fields_by_name["value"]
-                    if value_field.message_type is not None:
+                map_value = _map_value(field.message_type)
+                if map_value is not None:
+                    if map_value.message_type is not None:
                         for key in value:
-                            self.check(value[key], f"{name}[{key!r}]")
+                            self.check(value[key], f"{_name(path, field)}[{key!r}]")
                 else:
                     for i, item in enumerate(value):
-                        self.check(item, f"{name}[{i}]")
-            elif field.message_type is not None and message.HasField(field.name):
-                self.check(value, name)
+                        self.check(item, f"{_name(path, field)}[{i}]")
+            elif field.message_type is not None:
+                self.check(value, _name(path, field))
+
+
+def _name(path: str, field) -> str:
+    return f"{path}.{field.name}" if path else field.name
+
+
+@functools.cache
+def _map_value(message_type):
+    """The value field of a map's entry type; None for a message type that is no map entry."""
+    return message_type.fields_by_name["value"] if message_type.GetOptions().map_entry else None
