@@ -20,6 +20,7 @@ METRICS = {
     "classification": {"accuracy", "f1_macro"},
     "multilabel": {"f1_macro", "f1_micro", "exact_match"},
     "regression": {"mse", "rmse"},
+    "ranking": {"recall@10", "ndcg@10"},
 }
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 DEFAULTS = {"optimizer": "adam", "learning_rate": 1e-3, "epochs": 20, "batch_size": 64, "validation_split": 0.1}
@@ -49,6 +50,7 @@ BUILTIN_DATA = {
     "karate": BuiltinData("classification", [34], 34, 4),
     "sbm": BuiltinData("classification", [16], 2000, 4),
     "motifs": BuiltinData("classification", [10], 400, 2),  # 400 small graphs, one label each
+    "interactions": BuiltinData("ranking", [900], 12_000, 1),  # 600 users x 20 interactions, 300 items: [nodes]
     "sentiment": BuiltinData("classification", None, 120, 2),
     "topics": BuiltinData("classification", None, 100, 5),
     "aspects": BuiltinData("multilabel", None, 60, 4),
@@ -212,8 +214,13 @@ def _check_fit(architecture: str, task: str, shape: list[int], family: str) -> N
         raise InvalidArgumentError(f"architecture: cnn needs image-shaped examples [C, H, W], the data has {shape}")
     if family == "dense" and architecture == "gru" and len(shape) != 2:
         raise InvalidArgumentError(f"architecture: gru needs sequences [T, F], the data has {shape}")
-    if family == "gnn" and task != "classification":
-        raise InvalidArgumentError(f"{family} jobs train classifiers; the data set is a {task} set")
+    if family == "gnn" and architecture == "lightgcn" and task != "ranking":
+        raise InvalidArgumentError(f"architecture: lightgcn trains recommenders on user-item interactions; the data "
+                                   f"set is a {task} set")  # fmt: skip
+    if family == "gnn" and architecture != "lightgcn" and task != "classification":
+        hint = "; train a recommender with architecture lightgcn" if task == "ranking" else ""
+        raise InvalidArgumentError(f"{family} jobs with {architecture} train classifiers; the data set is a {task} "
+                                   f"set{hint}")  # fmt: skip
     if family == "nlp" and task not in ("classification", "multilabel"):
         raise InvalidArgumentError(f"{family} jobs train multi-class or multi-label classifiers; the data set is a "
                                    f"{task} set")  # fmt: skip

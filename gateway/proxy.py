@@ -71,7 +71,10 @@ class FamilyRoute:
     def floating_graph(self, request) -> bool:
         """A query on a stored graph's latest version: which version answers is known only afterwards."""
         fields = self.predict_request.DESCRIPTOR.fields_by_name
-        return "graph_version" in fields and bool(request.stored_graph) and not request.graph_version
+        if "graph_version" not in fields or request.graph_version:
+            return False
+        # A request with no inline graph to send (Recommend, SimilarItems) always reads the graph store.
+        return bool(request.stored_graph) or "graph" not in fields
 
 
 def _route(family, method: str) -> FamilyRoute:

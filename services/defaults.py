@@ -30,13 +30,18 @@ def builders() -> dict[str, Callable[[ModelStore], Manifest]]:
 
 
 def ensure_defaults(store: ModelStore) -> list[str]:
-    """Builds the default models missing from the store; returns the names it built."""
+    """Builds the default models missing from the store; returns the names it built. A builder that wants a
+    text embedder (items with content vectors) runs after the others, with the nlp family's default encoder."""
     built = []
-    for name, build in builders().items():
+    ordered = sorted(builders().items(), key=lambda item: getattr(item[1], "wants_text_embedder", False))
+    for name, build in ordered:
         if store.versions(name):
             continue
         log.info("building default model %s", name)
-        build(store)
+        if getattr(build, "wants_text_embedder", False):
+            build(store, embed=importlib.import_module("services.nlp.defaults").text_embedder(store))
+        else:
+            build(store)
         built.append(name)
     return built
 

@@ -99,10 +99,11 @@ FAMILIES: tuple[Family, ...] = (
         training_code=2,
         batch_unit="nodes",
         dataset_formats=frozenset({"json", "npz"}),
-        # karate and sbm: node classification; motifs: graph classification (BA-2Motifs).
-        builtin_datasets=("karate", "sbm", "motifs"),
-        architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32]},
-        queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain"),
+        # karate and sbm: node classification; motifs: graph classification (BA-2Motifs); interactions:
+        # a user-item set with planted communities, for recommenders (lightgcn: one width per layer).
+        builtin_datasets=("karate", "sbm", "motifs", "interactions"),
+        architectures={"gcn": [16], "sage": [32], "gat": [16], "gin": [32], "lightgcn": [64, 64]},
+        queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain", "Recommend", "SimilarItems"),
         updates=("UpdateGraph", "DeleteGraphVersion"),
         internal=("ListGraphs",),  # stored graphs' owners, for the gateway's GraphCatalog
     ),

@@ -64,6 +64,9 @@ def parameter_count(family: str, architecture: str, hidden: list[int], in_shape:
         size = hidden[0]
         features = in_shape[-1] if in_shape else 0
         return 3 * (features * size + size * size + 2 * size) + _linear_chain([size, outputs])
+    if family == "gnn" and architecture == "lightgcn":
+        # One embedding of hidden[0] per node (in_shape: [nodes]); its layers only propagate.
+        return (in_shape[-1] if in_shape else 0) * hidden[0]
     if family == "gnn":
         # GCN: len(hidden) + 1 graph convolutions, every hidden one as wide as hidden[0].
         widths = [hidden[0]] * len(hidden) + [outputs]

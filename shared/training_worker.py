@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 JOBS = Counter("maas_training_jobs_total", "Training job attempts by family and outcome", ["family", "outcome"])
 
-HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "exact_match", "cv_accuracy_mean", "cv_f1_macro_mean"}
+HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "exact_match", "cv_accuracy_mean", "cv_f1_macro_mean",
+                    "recall@10", "ndcg@10"}
 CHECKPOINT_CONTEXT = b"checkpoint"
 
 
@@ -312,7 +313,8 @@ def _kind(family: str, kind: str | None) -> str:
 
 def evaluate_gate(gate: dict[str, Any], metrics: dict[str, float], task: str, current: Manifest | None):
     """(passed, why) for a promotion gate; no gate at all always passes."""
-    metric = gate.get("metric") or {"classification": "accuracy", "multilabel": "f1_macro"}.get(task, "mse")
+    metric = gate.get("metric") or {"classification": "accuracy", "multilabel": "f1_macro",
+                                    "ranking": "recall@10"}.get(task, "mse")  # fmt: skip
     checks = []
     if metric not in metrics and (gate.get("min_value") is not None or gate.get("max_value") is not None
                                   or gate.get("better_than_default")):  # fmt: skip

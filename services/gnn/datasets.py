@@ -106,6 +106,43 @@ def motif_graphs_with_truth(count: int, seed: int = 0) -> list[tuple[np.ndarray,
     return graphs
 
 
+MAX_INTERACTION_NODES = 5_000_000
+
+
+def interactions(user_ids: Any, item_ids: Any, item_features: Any, where: str):
+    """A user-item interaction set (a recommender's data): each (user_ids[k], item_ids[k]) one interaction, in
+    order (each user's last one is held out); users and items are numbered from 0 on their own. Optional
+    item_features: one content vector per item (I x D; rows of zeros for items without one)."""
+    from services.gnn.recommend import leave_last_out
+
+    try:
+        users, items = np.asarray(user_ids), np.asarray(item_ids)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{where}: 'user_ids' and 'item_ids' must be lists of integers") from None
+    for name, ids in (("user_ids", users), ("item_ids", items)):
+        if ids.ndim != 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidArgumentError(f"{where}: {name!r} must be a non-empty list of integers, got {ids.dtype} "
+                                       f"of shape {list(ids.shape)}")  # fmt: skip
+        if ids.min() < 0 or ids.max() >= MAX_INTERACTION_NODES:
+            raise InvalidArgumentError(f"{where}: {name!r} holds {int(ids.min() if ids.min() < 0 else ids.max())}; "
+                                       f"ids are 0..{MAX_INTERACTION_NODES - 1}")  # fmt: skip
+    if users.shape != items.shape:
+        raise InvalidArgumentError(f"{where}: 'user_ids' has {users.size} entries and 'item_ids' {items.size}; "
+                                   "one of each per interaction")  # fmt: skip
+    num_users, num_items = int(users.max()) + 1, int(items.max()) + 1
+    features = None
+    if item_features is not None:
+        try:
+            features = np.asarray(item_features, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"{where}: 'item_features' must be an I x D list of numbers") from None
+        if features.ndim != 2 or features.shape[0] < num_items or not np.isfinite(features).all():
+            raise InvalidArgumentError(f"{where}: 'item_features' must be finite, I x D with I >= {num_items} (one "
+                                       f"row per item), got shape {list(features.shape)}")  # fmt: skip
+        num_items = features.shape[0]
+    return leave_last_out(users, items, num_users, num_items, features)
+
+
 def parse_json(data: bytes) -> GraphData:
     try:
         record = json.loads(data)
@@ -113,6 +150,8 @@ def parse_json(data: bytes) -> GraphData:
         raise InvalidArgumentError(f"json: not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise InvalidArgumentError("json: expected an object with node_features, edge_index and labels")
+    if "user_ids" in record or "item_ids" in record:
+        return interactions(record.get("user_ids"), record.get("item_ids"), record.get("item_features"), "json")
     for key in ("node_features", "edge_index", "labels"):
         if key not in record:
             raise InvalidArgumentError(f"json: missing field {key!r}")
@@ -121,6 +160,8 @@ def parse_json(data: bytes) -> GraphData:
 
 def parse_npz(data: bytes) -> GraphData:
     arrays = load_npz(data)
+    if "user_ids" in arrays or "item_ids" in arrays:
+        return interactions(arrays.get("user_ids"), arrays.get("item_ids"), arrays.get("item_features"), "npz")
     for key in ("node_features", "edge_index", "labels"):
         if key not in arrays:
             raise InvalidArgumentError(f"npz: missing array {key!r}; it has {sorted(arrays)}")
@@ -134,12 +175,19 @@ def parse(fmt: str, data: bytes) -> GraphData:
     return parse_with(PARSERS, "gnn", fmt, data)
 
 
-def describe(parsed: GraphData | GraphSetData) -> dict:
+def describe(parsed) -> dict:
+    if not isinstance(parsed, GraphData | GraphSetData):  # interactions: one "feature" per node, for the size check
+        return {"num_examples": parsed.num_examples, "feature_shape": [parsed.num_users + parsed.num_items],
+                "task": "ranking", "class_names": []}  # fmt: skip
     return {"num_examples": parsed.num_examples, "feature_shape": [parsed.node_features.shape[1]],
             "task": parsed.task, "class_names": parsed.class_names}  # fmt: skip
 
 
-def load_builtin(name: str) -> GraphData | GraphSetData:
+def load_builtin(name: str):
+    if name == "interactions":
+        from services.gnn.recommend import planted_interactions
+
+        return planted_interactions(seed=0)
     if name == "sbm":
         from services.gnn.generators import block_model_graph
 

@@ -387,7 +387,61 @@ def build_ba_shapes_gcn(store: ModelStore, seed: int = 0) -> Manifest:
     return manifest
 
 
-# What `python -m services.defaults` builds for this family, in order.
+SHOP_LIGHTGCN = "shop-lightgcn"
+SHOP_GRAPH = "shop-interactions"
+
+
+def build_shop_lightgcn(store: ModelStore, seed: int = 0, embed=None) -> Manifest:
+    """A LightGCN recommender (32 wide, 2 layers, BPR, 60 full-batch epochs) on the planted-community user-item
+    set (600 users, 300 items, 6 communities), evaluated leave-last-out against popularity. Its stored graph
+    holds every interaction; with `embed` (texts -> vectors: the default nlp encoder), items carry the embedding
+    of their text as content vectors, for SimilarItems."""
+    from services.gnn.recommend import evaluate, node_features, planted_interactions, train_lightgcn
+    from services.gnn.training import RECOMMEND_SIGNATURE
+
+    data = planted_interactions(seed=seed)
+    if embed is not None:
+        data.item_features = np.asarray(embed(data.item_texts), np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread sums in one order: the same model, and metrics, on every build
+    try:
+        model = train_lightgcn(data, embedding_dim=32, num_layers=2, epochs=60, lr=0.02, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = evaluate(model, data, 10)
+    graphs = GraphStore(store)
+    if not graphs.store.versions(SHOP_GRAPH):
+        pairs = data.all_pairs()
+        edges = np.stack([pairs[0], pairs[1] + data.num_users])
+        content = "; items carry MiniLM embeddings of their texts" if embed is not None else ""
+        graphs.publish_edges(SHOP_GRAPH, edges, node_features(data), undirected=True,
+                             description=f"planted-community user-item set, seed {seed}: users 0..599, items "
+                                         f"600..899{content}")  # fmt: skip
+    config = {"task": "recommend", "kind": "recommender", "architecture": "lightgcn", "embedding_dim": 32,
+              "num_layers": 2, "num_users": data.num_users, "num_items": data.num_items,
+              "in_channels": 1 + (0 if data.item_features is None else data.item_features.shape[1]),
+              "graph": SHOP_GRAPH, "stored_graphs": [SHOP_GRAPH], "graph_version": graphs.latest(SHOP_GRAPH),
+              "weights_file": "embedding.safetensors"}  # fmt: skip
+    manifest = store.publish(
+        {
+            "name": SHOP_LIGHTGCN,
+            "family": "gnn",
+            "framework": "torch",
+            **RECOMMEND_SIGNATURE,
+            "metrics": metrics,
+            "source": f"services.gnn.recommend.planted_interactions(seed={seed}), leave-last-out",
+            "description": f"LightGCN recommender on {SHOP_GRAPH!r}: call Recommend (users 0..599) or SimilarItems "
+                           "(items 600..899)",
+            "config": config,
+        },
+        {"embedding.safetensors": save({"embedding": model.embedding.weight.detach().contiguous()})},
+    )
+    log.info("built %s v%d: %s", manifest.name, manifest.version, metrics)
+    return manifest
+
+
+build_shop_lightgcn.wants_text_embedder = True  # services/defaults.py passes the nlp family's, built before it
+
 # What `python -m services.defaults` builds for this family, in order.
 DEFAULT_MODELS = {
     KARATE_GCN: build_karate_gcn,
@@ -395,4 +449,5 @@ DEFAULT_MODELS = {
     LESMIS_LINKS: build_lesmis_links,
     MOTIF_GIN: build_motif_gin,
     BA_SHAPES_GCN: build_ba_shapes_gcn,
+    SHOP_LIGHTGCN: build_shop_lightgcn,
 }

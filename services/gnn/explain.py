@@ -358,6 +358,9 @@ class GnnExplanations:
                       ) -> tuple[Manifest, ExplainQuery, GraphExplanation | None]:  # fmt: skip
         entry = self.repository.resolve(name, version)
         model: GnnModel = entry.predictor
+        if model.task == "recommend":
+            raise InvalidArgumentError(f"model_name: {name!r} is a recommender; Explain takes node, link and graph "
+                                       "models (SimilarItems shows which items a recommender puts together)")
         query = await self.repository.run(resolve_query, model, entry.manifest, params, self.graph_store, self.limits,
                                           self.query_limits)  # fmt: skip
         if validate_only:

@@ -21,6 +21,7 @@ from safetensors.torch import load
 from maas.common.v1 import model_pb2
 from services.gnn.architectures import build_network
 from services.gnn.graph_store import GraphStore, StoredGraph
+from services.gnn.recommend import ITEM_COLUMN, Recommender, RecommendQuery, SimilarQuery
 from services.gnn.sampling import ALL, NeighbourhoodTooLarge, csr_edge_index
 from shared.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from shared.model_events import GRAPH_CHANGED, ModelEvent
@@ -69,6 +70,7 @@ class QueryLimits:
     max_graph_edges: int = 2_000_000
     max_graphs_per_call: int = 1024
     max_top_k: int = 100
+    max_users_per_call: int = 1024
 
 
 @dataclass
@@ -80,6 +82,7 @@ class GraphAnswer:
     graph_version: int = 0
     nodes_used: int = 0
     edges_used: int = 0
+    by: str = ""  # SimilarItems: what the similarity was measured on
 
 
 class GnnModel:
@@ -244,7 +247,9 @@ def disjoint_union(graphs: list[GraphInput]) -> tuple[GraphInput, list[int]]:
 def gnn_loader(device: torch.device, onnx: OnnxConfig | None = None):
     """Loads GNN versions on `device`; graph classifiers with an ONNX export on ONNX Runtime when `onnx` is set."""
 
-    def load(manifest: Manifest, artifacts: Artifacts) -> GnnModel:
+    def load(manifest: Manifest, artifacts: Artifacts) -> GnnModel | Recommender:
+        if manifest.config.get("task") == "recommend":
+            return Recommender.load(manifest.config, artifacts)  # scores on CPU: one small matrix product a call
         return GnnModel(manifest, artifacts, device, onnx)
 
     return load
@@ -340,6 +345,25 @@ def open_stored_graph(graph_store: GraphStore, model: GnnModel, stored_graph: st
     return stored
 
 
+def open_recommender_graph(graph_store: GraphStore, manifest: Manifest, model: Recommender, name: str,
+                           graph_version: int) -> StoredGraph:  # fmt: skip
+    """A user-item graph's version for a recommender: its own graph, or one made from it (an update, or
+    UpdateGraph's new_graph_name), which keeps the nodes it was trained on and its feature width. Blocking."""
+    try:
+        stored = graph_store.open(name, graph_version)
+    except NotFoundError:
+        if name in graph_store.names():
+            raise  # a version that graph lacks
+        raise missing_graph(name, {}, graph_version) from None
+    if stored.feature_width != model.in_channels or stored.num_nodes < model.trained_nodes:
+        raise InvalidArgumentError(
+            f"stored_graph: {stored.label} ({stored.num_nodes} nodes, {stored.feature_width} features each) is not "
+            f"a user-item graph of {manifest.name!r} v{manifest.version}, which was trained on "
+            f"{model.trained_nodes} nodes of {model.in_channels} features ({manifest.config['graph']!r})"
+        )
+    return stored
+
+
 def query_neighbourhood(
     model: GnnModel, stored: StoredGraph, ids: np.ndarray, fan_outs: list[int] | None, limits: QueryLimits
 ) -> tuple[GraphInput, np.ndarray, np.ndarray]:
@@ -372,7 +396,7 @@ class GnnRuntime:
         entry = self.repository.resolve(name, version)
         model: GnnModel = entry.predictor
         if model.task != task:
-            wanted = {"node": "Predict", "link": "PredictLinks", "graph": "ClassifyGraphs"}
+            wanted = {"node": "Predict", "link": "PredictLinks", "graph": "ClassifyGraphs", "recommend": "Recommend"}
             raise InvalidArgumentError(
                 f"model_name: {name!r} is a {model.task}-level model; call {wanted[model.task]} for it"
             )
@@ -494,6 +518,72 @@ class GnnRuntime:
         outputs = await entry.batcher.submit(query, deadline)
         return GraphAnswer(Prediction(entry.manifest, outputs), ids.tolist(), used_version, query.graph.num_nodes,
                            query.graph.num_edges)  # fmt: skip
+
+    async def _recommender_table(self, name: str, version: int, stored_graph: str, graph_version: int, top_k: int,
+                                 ids: np.ndarray, field_name: str, most: int):  # fmt: skip
+        """The checks every recommender query makes, in order (model, top_k, the ids' count, the graph, the ids),
+        and the propagated table of the graph version it runs on."""
+        entry, model = self._model(name, version, "recommend")
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise InvalidArgumentError(
+                f"top_k: {top_k}; expected 1..{self.limits.max_top_k} items per {field_name[:-4]}"
+            )
+        if not ids.size:
+            raise InvalidArgumentError(f"{field_name}: empty; name at least one")
+        if ids.size > most:
+            raise InvalidArgumentError(
+                f"{field_name}: {ids.size} ids; at most {most} per call (MAAS_GNN_MAX_USERS_PER_CALL)"
+            )
+        graph = stored_graph or entry.manifest.config["graph"]
+        stored = await self.repository.run(open_recommender_graph, self.graph_store, entry.manifest, model, graph,
+                                           graph_version)  # fmt: skip
+        check_node_ids(ids, stored.num_nodes, field_name)
+        kinds = await self.repository.run(lambda: stored.features(ids)[:, ITEM_COLUMN] > 0.5)
+        wanted_item = field_name == "item_ids"
+        wrong = np.flatnonzero(kinds != wanted_item)
+        if wrong.size:
+            i = int(wrong[0])
+            what, expected = ("a user", "an item") if wanted_item else ("an item", "a user")
+            raise InvalidArgumentError(f"{field_name}[{i}]: node {int(ids[i])} of {stored.label} is {what}, not "
+                                       f"{expected} (node feature column {ITEM_COLUMN} says which)")  # fmt: skip
+        table = await self.repository.run(model.table, stored)
+        return entry, table
+
+    async def recommend(self, name: str, version: int, stored_graph: str, graph_version: int,
+                        user_ids: list[int], top_k: int, include_seen: bool = False,
+                        deadline: float | None = None) -> GraphAnswer:  # fmt: skip
+        """Each user's top_k items on the graph version, best first, the items it interacted with left out unless
+        `include_seen`; a user with no interactions gets the most popular ones, flagged."""
+        ids = np.asarray(user_ids, np.int64)
+        entry, table = await self._recommender_table(name, version, stored_graph, graph_version, top_k, ids,
+                                                     "user_ids", self.limits.max_users_per_call)  # fmt: skip
+        outputs = await entry.batcher.submit(RecommendQuery(table, ids, top_k, include_seen), deadline)
+        return GraphAnswer(Prediction(entry.manifest, outputs), ids.tolist(), table.graph_version, table.num_nodes,
+                           table.num_edges)  # fmt: skip
+
+    async def similar_items(self, name: str, version: int, stored_graph: str, graph_version: int,
+                            item_ids: list[int], top_k: int, by: str = "", deadline: float | None = None,
+                            ) -> GraphAnswer:  # fmt: skip
+        """Each item's top_k most similar items by the cosine of their content vectors ("content", the default
+        where the graph has them) or of their propagated embeddings ("collaborative")."""
+        if by not in ("", "content", "collaborative"):
+            raise InvalidArgumentError(f"by: {by!r}; expected 'content' or 'collaborative'")
+        ids = np.asarray(item_ids, np.int64)
+        entry, table = await self._recommender_table(name, version, stored_graph, graph_version, top_k, ids,
+                                                     "item_ids", self.limits.max_users_per_call)  # fmt: skip
+        by = by or ("content" if table.content is not None else "collaborative")
+        if by == "content":
+            if table.content is None:
+                raise InvalidArgumentError(f"by: graph {table.graph!r} v{table.graph_version} has no content "
+                                           "vectors; ask for 'collaborative'")  # fmt: skip
+            lacking = np.flatnonzero(~table.has_content[table.position[ids]])
+            if lacking.size:
+                i = int(lacking[0])
+                raise InvalidArgumentError(f"item_ids[{i}]: item {int(ids[i])} has no content vector; ask for "
+                                           "by 'collaborative'")  # fmt: skip
+        outputs = await entry.batcher.submit(SimilarQuery(table, ids, top_k, by), deadline)
+        return GraphAnswer(Prediction(entry.manifest, outputs), ids.tolist(), table.graph_version, table.num_nodes,
+                           table.num_edges, by)  # fmt: skip
 
     async def classify_graphs(
         self, name: str, version: int, graphs: list[GraphInput], deadline: float | None = None

@@ -117,6 +117,35 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
                     for name, versions, owner, model in graphs]  # fmt: skip
         )
 
+    async def Recommend(self, request: gnn_pb2.RecommendRequest, context: grpc.aio.ServicerContext):
+        answer = await self.runtime.recommend(
+            request.model_name, request.model_version, request.stored_graph, request.graph_version,
+            list(request.user_ids), request.top_k, request.include_seen, deadline_from(context.time_remaining()),
+        )  # fmt: skip
+        return gnn_pb2.RecommendResponse(
+            model_name=answer.prediction.manifest.name,
+            model_version=answer.prediction.manifest.version,
+            graph_version=answer.graph_version,
+            user_ids=answer.node_ids,
+            outputs=encode_outputs(answer.prediction.outputs),
+            nodes_used=answer.nodes_used,
+            edges_used=answer.edges_used,
+        )
+
+    async def SimilarItems(self, request: gnn_pb2.SimilarItemsRequest, context: grpc.aio.ServicerContext):
+        answer = await self.runtime.similar_items(
+            request.model_name, request.model_version, request.stored_graph, request.graph_version,
+            list(request.item_ids), request.top_k, request.by, deadline_from(context.time_remaining()),
+        )  # fmt: skip
+        return gnn_pb2.SimilarItemsResponse(
+            model_name=answer.prediction.manifest.name,
+            model_version=answer.prediction.manifest.version,
+            graph_version=answer.graph_version,
+            item_ids=answer.node_ids,
+            outputs=encode_outputs(answer.prediction.outputs),
+            by=answer.by,
+        )
+
     async def Explain(self, request: gnn_pb2.ExplainRequest, context: grpc.aio.ServicerContext):
         manifest, query, explanation = await self.explanations.explain(
             request.model_name, request.model_version, to_explain_params(request),

@@ -25,7 +25,10 @@ class GnnSettings(ModelServiceSettings):
     max_graph_nodes: int = Field(100_000, description="Most nodes of one graph sent inline.")
     max_graph_edges: int = Field(2_000_000, description="Most edges of one graph sent inline.")
     max_graphs_per_call: int = Field(1024, description="Most graphs one ClassifyGraphs call may carry.")
-    max_top_k: int = Field(100, description="Most new neighbours PredictLinks returns per node.")
+    max_top_k: int = Field(100, description="Most new neighbours PredictLinks, or items Recommend and SimilarItems, "
+                                            "return per node.")
+    max_users_per_call: int = Field(1024, ge=1, description="Most users (or items) one Recommend (or SimilarItems) "
+                                                            "call may name.")
     onnx_graph_classifiers: bool = Field(
         False,
         description="Serve graph classifiers whose ONNX export held up (ONNX Runtime matched torch within 1e-5) "
@@ -53,6 +56,7 @@ class GnnSettings(ModelServiceSettings):
         return QueryLimits(
             self.max_hops, self.max_fan_out, self.max_subgraph_nodes, self.max_full_graph_nodes,
             self.max_graph_nodes, self.max_graph_edges, self.max_graphs_per_call, self.max_top_k,
+            self.max_users_per_call,
         )  # fmt: skip
 
     def graph_limits(self) -> GraphLimits:

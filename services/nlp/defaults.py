@@ -95,6 +95,17 @@ def build_minilm(store: ModelStore) -> Manifest:
     return manifest
 
 
+def text_embedder(store: ModelStore):
+    """texts -> [N, 384] embeddings with the default encoder in `store` (built first), for default models of
+    other families whose items carry content vectors (services/defaults.py hands it to them)."""
+    from services.nlp.runtime import TextEncoder
+    from shared.onnx_session import OnnxConfig
+
+    manifest = store.manifest(MINILM, store.default_version(MINILM))
+    encoder = TextEncoder(manifest, store.artifacts(manifest), OnnxConfig(device="cpu"), 256)
+    return encoder.embed
+
+
 def load_labelled_texts(path: Path) -> tuple[list[str], list[str]]:
     texts, labels = [], []
     for line in path.read_text().splitlines():
