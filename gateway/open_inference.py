@@ -180,8 +180,10 @@ class InferInputs:
 
 
 def to_family_request(family: str, request: oip.ModelInferRequest, version: int, links: bool = False,
-                      graphs: bool = False):  # fmt: skip
+                      graphs: bool = False, method: str = ""):  # fmt: skip
     inputs = InferInputs(request)
+    if method in ("Recommend", "SimilarItems"):
+        return to_recommender_request(request, version, inputs, method)
     wanted = [output.name for output in request.outputs]
     if family == "dense":
         return dense_pb2.PredictRequest(
@@ -242,6 +244,24 @@ def to_gnn_request(request: oip.ModelInferRequest, version: int, inputs: InferIn
     message.node_ids.extend(_integers(inputs, "node_ids"))
     message.fan_outs.extend(_integers(inputs, "fan_outs"))
     return message
+
+
+def to_recommender_request(request: oip.ModelInferRequest, version: int, inputs: InferInputs, method: str):
+    """Recommend (user_ids, top_k, include_seen) or, when item_ids is sent, SimilarItems (item_ids, top_k, and the
+    `by` parameter), on the model's user-item graph or a stored one (stored_graph, graph_version)."""
+    stored, graph_version = _stored_graph(request, inputs)
+    top_k = _integers(inputs, "top_k")
+    fields = {"model_name": request.model_name, "model_version": version, "stored_graph": stored,
+              "graph_version": graph_version, "top_k": top_k[0] if top_k else 10}  # fmt: skip
+    if method == "SimilarItems":
+        by = request.parameters.get("by")
+        return gnn_pb2.SimilarItemsRequest(item_ids=_integers(inputs, "item_ids"),
+                                           by=by.string_param if by is not None else "", **fields)  # fmt: skip
+    include = inputs.tensor("include_seen") if inputs.has("include_seen") else None
+    if include is not None and (include.dtype != tensor_pb2.DATA_TYPE_BOOL or len(include.data) != 1):
+        raise InvalidArgumentError("inputs ('include_seen'): must be one BOOL")
+    return gnn_pb2.RecommendRequest(user_ids=_integers(inputs, "user_ids"),
+                                    include_seen=bool(include is not None and include.data[0]), **fields)  # fmt: skip
 
 
 def _copy_inline_graph(graph: gnn_pb2.Graph, inputs: InferInputs) -> None:
@@ -346,6 +366,18 @@ def with_request_id(encoded: bytes, request_id: str) -> bytes:
         return encoded
     raw = request_id.encode()
     return ID_TAG + _varint(len(raw)) + raw + encoded
+
+
+GRAPH_STORE_METHODS = ("Recommend", "SimilarItems")  # always on a graph-store graph, whose latest version moves
+
+
+def gnn_method(signature: set[str], request: oip.ModelInferRequest) -> str:
+    """The gnn rpc a ModelInfer call on a model of this signature becomes: a link-prediction model (its signature
+    takes pairs) answers through PredictLinks, a graph classifier (graph_ids) through ClassifyGraphs, a recommender
+    (user_ids) through Recommend, or SimilarItems when the call sends item_ids; others through Predict."""
+    if "user_ids" in signature:
+        return "SimilarItems" if any(tensor.name == "item_ids" for tensor in request.inputs) else "Recommend"
+    return "PredictLinks" if "pairs" in signature else "ClassifyGraphs" if "graph_ids" in signature else "Predict"
 
 
 def names_stored_graph(request: oip.ModelInferRequest) -> bool:
@@ -546,8 +578,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         # A link-prediction model (its signature takes pairs) answers through PredictLinks, a graph
         # classifier (its signature takes graph_ids) through ClassifyGraphs.
         signature = {s.name for v in model.versions for s in v.inputs} if family == "gnn" else set()
-        links, graphs = "pairs" in signature, "graph_ids" in signature
-        route = QUERY_ROUTE[family, "PredictLinks" if links else "ClassifyGraphs" if graphs else "Predict"]
+        route = QUERY_ROUTE[family, gnn_method(signature, request)]
         cache, proxy = self.proxy.cache, self.proxy
         arm, request_id = "", request.id or current_request_id()
         protocol = getattr(context, "protocol", "open-inference")  # "rest" for KServe v2 REST calls
@@ -559,7 +590,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         policy = proxy.settings.cache_policy.get(name, {})
         # A stored graph's latest version may change under a key: such queries take the native path's cache.
         if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (
-            family == "gnn" and names_stored_graph(request)
+            family == "gnn" and (names_stored_graph(request) or route.method in GRAPH_STORE_METHODS)
         ):
             response = await self._forward(route, request, context, arm=arm, request_id=request_id, protocol=protocol)
             return to_infer_response(request, response)
@@ -608,7 +639,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         the canary arm the request was sent to, its version named ("" without a canary)."""
         version = parse_version(request.model_version)
         message = to_family_request(route.family, request, version, route.method == "PredictLinks",
-                                    route.method == "ClassifyGraphs")  # fmt: skip
+                                    route.method == "ClassifyGraphs", route.method)  # fmt: skip
         raw = await self.proxy.predict_message(route, message, message.SerializeToString(), context,
                                                trailing=not cache_outcome, cache_outcome=cache_outcome,
                                                arm=arm, request_id=request_id, protocol="")  # fmt: skip
@@ -626,7 +657,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         def request_json(masked):
             try:
                 message = to_family_request(route.family, request, version, route.method == "PredictLinks",
-                                            route.method == "ClassifyGraphs")  # fmt: skip
+                                            route.method == "ClassifyGraphs", route.method)  # fmt: skip
             except MaasError:
                 return {}
             return message_json(message, masked)

@@ -201,6 +201,10 @@ def recommender_job(context: JobContext, data: Interactions) -> JobResult:
     from shared.training import run_epochs
 
     spec = context.spec
+    if spec["architecture"] != "lightgcn":
+        raise InvalidArgumentError(f"architecture: {spec['architecture']} trains classifiers on labelled graphs; "
+                                   "this data set is user-item interactions: train a recommender with "
+                                   "lightgcn")  # fmt: skip
     nodes = data.num_users + data.num_items
     context.check_size([nodes], 1, data.num_examples)
     graph_name = f"{spec['output_model']}-interactions"[:63]

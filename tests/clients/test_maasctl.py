@@ -179,3 +179,41 @@ def test_bad_input_files_and_flags_give_one_line(maasctl, tmp_path):
 def test_a_tls_handshake_failure_is_one_line(maasctl):
     # The suite's gateway speaks plaintext; gRPC's own handshake logging must not add lines.
     one_error_line(maasctl("--tls", "--timeout", "3", "health", expect=1), "UNAVAILABLE")
+
+
+def test_recommend_and_similar_items(maasctl, cluster):
+    import asyncio
+
+    from maas_client import AsyncClient, Client
+
+    out = maasctl("recommend", "shop-lightgcn", "--users", "0,1", "--top", "3").stdout.splitlines()
+    assert out[0].startswith("shop-lightgcn v") and "on graph v" in out[0]
+    rows = [line.split(None, 1) for line in out[3:]]
+    assert [row[0] for row in rows] == ["0", "1"]
+    payload = json.loads(maasctl("recommend", "shop-lightgcn", "--users", "0,1", "--top", "3", "--json").stdout)
+    assert np.array(payload["items"]).shape == (2, 3) and payload["user_ids"] == [0, 1]
+    assert payload["popularity_fallback"] == [False, False]
+    for row, items in zip(rows, payload["items"], strict=True):
+        assert [int(part.split()[0]) for part in row[1].split(", ")] == items
+
+    similar = json.loads(maasctl("similar", "shop-lightgcn", "--items", "600", "--top", "4", "--json").stdout)
+    assert len(similar["items"][0]) == 4 and 600 not in similar["items"][0]
+    assert "by content" in maasctl("similar", "shop-lightgcn", "--items", "600", "--top", "2").stdout
+
+    # The SDK's answer is the command's.
+    with Client(cluster.specs["gateway"].target) as client:
+        answer = client.gnn.recommend("shop-lightgcn", [0, 1], top_k=3)
+        alike = client.gnn.similar_items("shop-lightgcn", [600], top_k=4)
+    assert answer.items.tolist() == payload["items"] and answer.popularity_fallback.tolist() == [False, False]
+    assert alike.items.tolist() == similar["items"] and alike.by == "content"
+
+    async def from_asyncio():
+        async with AsyncClient(cluster.specs["gateway"].target) as client:
+            return await client.gnn.recommend("shop-lightgcn", [0, 1], top_k=3)
+
+    assert asyncio.run(from_asyncio()).items.tolist() == payload["items"]
+
+    bad = maasctl("recommend", "shop-lightgcn", "--users", "0", "--top", "0", expect=1)
+    assert "top_k" in one_error_line(bad, "")
+    bad = maasctl("recommend", "shop-lightgcn", "--users", "x", expect=2)
+    assert "--users" in bad.stderr

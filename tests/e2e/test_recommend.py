@@ -201,3 +201,150 @@ def test_unknown_graphs_and_versions_are_not_found(gnn):
     with pytest.raises(grpc.RpcError) as err:
         gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name=SHOP_LIGHTGCN, item_ids=[3], top_k=5), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item_ids[0]" in err.value.details()
+
+
+# ---- Recommenders trained through the training service
+
+
+def submit_and_wait(training, **fields):
+    from maas.training.v1 import training_pb2 as t
+
+    job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_GNN, **fields), timeout=10).job
+    events = [reply.event for reply in training.WatchJob(t.WatchJobRequest(job_id=job.job_id), timeout=300)]
+    assert events[-1].state == t.JOB_STATE_SUCCEEDED, events[-1]
+    assert any(event.epoch for event in events)  # progress, epoch by epoch
+    return training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+
+
+@pytest.fixture(scope="module")
+def training(gateway_channel):
+    from maas.training.v1 import training_pb2_grpc
+
+    return training_pb2_grpc.TrainingServiceStub(gateway_channel)
+
+
+def served(call, timeout=60):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            waiting = exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+            if not waiting or time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def test_a_lightgcn_job_on_the_built_in_interactions_beats_popularity_and_is_served(training, gnn):
+    from maas.training.v1 import training_pb2 as t
+
+    done = submit_and_wait(training, architecture="lightgcn", hidden_sizes=[32, 32], learning_rate=0.02, epochs=40,
+                           batch_size=4096, builtin_dataset="interactions", output_model="e2e-shop",
+                           gate=t.PromotionGate(metric="recall@10", min_value=0.1))  # fmt: skip
+    assert done.metrics["recall@10"] > 2 * done.metrics["popularity_recall@10"]
+    assert done.metrics["ndcg@10"] > 2 * done.metrics["popularity_ndcg@10"]
+    reply = served(lambda: gnn.Recommend(gnn_pb2.RecommendRequest(model_name="e2e-shop", user_ids=[1, 2], top_k=5),
+                                         timeout=30))  # fmt: skip
+    assert reply.model_version == done.model_version and items_of(reply).shape == (2, 5)
+    # Its user-item graph is in the graph store, named after the model; without content vectors, SimilarItems
+    # measures collaborative similarity.
+    again = gnn.Recommend(gnn_pb2.RecommendRequest(model_name="e2e-shop", stored_graph="e2e-shop-interactions",
+                                                   user_ids=[1, 2], top_k=5), timeout=30)  # fmt: skip
+    assert items_of(again).tolist() == items_of(reply).tolist()
+    similar = gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name="e2e-shop", item_ids=[USERS], top_k=3),
+                               timeout=30)  # fmt: skip
+    assert similar.by == "collaborative"
+
+
+def test_an_uploaded_interaction_set_with_content_vectors_trains_a_recommender(training, gnn):
+    import io
+
+    from maas.training.v1 import training_pb2 as t
+
+    small = planted_interactions(num_users=120, num_items=60, per_user=10, seed=3)
+    pairs = small.all_pairs()
+    content = np.eye(COMMUNITIES, dtype=np.float32)[np.arange(60) % COMMUNITIES]  # each item's community, one-hot
+    buffer = io.BytesIO()
+    np.savez(buffer, user_ids=pairs[0], item_ids=pairs[1], item_features=content)
+
+    def messages():
+        yield t.UploadDatasetRequest(info=t.DatasetInfo(name="clicks", family=t.FAMILY_GNN,
+                                                        format=t.DATASET_FORMAT_NPZ))  # fmt: skip
+        yield t.UploadDatasetRequest(chunk=buffer.getvalue())
+
+    dataset = training.UploadDataset(messages(), timeout=60).dataset
+    done = submit_and_wait(training, architecture="lightgcn", hidden_sizes=[16, 16], learning_rate=0.05, epochs=20,
+                           batch_size=2048, dataset_id=dataset.dataset_id, output_model="e2e-clicks")  # fmt: skip
+    assert done.metrics["recall@10"] > 0
+    similar = served(lambda: gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name="e2e-clicks", item_ids=[120],
+                                                                          top_k=5), timeout=30))  # fmt: skip
+    assert similar.by == "content"
+    assert all((int(i) - 120) % COMMUNITIES == 0 for i in to_numpy(similar.outputs["items"], "items")[0])
+
+
+@pytest.mark.parametrize(
+    ("fields", "fragment"),
+    [
+        ({"architecture": "lightgcn", "builtin_dataset": "karate"}, "lightgcn trains recommenders"),
+        ({"architecture": "gcn", "builtin_dataset": "interactions"}, "train a recommender with architecture lightgcn"),
+        ({"architecture": "lightgcn", "builtin_dataset": "interactions", "gate": {"metric": "accuracy"}},
+         "not a ranking metric"),
+    ],
+)
+def test_recommender_jobs_that_cannot_work_are_refused_at_submit(training, fields, fragment):
+    from maas.training.v1 import training_pb2 as t
+
+    gate = fields.pop("gate", None)
+    request = t.SubmitJobRequest(family=t.FAMILY_GNN, output_model="e2e-refused", **fields)
+    if gate:
+        request.gate.CopyFrom(t.PromotionGate(**gate))
+    with pytest.raises(grpc.RpcError) as err:
+        training.SubmitJob(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+
+
+# ---- The Open Inference Protocol, over gRPC and REST
+
+
+def test_recommend_and_similar_items_through_open_inference_grpc_and_rest(cluster, gnn):
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+
+    native = gnn.Recommend(gnn_pb2.RecommendRequest(model_name=SHOP_LIGHTGCN, user_ids=[4, 8], top_k=5),
+                           timeout=30)  # fmt: skip
+    similar = gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name=SHOP_LIGHTGCN, item_ids=[USERS + 2], top_k=4),
+                               timeout=30)  # fmt: skip
+    http = f"127.0.0.1:{cluster.ports.gateway_http}"
+    for module, target in ((triton_grpc, cluster.specs["gateway"].target), (triton_http, http)):
+        with module.InferenceServerClient(target) as client:
+            metadata = client.get_model_metadata(SHOP_LIGHTGCN)
+            if module is triton_http:
+                inputs = {i["name"] for i in metadata["inputs"]}
+            else:
+                inputs = {i.name for i in metadata.inputs}
+            assert {"user_ids", "top_k", "include_seen"} <= inputs
+
+            def tensor(name, value, datatype, module=module):
+                result = module.InferInput(name, list(value.shape), datatype)
+                result.set_data_from_numpy(value)
+                return result
+
+            users = tensor("user_ids", np.array([4, 8], np.int64), "INT64")
+            answer = client.infer(SHOP_LIGHTGCN, [users, tensor("top_k", np.array([5], np.int64), "INT64")])
+            assert answer.as_numpy("items").tolist() == items_of(native).tolist()
+            np.testing.assert_allclose(answer.as_numpy("scores"), to_numpy(native.outputs["scores"], "scores"),
+                                       rtol=1e-6)  # fmt: skip
+            assert answer.as_numpy("popularity_fallback").tolist() == [False, False]
+            seen_too = client.infer(SHOP_LIGHTGCN, [users, tensor("top_k", np.array([5], np.int64), "INT64"),
+                                                    tensor("include_seen", np.array([True]), "BOOL")])  # fmt: skip
+            assert seen_too.as_numpy("items").tolist() != items_of(native).tolist()
+
+            items = tensor("item_ids", np.array([USERS + 2], np.int64), "INT64")
+            answer = client.infer(SHOP_LIGHTGCN, [items, tensor("top_k", np.array([4], np.int64), "INT64")])
+            assert answer.as_numpy("items").tolist() == to_numpy(similar.outputs["items"], "items").tolist()
+
+            with pytest.raises(Exception) as err:  # noqa: PT011 - each client raises its own InferenceServerException
+                client.infer(SHOP_LIGHTGCN, [users, tensor("top_k", np.array([0], np.int64), "INT64")])
+            assert "top_k" in str(err.value)

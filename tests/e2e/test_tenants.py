@@ -28,7 +28,7 @@ from maas.training.v1 import training_pb2_grpc
 from services.gnn.defaults import LESMIS_GRAPH, LESMIS_LINKS
 from shared.cluster import ClusterPorts, LocalCluster, health_status
 from shared.stored_graphs import TENANT_METADATA
-from shared.tensors import from_numpy
+from shared.tensors import from_numpy, to_numpy
 from tests.e2e.test_training import served_version, wait_for
 
 KEYS = {"alpha": "alpha-secret-key-1", "beta": "beta-secret-key-2", "ops": "ops-secret-key-3"}
@@ -360,6 +360,36 @@ def test_a_graph_a_tenant_publishes_is_its_own_and_the_default_graphs_stay_publi
     assert "admin role" in denied.details() and "new_graph_name" in denied.details()
     taken = refused(lambda: update_graph(channel, "beta", LESMIS_GRAPH, new_name=LESMIS_GRAPH))
     assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_a_tenants_private_user_item_graph_answers_its_recommendations_only(secured):
+    """A tenant's users and interactions, added to a private copy of the shop graph, are recommended from for it;
+    to others the graph does not exist, even where the owner's answer is cached."""
+    _, channel = secured
+    stub = gnn_pb2_grpc.GnnServiceStub(channel)
+    fan = np.array([[900] * 4, [600, 606, 612, 618]], np.int64)
+    copy = gnn_pb2.UpdateGraphRequest(graph_name="shop-interactions", new_graph_name="alpha-shop",
+                                      node_features=from_numpy(np.zeros((1, 385), np.float32)),
+                                      edge_index=from_numpy(fan))  # fmt: skip
+    stub.UpdateGraph(copy, timeout=60, metadata=key("alpha"))
+
+    def recommend(tenant, **fields):
+        request = gnn_pb2.RecommendRequest(model_name="shop-lightgcn", stored_graph="alpha-shop", user_ids=[900],
+                                           top_k=5, **fields)  # fmt: skip
+        return stub.Recommend.with_call(request, timeout=30, metadata=key(tenant))
+
+    reply, _ = recommend("alpha", graph_version=1)
+    _, call = recommend("alpha", graph_version=1)
+    assert reply.graph_version == 1 and dict(call.trailing_metadata())["maas-cache"] == "hit"
+    assert to_numpy(reply.outputs["popularity_fallback"], "popularity_fallback").tolist() == [False]
+    for tenant in ("beta", "ops"):
+        for fields in ({}, {"graph_version": 1}):
+            other = refused(lambda t=tenant, f=fields: recommend(t, **f))
+            assert other.code() == grpc.StatusCode.NOT_FOUND and "alpha-shop" in other.details()
+        # The public graph it came from has no node 900: out of range, for everyone.
+        public = gnn_pb2.RecommendRequest(model_name="shop-lightgcn", user_ids=[900], top_k=5)
+        bad = refused(lambda t=tenant, r=public: stub.Recommend(r, timeout=30, metadata=key(t)))
+        assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT and "user_ids[0]" in bad.details()
 
 
 def test_open_inference_cache_entries_stay_with_their_tenant(secured, private_model):

@@ -25,14 +25,15 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Prediction",
+    "Recommendations",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
     "family_name",
     "state_name",
 ]
-_FROM_CLIENT = {"FAMILIES", "TERMINAL_STATES", "Client", "GraphPrediction", "GraphVersion", "Prediction", "family_name",
-                "state_name"}  # fmt: skip
+_FROM_CLIENT = {"FAMILIES", "TERMINAL_STATES", "Client", "GraphPrediction", "GraphVersion", "Prediction",
+                "Recommendations", "family_name", "state_name"}  # fmt: skip
 
 if TYPE_CHECKING:
     from maas_client.aio import AsyncClient
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
         GraphPrediction,
         GraphVersion,
         Prediction,
+        Recommendations,
         family_name,
         state_name,
     )

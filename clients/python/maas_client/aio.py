@@ -26,7 +26,7 @@ from maas.common.v1 import model_pb2
 from maas.keys.v1 import keys_pb2
 from maas.training.v1 import training_pb2
 from maas_client import calls, errors
-from maas_client.calls import GraphPrediction, GraphVersion, Prediction, SubmitOptions
+from maas_client.calls import GraphPrediction, GraphVersion, Prediction, Recommendations, SubmitOptions
 from maas_client.client import STUBS
 from maas_client.connection import Connection, ConnectionSettings
 
@@ -109,6 +109,25 @@ class AsyncGnnApi:
             calls.gnn_links(model, node_features, edge_index, stored_graph, graph_version, pairs, node_ids, top_k,
                             fan_outs, version, timeout)  # fmt: skip
         )
+
+    async def recommend(
+        self, model: str, user_ids: Iterable[int], *, top_k: int = 10, include_seen: bool = False,
+        stored_graph: str = "", graph_version: int = 0, version: int = 0, timeout: float | None = None,
+    ) -> Recommendations:  # fmt: skip
+        """Each user's `top_k` items from a recommender, best first, on the latest version of its user-item graph
+        (or `stored_graph`, `graph_version`); the items a user has interacted with are left out unless
+        `include_seen`. Users with no interactions get the most popular items (`popularity_fallback`)."""
+        return await self._client.run(calls.gnn_recommend(model, user_ids, top_k, include_seen, stored_graph,
+                                                      graph_version, version, timeout))  # fmt: skip
+
+    async def similar_items(
+        self, model: str, item_ids: Iterable[int], *, top_k: int = 10, by: str = "", stored_graph: str = "",
+        graph_version: int = 0, version: int = 0, timeout: float | None = None,
+    ) -> Recommendations:  # fmt: skip
+        """Each item's `top_k` most similar items, by the cosine of their content vectors (`by` "content", the
+        default where the graph has them) or of their propagated embeddings ("collaborative")."""
+        return await self._client.run(calls.gnn_similar_items(model, item_ids, top_k, by, stored_graph, graph_version,
+                                                          version, timeout))  # fmt: skip
 
     async def classify(
         self, model: str, graphs: Sequence[tuple[np.ndarray, np.ndarray]], *, version: int = 0,

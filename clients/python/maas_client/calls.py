@@ -88,6 +88,27 @@ class GraphPrediction(Prediction):
 
 
 @dataclass(frozen=True)
+class Recommendations(GraphPrediction):
+    """Recommend's or SimilarItems' answer: for each of `node_ids` (the users, or the items), its items best
+    first ("items", -1 once no items are left) and their "scores"; Recommend also says which users had no
+    interactions and got the most popular items ("popularity_fallback"), SimilarItems what it measured (`by`)."""
+
+    by: str = ""
+
+    @property
+    def items(self) -> np.ndarray:
+        return self.outputs["items"]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.outputs["scores"]
+
+    @property
+    def popularity_fallback(self) -> np.ndarray:
+        return self.outputs.get("popularity_fallback", np.zeros(len(self.node_ids), bool))
+
+
+@dataclass(frozen=True)
 class GraphVersion:
     """A stored graph's version, as an update made it."""
 
@@ -253,6 +274,32 @@ def gnn_links(
     return GraphPrediction(reply.model_name, reply.model_version, _outputs(reply),
                            node_ids=np.array(request.node_ids, np.int64), graph_version=reply.graph_version,
                            nodes_used=reply.nodes_used, edges_used=reply.edges_used)  # fmt: skip
+
+
+def gnn_recommend(
+    model: str, user_ids: Iterable[int], top_k: int, include_seen: bool, stored_graph: str, graph_version: int,
+    version: int, timeout: float | None,
+) -> Call[Recommendations]:  # fmt: skip
+    request = gnn_pb2.RecommendRequest(model_name=model, model_version=version, user_ids=list(user_ids), top_k=top_k,
+                                       include_seen=include_seen, stored_graph=stored_graph,
+                                       graph_version=graph_version)  # fmt: skip
+    reply = yield Rpc("gnn", "Recommend", request, timeout)
+    return Recommendations(reply.model_name, reply.model_version, _outputs(reply),
+                           node_ids=np.array(reply.user_ids, np.int64), graph_version=reply.graph_version,
+                           nodes_used=reply.nodes_used, edges_used=reply.edges_used)  # fmt: skip
+
+
+def gnn_similar_items(
+    model: str, item_ids: Iterable[int], top_k: int, by: str, stored_graph: str, graph_version: int, version: int,
+    timeout: float | None,
+) -> Call[Recommendations]:  # fmt: skip
+    request = gnn_pb2.SimilarItemsRequest(model_name=model, model_version=version, item_ids=list(item_ids),
+                                          top_k=top_k, by=by, stored_graph=stored_graph,
+                                          graph_version=graph_version)  # fmt: skip
+    reply = yield Rpc("gnn", "SimilarItems", request, timeout)
+    return Recommendations(reply.model_name, reply.model_version, _outputs(reply),
+                           node_ids=np.array(reply.item_ids, np.int64), graph_version=reply.graph_version,
+                           by=reply.by)  # fmt: skip
 
 
 def gnn_classify(

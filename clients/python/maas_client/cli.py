@@ -5,6 +5,7 @@
     maasctl embed "A man is playing a guitar." "Someone plays the guitar."
     maasctl classify --file reviews.txt
     maasctl graph predict karate-gcn --stored-graph karate --nodes 0,16,33
+    maasctl recommend shop-lightgcn --users 0,1,2 --top 5 | similar shop-lightgcn --items 600 --top 5
     maasctl models list | show NAME | promote NAME VERSION | rollback NAME | canary NAME VERSION PERCENT
     maasctl models shadow NAME VERSION PERCENT
     maasctl datasets upload iris.csv --family dense | list | show DATASET_ID
@@ -144,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     graph_predict.add_argument("--nodes", default="", help="comma-separated node ids (default: all)")
     add_output_options(graph_predict)
     graph_predict.set_defaults(run=cmd_graph_predict)
+
+    recommend = commands.add_parser("recommend", help="top items per user from a recommender")
+    recommend.add_argument("model")
+    recommend.add_argument("--users", required=True, help="comma-separated user node ids")
+    recommend.add_argument("--top", type=int, default=10, help="items per user (default 10)")
+    recommend.add_argument("--include-seen", action="store_true", help="also rank the items a user has had")
+    similar = commands.add_parser("similar", help="the items most similar to items, by content or by co-use")
+    similar.add_argument("model")
+    similar.add_argument("--items", required=True, help="comma-separated item node ids")
+    similar.add_argument("--top", type=int, default=10, help="similar items per item (default 10)")
+    similar.add_argument("--by", choices=["content", "collaborative"], help="default: content where items have it")
+    for command, run in ((recommend, cmd_recommend), (similar, cmd_similar)):
+        command.add_argument("--stored-graph", default="",
+                             help="a user-item graph made from the model's (default: its own)")  # fmt: skip
+        command.add_argument("--graph-version", type=int, default=0, help="default: the latest")
+        command.add_argument("--version", type=int, default=0, help="model version (default: the default one)")
+        add_output_options(command)
+        command.set_defaults(run=run)
 
     models = commands.add_parser("models", help="the model repository").add_subparsers(
         dest="models_command", required=True
@@ -304,6 +323,44 @@ def cmd_graph_predict(client: Client, args: argparse.Namespace) -> None:
     labels = result.outputs.get("label")
     rows = [[int(node), int(labels[i]) if labels is not None else ""] for i, node in enumerate(result.node_ids)]
     print_table(["node", "label"], rows)
+
+
+def node_list(text: str, flag: str) -> list[int]:
+    try:
+        ids = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated node ids, got {text!r}") from None
+    if not ids:
+        raise UsageError(f"{flag}: name at least one node id")
+    return ids
+
+
+def cmd_recommend(client: Client, args: argparse.Namespace) -> None:
+    result = client.gnn.recommend(args.model, node_list(args.users, "--users"), top_k=args.top,
+                                  include_seen=args.include_seen, stored_graph=args.stored_graph,
+                                  graph_version=args.graph_version, version=args.version)  # fmt: skip
+    show_ranking(result, args, "user")
+
+
+def cmd_similar(client: Client, args: argparse.Namespace) -> None:
+    result = client.gnn.similar_items(args.model, node_list(args.items, "--items"), top_k=args.top, by=args.by or "",
+                                      stored_graph=args.stored_graph, graph_version=args.graph_version,
+                                      version=args.version)  # fmt: skip
+    show_ranking(result, args, "item")
+
+
+def show_ranking(result, args: argparse.Namespace, what: str) -> None:
+    if args.json or args.save:
+        show_prediction(result, args, extra={f"{what}_ids": result.node_ids})
+        return
+    how = f", by {result.by}" if result.by else ""
+    print(f"{result.model} v{result.version} on graph v{result.graph_version}{how}")
+    rows = []
+    for row, node in enumerate(result.node_ids):
+        cold = " (popular: no interactions)" if what == "user" and result.popularity_fallback[row] else ""
+        ranked = [f"{int(i)} ({s:.3f})" for i, s in zip(result.items[row], result.scores[row], strict=True) if i >= 0]
+        rows.append([int(node), ", ".join(ranked) + cold])
+    print_table([what, "items, best first (score)"], rows)
 
 
 def cmd_models_list(client: Client, args: argparse.Namespace) -> None:
