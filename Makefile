@@ -186,6 +186,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_gateway
 	$(PY) -m tests.bench.bench_encryption
 	$(PY) -m tests.bench.bench_graphs
+	$(PY) -m tests.bench.bench_recommend
 	$(PY) -m tests.bench.bench_nlp
 	$(PY) -m tests.bench.bench_explain
 
