@@ -160,6 +160,9 @@ def process_table(
             f"{prefix}_DATASET_DIR": datasets,
             f"{prefix}_CHECKPOINT_DIR": checkpoints,
             f"{prefix}_METRICS_PORT": str(getattr(ports, f"{family.name}_trainer_metrics")),
+            # The services of the families its trainer calls (gnn: nlp embeddings of items' texts).
+            **{f"{prefix}_{other.upper()}_TARGET": gateway_env[f"MAAS_GATEWAY_{other.upper()}_TARGET"]
+               for other in family.trainer_uses},  # fmt: skip
         }
         specs.append(ProcessSpec(f"{family.name}-trainer", family.trainer_module, 0, env, local_env=keys(f"{prefix}_")))
     specs.append(

@@ -44,6 +44,8 @@ class Family:
     queries: tuple[str, ...] = ("Predict",)
     updates: tuple[str, ...] = ()
     internal: tuple[str, ...] = ()
+    # Families whose services this family's trainer calls; it gets their targets as MAAS_<NAME>_TRAINER_<FAMILY>_TARGET.
+    trainer_uses: tuple[str, ...] = ()
 
     @property
     def service(self) -> str:
@@ -106,6 +108,7 @@ FAMILIES: tuple[Family, ...] = (
         queries=("Predict", "PredictLinks", "ClassifyGraphs", "Explain", "Recommend", "SimilarItems"),
         updates=("UpdateGraph", "DeleteGraphVersion"),
         internal=("ListGraphs",),  # stored graphs' owners, for the gateway's GraphCatalog
+        trainer_uses=("nlp",),  # recommenders' item texts, embedded at training time
     ),
     Family(
         name="nlp",

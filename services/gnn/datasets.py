@@ -109,10 +109,11 @@ def motif_graphs_with_truth(count: int, seed: int = 0) -> list[tuple[np.ndarray,
 MAX_INTERACTION_NODES = 5_000_000
 
 
-def interactions(user_ids: Any, item_ids: Any, item_features: Any, where: str):
+def interactions(user_ids: Any, item_ids: Any, item_features: Any, where: str, item_texts: Any = None):
     """A user-item interaction set (a recommender's data): each (user_ids[k], item_ids[k]) one interaction, in
     order (each user's last one is held out); users and items are numbered from 0 on their own. Optional
-    item_features: one content vector per item (I x D; rows of zeros for items without one)."""
+    item_features: one content vector per item (I x D; rows of zeros for items without one), or item_texts (json):
+    one text per item, which the trainer embeds with the nlp service."""
     from services.gnn.recommend import leave_last_out
 
     try:
@@ -140,7 +141,17 @@ def interactions(user_ids: Any, item_ids: Any, item_features: Any, where: str):
             raise InvalidArgumentError(f"{where}: 'item_features' must be finite, I x D with I >= {num_items} (one "
                                        f"row per item), got shape {list(features.shape)}")  # fmt: skip
         num_items = features.shape[0]
-    return leave_last_out(users, items, num_users, num_items, features)
+    texts = None
+    if item_texts is not None and features is None:
+        if not isinstance(item_texts, list) or len(item_texts) < num_items or not all(
+            isinstance(text, str) and text.strip() for text in item_texts
+        ):
+            raise InvalidArgumentError(f"{where}: 'item_texts' must be a list of at least {num_items} non-empty "
+                                       "strings, one per item")  # fmt: skip
+        texts, num_items = list(item_texts), len(item_texts)
+    data = leave_last_out(users, items, num_users, num_items, features)
+    data.item_texts = texts
+    return data
 
 
 def parse_json(data: bytes) -> GraphData:
@@ -151,7 +162,8 @@ def parse_json(data: bytes) -> GraphData:
     if not isinstance(record, dict):
         raise InvalidArgumentError("json: expected an object with node_features, edge_index and labels")
     if "user_ids" in record or "item_ids" in record:
-        return interactions(record.get("user_ids"), record.get("item_ids"), record.get("item_features"), "json")
+        return interactions(record.get("user_ids"), record.get("item_ids"), record.get("item_features"), "json",
+                            record.get("item_texts"))  # fmt: skip
     for key in ("node_features", "edge_index", "labels"):
         if key not in record:
             raise InvalidArgumentError(f"json: missing field {key!r}")

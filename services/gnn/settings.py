@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.gnn.graph_store import GraphLimits, GraphVersioning
 from services.gnn.plaintext_cache import DEFAULT_PARENT, PlaintextCache
@@ -69,3 +69,15 @@ class GnnSettings(ModelServiceSettings):
         if self.graph_plaintext_dir == "none":
             return None
         return PlaintextCache.at(self.graph_plaintext_dir or DEFAULT_PARENT)
+
+
+class GnnContentSettings(BaseSettings):
+    """How the gnn trainer gives items content vectors: a recommender's data set whose items come with texts
+    (item_texts) gets their embeddings from the nlp service, at training time. Read from MAAS_GNN_TRAINER_*."""
+
+    model_config = SettingsConfigDict(env_prefix="MAAS_GNN_TRAINER_", extra="ignore")
+
+    nlp_target: str = Field("127.0.0.1:50063", description="The nlp service the gnn trainer embeds item texts with "
+                                                           "(make run and the manifests set it).")
+    content_model: str = Field("minilm-l6-v2", description="The nlp embedding model that embeds item texts.")
+    content_timeout_s: float = Field(120.0, gt=0, description="Deadline of each call that embeds item texts.")

@@ -208,6 +208,10 @@ def recommender_job(context: JobContext, data: Interactions) -> JobResult:
     nodes = data.num_users + data.num_items
     context.check_size([nodes], 1, data.num_examples)
     graph_name = f"{spec['output_model']}-interactions"[:63]
+    if data.item_features is None and data.item_texts:  # before training: an nlp service that is down fails fast
+        context.message(f"embedding the texts of {len(data.item_texts)} items with the nlp service")
+        data.item_features = embed_item_texts(data.item_texts)
+        context.heartbeat.beat()
     config = recommender_config(spec, data, graph_name)
     model = LightGCN(nodes, config["embedding_dim"], config["num_layers"])
     optimizer = make_optimizer(spec["optimizer"], model.parameters(), spec["learning_rate"])
@@ -248,3 +252,37 @@ def publish_interaction_graph(graphs: GraphStore, name: str, data: Interactions,
     indptr, indices = csr_from_edges(edges, data.num_users + data.num_items)
     about = f"user-item graph: users 0..{data.num_users - 1}, items {data.num_users}..; {marker}"
     return graphs.publish(name, indptr, indices, node_features(data), undirected=True, description=about, owner=owner)
+
+
+EMBED_CHUNK = 64  # texts per call: within the nlp service's max batch
+
+
+def embed_item_texts(texts: list[str]) -> np.ndarray:
+    """The content vectors of items' texts, from the nlp service's embedding model (GnnContentSettings). An nlp
+    service that cannot be reached fails the attempt as UNAVAILABLE, and the queue tries the job again."""
+    import grpc
+
+    from maas.nlp.v1 import nlp_pb2, nlp_pb2_grpc
+    from services.gnn.settings import GnnContentSettings
+    from shared.errors import UnavailableError
+    from shared.tensors import to_numpy
+
+    settings = GnnContentSettings()
+    vectors = []
+    with grpc.insecure_channel(settings.nlp_target) as channel:
+        stub = nlp_pb2_grpc.NlpServiceStub(channel)
+        for start in range(0, len(texts), EMBED_CHUNK):
+            chunk = [text or " " for text in texts[start : start + EMBED_CHUNK]]
+            try:
+                reply = stub.Predict(nlp_pb2.PredictRequest(model_name=settings.content_model, texts=chunk),
+                                     timeout=settings.content_timeout_s)  # fmt: skip
+            except grpc.RpcError as exc:
+                error = UnavailableError if exc.code() == grpc.StatusCode.UNAVAILABLE else InvalidArgumentError
+                raise error(f"item_texts: the nlp service at {settings.nlp_target} (MAAS_GNN_TRAINER_NLP_TARGET) "
+                            f"could not embed them with {settings.content_model!r}: {exc.code().name}: "
+                            f"{exc.details()}") from None  # fmt: skip
+            if "embedding" not in reply.outputs:
+                raise InvalidArgumentError(f"item_texts: {settings.content_model!r} (MAAS_GNN_TRAINER_CONTENT_MODEL) "
+                                           "is not an embedding model")  # fmt: skip
+            vectors.append(to_numpy(reply.outputs["embedding"], "embedding"))
+    return np.concatenate(vectors).astype(np.float32)

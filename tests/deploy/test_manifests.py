@@ -15,7 +15,7 @@ import yaml
 
 from gateway.settings import GatewaySettings
 from services.dense.settings import DenseSettings
-from services.gnn.settings import GnnSettings
+from services.gnn.settings import GnnContentSettings, GnnSettings
 from services.nlp.settings import NlpSettings
 from shared.cluster import ClusterPorts, process_table
 from shared.families import FAMILIES
@@ -26,6 +26,8 @@ OVERLAYS = ("cpu", "gpu", "production")
 GPU_WORKLOADS = {"maas-dense", "maas-gnn", "maas-nlp", "maas-dense-trainer", "maas-gnn-trainer", "maas-nlp-trainer"}
 WORKLOADS = GPU_WORKLOADS | {"maas-gateway", "maas-redis-cache", "maas-redis-queue", "maas-models-init"}
 SETTINGS = {"dense": DenseSettings, "gnn": GnnSettings, "nlp": NlpSettings, "gateway": GatewaySettings}
+# Trainer settings a family reads beside trainer_settings(family)'s, under the same prefix.
+TRAINER_EXTRA = {"gnn": GnnContentSettings.model_fields}
 
 
 def render(overlay: str) -> list[dict]:
@@ -248,6 +250,7 @@ def test_every_manifest_setting_is_one_the_process_reads(gpu):
     for family in ("dense", "gnn", "nlp"):
         prefix = f"MAAS_{family.upper()}_TRAINER_"
         fields = {f"{prefix}{field.upper()}" for field in type(trainer_settings(family)).model_fields}
+        fields |= {f"{prefix}{field.upper()}" for field in TRAINER_EXTRA.get(family, {})}
         env = container_env(gpu, containers[f"{family}-trainer"])
         unknown = {k for k in env if k.startswith(prefix)} - fields
         assert not unknown, f"{family}-trainer: {sorted(unknown)} are not settings"

@@ -248,14 +248,18 @@ def test_a_lightgcn_job_on_the_built_in_interactions_beats_popularity_and_is_ser
     reply = served(lambda: gnn.Recommend(gnn_pb2.RecommendRequest(model_name="e2e-shop", user_ids=[1, 2], top_k=5),
                                          timeout=30))  # fmt: skip
     assert reply.model_version == done.model_version and items_of(reply).shape == (2, 5)
-    # Its user-item graph is in the graph store, named after the model; without content vectors, SimilarItems
-    # measures collaborative similarity.
+    # Its user-item graph is in the graph store, named after the model; the built-in set's items have texts,
+    # which the trainer embedded with the nlp service: SimilarItems ranks by those content vectors.
     again = gnn.Recommend(gnn_pb2.RecommendRequest(model_name="e2e-shop", stored_graph="e2e-shop-interactions",
                                                    user_ids=[1, 2], top_k=5), timeout=30)  # fmt: skip
     assert items_of(again).tolist() == items_of(reply).tolist()
     similar = gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name="e2e-shop", item_ids=[USERS], top_k=3),
                                timeout=30)  # fmt: skip
-    assert similar.by == "collaborative"
+    assert similar.by == "content"
+    default = gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name=SHOP_LIGHTGCN, item_ids=[USERS], top_k=3),
+                               timeout=30)  # fmt: skip
+    np.testing.assert_allclose(to_numpy(similar.outputs["scores"], "scores"),
+                               to_numpy(default.outputs["scores"], "scores"), rtol=1e-4)  # the same MiniLM vectors
 
 
 def test_an_uploaded_interaction_set_with_content_vectors_trains_a_recommender(training, gnn):
@@ -348,3 +352,28 @@ def test_recommend_and_similar_items_through_open_inference_grpc_and_rest(cluste
             with pytest.raises(Exception) as err:  # noqa: PT011 - each client raises its own InferenceServerException
                 client.infer(SHOP_LIGHTGCN, [users, tensor("top_k", np.array([0], np.int64), "INT64")])
             assert "top_k" in str(err.value)
+
+
+def test_items_uploaded_with_texts_get_nlp_embeddings_at_training_time(training, gnn):
+    import json
+
+    from maas.training.v1 import training_pb2 as t
+
+    small = planted_interactions(num_users=90, num_items=30, per_user=8, seed=4)
+    pairs = small.all_pairs()
+    body = json.dumps({"user_ids": pairs[0].tolist(), "item_ids": pairs[1].tolist(),
+                       "item_texts": small.item_texts}).encode()  # fmt: skip
+
+    def messages():
+        yield t.UploadDatasetRequest(info=t.DatasetInfo(name="titles", family=t.FAMILY_GNN,
+                                                        format=t.DATASET_FORMAT_JSON))  # fmt: skip
+        yield t.UploadDatasetRequest(chunk=body)
+
+    dataset = training.UploadDataset(messages(), timeout=60).dataset
+    submit_and_wait(training, architecture="lightgcn", hidden_sizes=[8, 8], learning_rate=0.05, epochs=5,
+                    batch_size=1024, dataset_id=dataset.dataset_id, output_model="e2e-titles")  # fmt: skip
+    similar = served(lambda: gnn.SimilarItems(gnn_pb2.SimilarItemsRequest(model_name="e2e-titles", item_ids=[90],
+                                                                          top_k=3), timeout=30))  # fmt: skip
+    assert similar.by == "content"
+    # Item 0's text has community 0's words: its nearest texts are community 0's items (every 6th).
+    assert all((int(i) - 90) % COMMUNITIES == 0 for i in to_numpy(similar.outputs["items"], "items")[0])
