@@ -18,13 +18,15 @@ GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 GPU_DEPS := $(VENV)/.gpu-deps-installed
 VENV_READY := $(DEPS) $(if $(filter 1,$(GPU)),$(GPU_DEPS))
 
-.PHONY: help venv protos models run test lint bench images manifests clean \
+.PHONY: help venv protos models run test lint bench docs reference images manifests clean \
 	node-deps stubs stubs-ts stubs-go stubs-cpp stubs-java stubs-java-compile clients client-node client-go client-cpp proto-check proto-release
 
 help:
 	@echo "make run    - start redis, the dense, gnn and nlp services (REPLICAS=N each), trainers and the gateway"
 	@echo "make test   - lint, then run unit, integration and end-to-end tests"
 	@echo "make bench  - measure, as ratios against a baseline taken in the same run"
+	@echo "make docs   - build the docs site into build/site (mkdocs build --strict: broken links fail)"
+	@echo "make reference - regenerate the settings, gRPC and maasctl reference pages from the sources"
 	@echo "make protos - regenerate the Python package under $(GEN) from protos/"
 	@echo "make models - train and export the default models into $(MODEL_STORE)"
 	@echo "make stubs  - generate TypeScript, Go, C++ and Java clients from protos/ into $(STUBS)"
@@ -179,6 +181,13 @@ lint: $(PROTO_STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	# Every import is a declared dependency.
 	$(VENV)/bin/deptry . --no-ansi
+
+# The docs site (docs/, mkdocs.yml); make test builds it too (tests/docs).
+docs: $(PROTO_STAMP)
+	$(PY) -m mkdocs build --strict --site-dir build/site
+
+reference: $(PROTO_STAMP)
+	$(PY) docs/generate.py
 
 bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching

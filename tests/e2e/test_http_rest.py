@@ -181,7 +181,8 @@ def test_a_deadline_header_that_is_no_number_is_refused(http):
     assert status == 400 and "x-request-timeout" in content.decode()
 
 
-# The curl examples of the README's HTTP section, run as shown against the test cluster's port.
+# The curl examples of the first tutorial (docs/tutorials/first-model.md), run as shown against the test cluster's
+# port.
 CURL_EXAMPLES = [
     ("curl -s http://127.0.0.1:8080/v2/health/ready", '"ready":true'),
     ("curl -s http://127.0.0.1:8080/v2/models/digits-mlp", '"platform":"onnxruntime_onnx"'),
@@ -206,16 +207,16 @@ CURL_EXAMPLES = [
 ]
 
 
-def test_the_readme_shows_these_curl_examples_verbatim():
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [command for command, _ in CURL_EXAMPLES if command not in readme]
-    assert not missing, f"the README's HTTP section lacks: {missing}"
+def test_the_first_tutorial_shows_these_curl_examples_verbatim():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "tutorials" / "first-model.md").read_text()
+    missing = [command for command, _ in CURL_EXAMPLES if command not in page]
+    assert not missing, f"docs/tutorials/first-model.md lacks: {missing}"
 
 
 @pytest.mark.parametrize("command, expected", CURL_EXAMPLES, ids=[c[0].split()[2][21:40] for c in CURL_EXAMPLES])
-def test_the_readme_curl_examples_work_as_shown(http, command, expected):
+def test_the_first_tutorials_curl_examples_work_as_shown(http, command, expected):
     if shutil.which("curl") is None:
-        pytest.skip("curl not found: install it (Debian package curl) to run the README's examples")
+        pytest.skip("curl not found: install it (Debian package curl) to run the tutorial's examples")
     argv = [arg.replace("127.0.0.1:8080", http) for arg in shlex.split(command)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True).stdout
     assert expected in out, out
