@@ -19,7 +19,8 @@ from shared.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-TUTORIALS = sorted(path for path in (DOCS / "tutorials").glob("*.md") if path.name != "index.md")
+# The tutorials, and the README's examples.
+TUTORIALS = [*sorted(path for path in (DOCS / "tutorials").glob("*.md") if path.name != "index.md"), ROOT / "README.md"]
 
 
 def test_the_reference_pages_are_what_the_sources_give():
@@ -83,8 +84,8 @@ def test_every_tutorial_runs_as_shown(cluster, page):
             with contextlib.redirect_stdout(io.StringIO()):
                 exec(compile(code.replace("localhost:50051", target), f"{page.name}", "exec"), namespace)  # noqa: S102
             ran += 1
-        elif language == "bash":
-            for line in code.splitlines():
+        elif language in ("bash", "sh"):
+            for line in code.replace("\\\n", " ").splitlines():
                 command = line.split("#")[0].strip()
                 if not command.startswith(("curl ", "maasctl ")):
                     continue

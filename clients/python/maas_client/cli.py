@@ -210,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="training jobs").add_subparsers(dest="train_command", required=True)
     submit = train.add_parser("submit", help="queue a training job")
     submit.add_argument("--family", required=True, choices=FAMILIES)
-    submit.add_argument("--arch", required=True, help="dense: mlp, cnn, gru; gnn: gcn; nlp: linear, mlp")
+    submit.add_argument("--arch", required=True,
+                        help="dense: mlp, cnn, gru; gnn: gcn, sage, gat, gin, lightgcn (recommenders); nlp: linear, mlp")
     data = submit.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", help="a built-in data set, e.g. iris, digits, karate, sentiment")
+    data.add_argument("--dataset",
+                      help="a built-in data set, e.g. iris, digits, karate, interactions, sentiment (datasets list)")
     data.add_argument("--dataset-id", help="an uploaded data set")
     submit.add_argument("--output-model", default="", help="the model the new version belongs to")
     submit.add_argument("--epochs", type=int, default=0)
