@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = train.add_parser("submit", help="queue a training job")
     submit.add_argument("--family", required=True, choices=FAMILIES)
     submit.add_argument("--arch", required=True,
-                        help="dense: mlp, cnn, gru; gnn: gcn, sage, gat, gin, lightgcn (recommenders); nlp: linear, mlp")
+                        help="dense: mlp, cnn, gru; gnn: gcn, sage, gat, gin, lightgcn (recommender); nlp: linear, mlp")
     data = submit.add_mutually_exclusive_group(required=True)
     data.add_argument("--dataset",
                       help="a built-in data set, e.g. iris, digits, karate, interactions, sentiment (datasets list)")
