@@ -43,9 +43,15 @@ class Interactions:
     item_features: np.ndarray | None = None  # I x D content vectors (rows of zeros: none)
     item_texts: list[str] | None = None
 
+    task = "ranking"
+
     @property
     def num_examples(self) -> int:
         return self.train.shape[1] + self.test.shape[1]
+
+    @property
+    def class_names(self) -> list[str]:
+        return []  # a recommender ranks items; it has no classes
 
     def all_pairs(self) -> np.ndarray:
         return np.concatenate([self.train, self.test], axis=1)

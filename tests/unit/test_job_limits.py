@@ -65,6 +65,8 @@ def test_the_gateways_facts_of_built_in_data_sets_are_what_the_trainers_load():
             assert facts.task == data.task, name
             if family == "dense":
                 assert facts.shape == list(data.x.shape[1:]), name
+            elif family == "gnn" and data.task == "ranking":  # interactions: one "feature" per node
+                assert facts.shape == [data.num_users + data.num_items], name
             elif family == "gnn":
                 assert facts.shape == [data.node_features.shape[1]], name
             else:
