@@ -247,6 +247,25 @@ class AsyncModelsApi:
     async def unload(self, model: str, version: int) -> None:
         await self._client.run(calls.models_unload(self._lookups, model, version))
 
+    async def wait_ready(self, model: str, version: int = 0, *, timeout: float = 60.0,
+                         poll_s: float = 0.2) -> model_pb2.Model:  # fmt: skip
+        """Waits until `version` of `model` (0: any version) is loaded and serving (Client.models.wait_ready)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = await self.get(model)
+                if any(v.state == model_pb2.MODEL_STATE_READY and (not version or v.version == version)
+                       for v in found.versions):  # fmt: skip
+                    return found
+                failure: errors.MaasError = errors.DeadlineExceeded(
+                    f"{model} v{version or 'any'} is not serving after {timeout:g} s", method="wait_ready"
+                )
+            except errors.NotFound as missing:
+                failure = missing
+            if time.monotonic() + poll_s > deadline:
+                raise failure
+            await asyncio.sleep(poll_s)
+
 
 class AsyncDatasetsApi:
     """Data sets for training: uploaded in chunks, listed and described."""

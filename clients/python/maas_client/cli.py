@@ -9,7 +9,7 @@
     maasctl models list | show NAME | promote NAME VERSION | rollback NAME | canary NAME VERSION PERCENT
     maasctl models shadow NAME VERSION PERCENT
     maasctl datasets upload iris.csv --family dense | list | show DATASET_ID
-    maasctl train submit --family dense --arch mlp --dataset iris --epochs 20 --watch --plot curves.png
+    maasctl train submit --family dense --arch mlp --dataset iris --output-model iris-mlp --watch --plot curves.png
     maasctl train watch JOB_ID --plot curves.png
     maasctl jobs list | cancel JOB_ID
     maasctl keys rotate --to NEW_KEK_ID [--tenant T] | list      (admin)

@@ -360,6 +360,27 @@ class ModelsApi:
     def unload(self, model: str, version: int) -> None:
         self._client.run(calls.models_unload(self._lookups, model, version))
 
+    def wait_ready(self, model: str, version: int = 0, *, timeout: float = 60.0,
+                   poll_s: float = 0.2) -> model_pb2.Model:  # fmt: skip
+        """Waits until `version` of `model` (0: any version) is loaded and serving, as after a training job
+        wrote it: its services load a new version within moments. Raises NotFound or DeadlineExceeded when it
+        is not serving after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = self.get(model)
+                if any(v.state == model_pb2.MODEL_STATE_READY and (not version or v.version == version)
+                       for v in found.versions):  # fmt: skip
+                    return found
+                failure: errors.MaasError = errors.DeadlineExceeded(
+                    f"{model} v{version or 'any'} is not serving after {timeout:g} s", method="wait_ready"
+                )
+            except errors.NotFound as missing:
+                failure = missing
+            if time.monotonic() + poll_s > deadline:
+                raise failure
+            time.sleep(poll_s)
+
 
 class DatasetsApi:
     """Data sets for training: uploaded in chunks, listed and described."""
