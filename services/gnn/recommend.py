@@ -312,6 +312,7 @@ class Recommender:
     graphs: dict = field(default_factory=dict)  # none stored with the model: its graph is in the graph store
     tables: OrderedDict = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _building: dict = field(default_factory=dict)  # a lock per graph version whose table is being built
 
     @classmethod
     def load(cls, config: dict, artifacts) -> Recommender:
@@ -333,11 +334,19 @@ class Recommender:
             if table is not None:
                 self.tables.move_to_end(key)
                 return table
-            table = self._build(stored)
-            self.tables[key] = table
-            while len(self.tables) > TABLES_KEPT:
-                self.tables.popitem(last=False)
-            return table
+            building = self._building.setdefault(key, threading.Lock())
+        # One build per graph version; answers on other versions go on meanwhile.
+        with building:
+            with self._lock:
+                table = self.tables.get(key)
+            if table is None:
+                table = self._build(stored)
+                with self._lock:
+                    self.tables[key] = table
+                    while len(self.tables) > TABLES_KEPT:
+                        self.tables.popitem(last=False)
+                    self._building.pop(key, None)
+        return table
 
     def _build(self, stored) -> ServingTable:
         from services.gnn.sampling import csr_edge_index
