@@ -51,7 +51,19 @@ def npz(**arrays) -> bytes:
 
 
 def watch(training, job_id, timeout=240):
-    return [reply.event for reply in training.WatchJob(t.WatchJobRequest(job_id=job_id), timeout=timeout)]
+    """The job's events to its end. A stream the gateway ends with UNAVAILABLE (a connection past its maximum
+    age) is opened again, as the SDK does; it replays the history first, so the events seen are skipped."""
+    events, deadline = [], time.monotonic() + timeout
+    while True:
+        try:
+            stream = training.WatchJob(t.WatchJobRequest(job_id=job_id), timeout=max(deadline - time.monotonic(), 1))
+            for index, reply in enumerate(stream):
+                if index >= len(events):
+                    events.append(reply.event)
+            return events
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
 
 
 def wait_for(predicate, timeout=60, interval=0.2, what="condition"):
