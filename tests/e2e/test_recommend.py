@@ -210,7 +210,9 @@ def submit_and_wait(training, **fields):
     from maas.training.v1 import training_pb2 as t
 
     job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_GNN, **fields), timeout=10).job
-    events = [reply.event for reply in training.WatchJob(t.WatchJobRequest(job_id=job.job_id), timeout=300)]
+    from tests.e2e.test_training import watch
+
+    events = watch(training, job.job_id, timeout=300)
     assert events[-1].state == t.JOB_STATE_SUCCEEDED, events[-1]
     assert any(event.epoch for event in events)  # progress, epoch by epoch
     return training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
