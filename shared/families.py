@@ -44,6 +44,8 @@ class Family:
     queries: tuple[str, ...] = ("Predict",)
     updates: tuple[str, ...] = ()
     internal: tuple[str, ...] = ()
+    # Whether a job may train on several data-parallel workers (SubmitJobRequest.world_size > 1).
+    data_parallel: bool = False
 
     @property
     def service(self) -> str:
@@ -88,6 +90,7 @@ FAMILIES: tuple[Family, ...] = (
         builtin_datasets=("digits", "digits-images", "iris", "wine", "breast_cancer", "diabetes", "sine"),
         architectures={"mlp": [128, 64], "cnn": [16], "gru": [32]},
         queries=("Predict", "Explain"),
+        data_parallel=True,
     ),
     Family(
         name="gnn",
@@ -119,6 +122,7 @@ FAMILIES: tuple[Family, ...] = (
         builtin_datasets=("sentiment", "topics", "aspects"),
         architectures={"linear": [], "mlp": [128]},
         queries=("Predict", "Explain", "Similarity"),
+        data_parallel=True,
     ),
 )
 BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}

@@ -224,6 +224,12 @@ def test_a_duplicate_submit_with_the_same_key_is_the_same_job(training):
         (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=10_000, k_folds=20,
                             builtin_dataset="digits", output_model="x"),
          grpc.StatusCode.INVALID_ARGUMENT, "(max_epoch_rows)"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", world_size=-2, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "world_size: must be 1..4"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", world_size=99, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "(the trainers' max_world_size)"),
+        (t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", world_size=2, builtin_dataset="karate",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "world_size: gnn jobs train"),
     ],
 )  # fmt: skip
 def test_bad_jobs_are_refused_with_the_field_named(training, request_, code, fragment):
