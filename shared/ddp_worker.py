@@ -74,6 +74,20 @@ def gathered_outputs(net: torch.nn.Module, x: torch.Tensor, rank: int, world: in
     return out
 
 
+def join_group(backend: str, timeout: timedelta) -> tuple[int, int]:
+    """init_process_group on the launcher's store, under a prefix of this restart's own: torchrun's store outlives
+    a restart, and the addresses the last group's workers left in it would send this group's to dead ports."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # Under torchrun its agent hosts the store; under the training operator (no agent) rank 0 does.
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=hosts,
+                          timeout=timeout)  # fmt: skip
+    dist.init_process_group(backend, store=dist.PrefixStore(f"maas/restart-{restart}", store), rank=rank,
+                            world_size=world, timeout=timeout)  # fmt: skip
+    return rank, world
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -82,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(args.backend, timeout=timedelta(seconds=args.timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = join_group(args.backend, timedelta(seconds=args.timeout_s))
     (args.job_dir / "ddp" / f"worker-{rank}.pid").write_text(str(os.getpid()))
     progress = Progress(args.job_dir / PROGRESS_FILE, rank)
     files = JobFiles(ModelStore(args.store, Keyring(args.keys_dir, args.kek_id)), args.job_dir, args.owner, args.job_id)
