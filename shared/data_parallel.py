@@ -10,6 +10,7 @@ which the trainer then evaluates, gates and publishes with the same code as a on
 Files, under <checkpoint_dir>/<job_id>/:
   checkpoint.pt        the job's checkpoint, as a one-worker job's (weights, optimizer, epoch, losses)
   ddp/data.pt          what the workers read (sealed like the checkpoint)
+  ddp/attempt          the token of the attempt that owns the job's files; rank 0 of any other stops
   ddp/progress.jsonl   rank 0's lines: "met" (all workers are up), "message", "epoch"
   ddp/worker-<rank>.pid  each worker's pid, rewritten by every restart
   ddp/workers.log      the engine's output, whose tail a failure quotes
@@ -26,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 WORKER_MODULE = "shared.ddp_worker"
 DATA_FILE = "ddp/data.pt"
+ATTEMPT_FILE = "ddp/attempt"
 PROGRESS_FILE = "ddp/progress.jsonl"
 LOG_FILE = "ddp/workers.log"
 POLL_S = 0.25
@@ -156,7 +159,7 @@ class TorchrunLauncher:
             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
             f"--rdzv-conf=join_timeout={int(self.rendezvous_timeout_s)}",
             f"--max-restarts={self.max_restarts}", "--monitor-interval=0.5",
-            "-m", WORKER_MODULE, *worker_args,
+            "-m", WORKER_MODULE, *worker_args, "--trainer-pid", str(os.getpid()),
         ]  # fmt: skip
 
     def start(self, job_id: str, job_dir: Path, world_size: int, backend: str, args: list[str]) -> TorchrunProcess:
@@ -198,13 +201,15 @@ def fit_data_parallel(context: Any, net: torch.nn.Module, fit: ShardedFit, train
         "task": fit.task, "optimizer": spec["optimizer"], "learning_rate": float(spec["learning_rate"]),
         "batch_size": int(spec["batch_size"]), "seed": int(spec["seed"]), "epochs": int(spec["epochs"]),
     })  # fmt: skip
+    attempt = uuid.uuid4().hex
+    (job_dir / ATTEMPT_FILE).write_text(attempt)  # fences off the workers of an attempt that was taken over
     launcher: WorkerLauncher = context.launcher
     backend = choose_backend(context.device, world_size)
     keyring = context.store.keyring
     worker_args = [
         "--job-id", context.job_id, "--job-dir", str(job_dir), "--store", str(context.store.root),
         "--owner", context.owner, "--backend", backend,
-        "--timeout-s", str(launcher.rendezvous_timeout_s),
+        "--timeout-s", str(launcher.rendezvous_timeout_s), "--attempt", attempt,
     ]  # fmt: skip
     if keyring.enabled:
         worker_args += ["--keys-dir", str(keyring.keys_dir), "--kek-id", keyring.kek_id]

@@ -12,9 +12,13 @@ checkpoint (one rename) and the progress lines; a restarted group resumes from t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from shared.data_parallel import DATA_FILE, PROGRESS_FILE, NetworkRecipe
+from shared.data_parallel import ATTEMPT_FILE, DATA_FILE, PROGRESS_FILE, NetworkRecipe
 from shared.job_files import CHECKPOINT_FILE, JobFiles
 from shared.keyring import Keyring
 from shared.model_store import ModelStore
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kek-id", default="")
     parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--attempt", default="", help="the attempt's token: a superseded attempt's workers stop")
+    parser.add_argument("--trainer-pid", type=int, default=0, help="stop the whole group once this process is gone")
     return parser.parse_args(argv)
 
 
@@ -74,6 +80,31 @@ def gathered_outputs(net: torch.nn.Module, x: torch.Tensor, rank: int, world: in
     return out
 
 
+def superseded(job_dir: Path, attempt: str) -> bool:
+    """Whether another attempt of the job (another trainer took it over) owns the job's files now."""
+    try:
+        return bool(attempt) and (job_dir / ATTEMPT_FILE).read_text() != attempt
+    except FileNotFoundError:
+        return True
+
+
+def stop_with_trainer(trainer_pid: int) -> None:
+    """A local group whose trainer died (SIGKILL, out of memory) stops: SIGTERM to torchrun ends every worker, and
+    the trainer that takes the job over starts a group of its own."""
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(trainer_pid, 0)
+            except ProcessLookupError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(os.getppid(), signal.SIGTERM)
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="trainer-watch", daemon=True).start()
+
+
 def join_group(backend: str, timeout: timedelta) -> tuple[int, int]:
     """init_process_group on the launcher's store, under a prefix of this restart's own: torchrun's store outlives
     a restart, and the addresses the last group's workers left in it would send this group's to dead ports."""
@@ -90,6 +121,8 @@ def join_group(backend: str, timeout: timedelta) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.trainer_pid:
+        stop_with_trainer(args.trainer_pid)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu")
@@ -143,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         net.eval()
         metrics = task_metrics(task, y_val, gathered_outputs(net, x_val, rank, world)) if len(x_val) else {}
         if rank == 0:
+            if superseded(args.job_dir, args.attempt):
+                raise SystemExit(f"job {args.job_id}: another attempt owns its checkpoint now; stopping")
             files.save(CHECKPOINT_FILE, {"model": {k: v.cpu() for k, v in net.state_dict().items()},
                                          "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                          "losses": losses})  # fmt: skip

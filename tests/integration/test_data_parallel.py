@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from gateway.job_spec import normalize
 from services.dense import datasets as dense_data
 from services.dense.training import run_job as dense_run_job
@@ -66,6 +67,27 @@ async def test_two_workers_reach_the_accuracy_of_one_on_the_same_seed_and_write_
     assert all(e["validation_metrics"]["accuracy"] > 0 for e in events if e.get("epochs"))
     assert any("starting 2 data-parallel workers (gloo)" in e["message"] for e in events)
     assert not (tmp_path / "checkpoints" / two).exists()  # the job's files go with its success
+
+
+@pytest.mark.parametrize(
+    ("architecture", "dataset", "metric", "tolerance"),
+    [("cnn", "digits-images", "accuracy", ACCURACY_TOLERANCE), ("gru", "sine", "mse", 0.05)],
+)
+async def test_cnn_and_gru_train_on_two_workers_as_on_one(jobs, tmp_path, architecture, dataset, metric, tolerance):
+    """mse within 5% of the 1-worker job's; accuracy within ACCURACY_TOLERANCE."""
+    store = ModelStore(tmp_path / "models")
+    running = Running(make_worker(jobs, tmp_path, store))
+    changes = {"architecture": architecture, "hidden_sizes": [8], "epochs": 3, "builtin_dataset": dataset}
+    try:
+        one, _ = await jobs.submit("dense", spec(output_model="ddp-one", **changes), tenant="")
+        two, _ = await jobs.submit("dense", spec(output_model="ddp-two", world_size=2, **changes), tenant="")
+        single, double = await finished(jobs, one, 300), await finished(jobs, two, 300)
+    finally:
+        await running.stop()
+    assert double["state"] == "SUCCEEDED", double.get("error")
+    expected, got = single["metrics"][metric], double["metrics"][metric]
+    assert abs(got - expected) <= (tolerance * expected if metric == "mse" else tolerance), (expected, got)
+    assert versions_of(store, "ddp-two", two) == [1]
 
 
 def alive(pid: int) -> bool:
