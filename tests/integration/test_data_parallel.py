@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+
 from gateway.job_spec import normalize
 from services.dense import datasets as dense_data
 from services.dense.training import run_job as dense_run_job
