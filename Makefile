@@ -198,6 +198,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_recommend
 	$(PY) -m tests.bench.bench_nlp
 	$(PY) -m tests.bench.bench_explain
+	$(PY) -m tests.bench.bench_data_parallel
 
 IMAGE_TAG ?= 0.1.0
 VARIANT   ?= gpu

@@ -106,6 +106,7 @@ def normalize(
         raise InvalidArgumentError("validation_split and k_folds: choose one way to validate, not both")
     spec["validation_split"] = 0.0 if folds else (split or DEFAULTS["validation_split"])
     spec["k_folds"] = folds
+    spec["world_size"] = _world_size(spec, family, limits or JobLimits.defaults())
     if not MODEL_NAME.match(spec.get("output_model", "")):
         raise InvalidArgumentError(
             f"output_model: {spec.get('output_model', '')!r} must be 1-63 lower-case letters, digits, '.', '_' or '-'"
@@ -127,6 +128,21 @@ def normalize(
     if gate.get("min_value") is not None and gate.get("max_value") is not None:
         raise InvalidArgumentError("gate: set min_value or max_value, not both")
     return spec
+
+
+def _world_size(spec: dict[str, Any], family: str, limits: JobLimits) -> int:
+    """Data-parallel workers: 0 (unset) is one; dense and nlp jobs may ask for up to the trainers' max_world_size."""
+    size = spec.get("world_size") or 1
+    if not 1 <= size <= limits.max_world_size:
+        raise InvalidArgumentError(
+            f"world_size: must be 1..{limits.max_world_size} (the trainers' max_world_size), got {size}"
+        )
+    if size > 1 and not BY_NAME[family].data_parallel:
+        raise InvalidArgumentError(f"world_size: {family} jobs train the whole graph in one process; use world_size 1")
+    if size > 1 and spec.get("k_folds"):
+        raise InvalidArgumentError("world_size, k_folds: cross-validation runs in one process; use "
+                                   "validation_split with world_size > 1")  # fmt: skip
+    return size
 
 
 def _data_task_and_shape(spec: dict[str, Any], family: str, dataset: dict[str, Any] | None):

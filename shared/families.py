@@ -46,6 +46,8 @@ class Family:
     internal: tuple[str, ...] = ()
     # Families whose services this family's trainer calls; it gets their targets as MAAS_<NAME>_TRAINER_<FAMILY>_TARGET.
     trainer_uses: tuple[str, ...] = ()
+    # Whether a job may train on several data-parallel workers (SubmitJobRequest.world_size > 1).
+    data_parallel: bool = False
 
     @property
     def service(self) -> str:
@@ -90,6 +92,7 @@ FAMILIES: tuple[Family, ...] = (
         builtin_datasets=("digits", "digits-images", "iris", "wine", "breast_cancer", "diabetes", "sine"),
         architectures={"mlp": [128, 64], "cnn": [16], "gru": [32]},
         queries=("Predict", "Explain"),
+        data_parallel=True,
     ),
     Family(
         name="gnn",
@@ -123,6 +126,7 @@ FAMILIES: tuple[Family, ...] = (
         builtin_datasets=("sentiment", "topics", "aspects"),
         architectures={"linear": [], "mlp": [128]},
         queries=("Predict", "Explain", "Similarity"),
+        data_parallel=True,
     ),
 )
 BY_NAME: dict[str, Family] = {family.name: family for family in FAMILIES}

@@ -22,6 +22,8 @@ class JobLimits:
     max_parameters: int
     max_hidden_layers: int
     max_epoch_rows: int
+    # Most data-parallel workers of one job; the trainer knows how many it can start.
+    max_world_size: int = 4
 
     @classmethod
     def from_settings(cls, settings: Any) -> JobLimits:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
+from shared.errors import InvalidArgumentError
+
 TEST_SHARE = 0.2
 
 
@@ -68,21 +70,32 @@ def validate_or_cross_validate(context, n: int, labels: np.ndarray | None, rest:
     return cv_summary(fold_metrics), rest, None
 
 
-def fit_and_evaluate(context, n: int, labels: np.ndarray | None, rest, test, fresh, epoch_fn, evaluate):
+def fit_and_evaluate(context, n: int, labels: np.ndarray | None, rest, test, fresh, epoch_fn, evaluate,
+                     sharded=None):  # fmt: skip
     """The shape of every training job: validate (or cross-validate), fit the final model with
-    checkpoints, then measure it on the held-out test set. Returns (model, metrics)."""
+    checkpoints, then measure it on the held-out test set. Returns (model, metrics).
+
+    `sharded` (a shared.data_parallel.ShardedFit) is how the family's data and network travel to
+    data-parallel workers; a job with world_size > 1 fits on them, and is measured here like any other."""
     from shared.training import run_epochs
 
     metrics, train, val = validate_or_cross_validate(context, n, labels, rest, fresh, epoch_fn, evaluate)
     net, opt = fresh()
-    losses = run_epochs(
-        context,
-        net,
-        opt,
-        context.spec["epochs"],
-        epoch_fn(net, opt, train),
-        lambda: evaluate(net, val) if val is not None else {},
-    )
+    if int(context.spec.get("world_size") or 1) > 1:
+        from shared.data_parallel import fit_data_parallel
+
+        if sharded is None:
+            raise InvalidArgumentError(f"world_size: {context.family} jobs train in one process; use world_size 1")
+        losses = fit_data_parallel(context, net, sharded, train, val)
+    else:
+        losses = run_epochs(
+            context,
+            net,
+            opt,
+            context.spec["epochs"],
+            epoch_fn(net, opt, train),
+            lambda: evaluate(net, val) if val is not None else {},
+        )
     metrics.update(evaluate(net, test))
     metrics["final_train_loss"] = losses[-1]
     return net, metrics

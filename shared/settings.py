@@ -177,6 +177,42 @@ class TrainerSettings(EncryptionSettings):
         description="Most examples a job may train on in all: epochs x rows of its data set (x (k_folds + 1) with "
         "cross-validation).",
     )
+    max_world_size: int = Field(
+        4,
+        ge=1,
+        description="Most data-parallel workers (world_size) one job may ask for; the gateway refuses more.",
+    )
+    rendezvous_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="How long a distributed job's workers may take to meet (torchrun's rendezvous); past it, the "
+        "attempt fails saying so instead of waiting on.",
+    )
+    max_worker_restarts: int = Field(
+        3,
+        ge=0,
+        description="Restarts torchrun gives a distributed job's workers when one dies (each resumes from the "
+        "last checkpoint) before the attempt fails and the queue's retry takes over.",
+    )
+    distributed_launcher: Literal["torchrun", "kubernetes"] = Field(
+        "torchrun",
+        description="How distributed jobs start their workers: torchrun on this trainer's machine, or a Kubeflow "
+        "PyTorchJob created in the trainer's namespace (MAAS_<FAMILY>_TRAINER_KUBERNETES_* settings).",
+    )
+    kubernetes_namespace: str = Field("maas", description="Namespace of the PyTorchJobs (the trainer's own).")
+    kubernetes_image: str = Field("maas-trainer:0.1.0", description="Image of a PyTorchJob's workers (the trainer's).")
+    kubernetes_checkpoints_claim: str = Field(
+        "maas-checkpoints", description="The PVC (ReadWriteMany) the trainer's checkpoint_dir is, mounted by workers."
+    )
+    kubernetes_models_claim: str = Field(
+        "maas-models", description="The model store's PVC, mounted read-only by workers (its KEK policy record)."
+    )
+    kubernetes_keys_secret: str = Field(
+        "", description="Secret holding the KEKs, mounted by workers at keys_dir when the stores are encrypted."
+    )
+    kubernetes_worker_cpu: str = Field("2", description="CPU request and limit of each PyTorchJob worker.")
+    kubernetes_worker_memory: str = Field("4Gi", description="Memory request and limit of each PyTorchJob worker.")
+    kubernetes_worker_gpus: int = Field(0, ge=0, description="GPUs (nvidia.com/gpu) of each worker; 0: gloo on CPU.")
     liveness_timeout_s: float = Field(
         600.0,
         description="/healthz on the metrics port answers 503 once the trainer's loop, or the job it runs, has "

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import io
 import logging
 import os
 import shutil
@@ -41,7 +40,6 @@ import torch
 from prometheus_client import Counter
 
 from shared.datasets import DatasetStore
-from shared.envelope import is_envelope, new_data_key
 from shared.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -50,9 +48,10 @@ from shared.errors import (
     MaasError,
     NotFoundError,
 )
+from shared.job_files import CHECKPOINT_FILE, JobFiles
 from shared.job_limits import JobLimits, check_job_size
 from shared.jobs import EXPLAIN, TERMINAL, JobQueue, JobStore, QueueEntry
-from shared.keyring import Keyring, KeyUnavailableError
+from shared.keyring import Keyring
 from shared.liveness import Heartbeat, start_metrics_and_health_server
 from shared.model_events import ModelEvent, ModelEvents
 from shared.model_store import Manifest, ModelStore
@@ -64,7 +63,6 @@ JOBS = Counter("maas_training_jobs_total", "Training job attempts by family and 
 
 HIGHER_IS_BETTER = {"accuracy", "f1_macro", "f1_micro", "exact_match", "cv_accuracy_mean", "cv_f1_macro_mean",
                     "recall@10", "ndcg@10"}
-CHECKPOINT_CONTEXT = b"checkpoint"
 
 
 class JobCancelled(Exception):
@@ -139,6 +137,14 @@ class JobContext:
     prior_run_s: float = 0.0
     attempt_started: float = field(default_factory=time.monotonic)
     heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    # Starts a data-parallel job's workers (shared.data_parallel.WorkerLauncher); torchrun on this machine if None.
+    launcher: Any = None
+
+    def __post_init__(self) -> None:
+        if self.launcher is None:
+            from shared.data_parallel import TorchrunLauncher
+
+            self.launcher = TorchrunLauncher()
 
     def _call(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -152,38 +158,25 @@ class JobContext:
         check_job_size(self.spec, self.limits, [int(n) for n in in_shape], outputs, rows)
 
     @property
+    def owner(self) -> str:
+        """Who the job's version (and its files) belong to: its tenant for a private job, else everyone."""
+        return self.spec.get("tenant", "") if self.spec.get("private") else ""
+
+    @property
+    def files(self) -> JobFiles:
+        return JobFiles(self.store, self.checkpoint_dir / self.job_id, self.owner, self.job_id)
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.checkpoint_dir / self.job_id / "checkpoint.pt"
+        return self.files.path(CHECKPOINT_FILE)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Writes the job's checkpoint (weights, optimizer, epoch) in one rename; sealed under a fresh data key,
-        wrapped by the KEK the job's version will get, when the model store is encrypted."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        raw = buffer.getvalue()
-        if self.store.encrypted:
-            kek_id = self.store.policy.for_owner(self.spec.get("tenant", "") if self.spec.get("private") else "")
-            raw = self.store.keyring.seal(raw, kek_id, new_data_key(), CHECKPOINT_CONTEXT)
-        path = self.checkpoint_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".tmp")
-        staging.write_bytes(raw)
-        staging.replace(path)
+        """Writes the job's checkpoint (weights, optimizer, epoch) in one rename, sealed when the store is."""
+        self.files.save(CHECKPOINT_FILE, state)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        """The job's last checkpoint, decrypted in memory; None when there is none, or when its KEK is gone
-        (the job then starts over, saying why)."""
-        path = self.checkpoint_path
-        if not path.exists():
-            return None
-        raw = path.read_bytes()
-        if is_envelope(raw):
-            try:
-                raw = self.store.keyring.open(raw, CHECKPOINT_CONTEXT, f"job {self.job_id}: checkpoint")[0]
-            except KeyUnavailableError as exc:
-                log.warning("job %s: its checkpoint cannot be opened (%s); starting over", self.job_id, exc.message)
-                return None
-        return torch.load(io.BytesIO(raw), weights_only=True)
+        """The job's last checkpoint, decrypted in memory; None when there is none or its KEK is gone."""
+        return self.files.load(CHECKPOINT_FILE)
 
     def dataset(self):
         """The job's data, parsed and checked here in the trainer; a bad data set fails the job."""
@@ -256,7 +249,7 @@ class JobContext:
         model = self.spec["output_model"]
         passed, explanation = evaluate_gate(self.spec.get("gate") or {}, record["metrics"], task,
                                             self.current_default(model))  # fmt: skip
-        owner = self.spec.get("tenant", "") if self.spec.get("private") else ""
+        owner = self.owner
         with self._publish_lock(model):
             manifest = self.version_written_by_this_job(model)
             if manifest is None:
@@ -358,7 +351,9 @@ class TrainingWorker:
         limits: JobLimits | None = None,
         job_timeout_s: float = 3600.0,
         heartbeat: Heartbeat | None = None,
+        launcher: Any = None,
     ) -> None:
+        self.launcher = launcher
         self.family = family
         self.data = data
         self.events = events or ModelEvents(None)
@@ -442,6 +437,7 @@ class TrainingWorker:
             job_id, self.family, record["spec"], self.store, self.datasets, self.checkpoint_dir, self.device,
             asyncio.get_running_loop(), self.jobs, self.data, self.stopping, limits=self.limits,
             timeout_s=self.job_timeout_s, prior_run_s=record["run_s"], heartbeat=self.heartbeat,
+            launcher=self.launcher,
         )  # fmt: skip
         outcome: Exception | None = None
         try:
@@ -544,6 +540,18 @@ class TrainingWorker:
         shutil.rmtree(self.checkpoint_dir / job_id, ignore_errors=True)
 
 
+def worker_launcher(family: str, settings: Any) -> Any:
+    """How this trainer starts a data-parallel job's workers: torchrun here, or a PyTorchJob on Kubernetes."""
+    if getattr(settings, "distributed_launcher", "torchrun") == "kubernetes":
+        from shared.pytorchjob import PyTorchJobLauncher
+
+        return PyTorchJobLauncher.from_settings(family, settings)
+    from shared.data_parallel import TorchrunLauncher
+
+    return TorchrunLauncher(settings.max_worker_restarts, settings.rendezvous_timeout_s,
+                            threads=settings.torch_threads)  # fmt: skip
+
+
 async def serve_trainer(
     family: str, run_job: Callable[[JobContext], JobResult], settings: Any, data: DataSource
 ) -> None:
@@ -574,6 +582,7 @@ async def serve_trainer(
         limits=JobLimits.from_settings(settings),
         job_timeout_s=settings.job_timeout_s,
         heartbeat=heartbeat,
+        launcher=worker_launcher(family, settings),
     )
     stop = asyncio.Event()
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from services.dense import torch_form
 from services.dense.datasets import ColumnFilter, TabularData, parse
+from shared.data_parallel import NetworkRecipe, ShardedFit
 from shared.drift import REFERENCE_FILE, reference_bytes
 from shared.errors import InvalidArgumentError
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
@@ -106,7 +107,10 @@ def run_job(context: JobContext) -> JobResult:
             net, opt, loss_fn, x_all[idx], y_all[idx], spec["batch_size"], spec["seed"], epoch
         )
 
-    net, metrics = fit_and_evaluate(context, len(data.x), labels, rest, test, fresh, epoch_fn, evaluate)
+    # Data-parallel workers rebuild the network from its torch form; the trainer's initial weights carry the statistics.
+    sharded = ShardedFit(NetworkRecipe("services.dense.torch_form:build_net", {"form": form}), x_all, y_all, data.y,
+                         data.task)  # fmt: skip
+    net, metrics = fit_and_evaluate(context, len(data.x), labels, rest, test, fresh, epoch_fn, evaluate, sharded)
 
     net = net.cpu()
     exportable = ExportableClassifier(net) if classification else Regressor(net)

@@ -10,6 +10,7 @@ import torch
 
 from services.nlp.defaults import EMBEDDING_DIM, MINILM, TEXT_INPUT
 from services.nlp.runtime import TextEncoder
+from shared.data_parallel import NetworkRecipe, ShardedFit
 from shared.job_splits import TEST_SHARE, fit_and_evaluate, split_indices
 from shared.onnx_session import OnnxConfig
 from shared.training import (
@@ -45,8 +46,10 @@ def run_job(context: JobContext) -> JobResult:
     rest, test = split_indices(len(data.texts), strata, TEST_SHARE, spec["seed"])
     hidden = spec["hidden_sizes"] if spec["architecture"] == "mlp" else []
 
+    head = {"in_features": EMBEDDING_DIM, "hidden": hidden, "out_features": classes, "dropout": 0.1 if hidden else 0.0}
+
     def fresh():
-        net = MLP(EMBEDDING_DIM, hidden, classes, dropout=0.1 if hidden else 0.0).to(device)
+        net = MLP(**head).to(device)
         return net, make_optimizer(spec["optimizer"], net.parameters(), spec["learning_rate"])
 
     def epoch_fn(net, opt, idx):
@@ -58,7 +61,9 @@ def run_job(context: JobContext) -> JobResult:
         with torch.no_grad():
             return task_metrics(task, data.labels[idx], net(x_all[idx]).cpu().numpy())
 
-    net, metrics = fit_and_evaluate(context, len(data.texts), strata, rest, test, fresh, epoch_fn, evaluate)
+    # Data-parallel workers build the same head and train on the embeddings.
+    sharded = ShardedFit(NetworkRecipe("shared.training:MLP", head), x_all, y_all, data.labels, task)
+    net, metrics = fit_and_evaluate(context, len(data.texts), strata, rest, test, fresh, epoch_fn, evaluate, sharded)
     exportable = ExportableMultiLabel(net.cpu()) if task == MULTILABEL else ExportableClassifier(net.cpu())
     label_shape = [-1, classes] if task == MULTILABEL else [-1]
     # In memory: the head reaches disk only sealed by the model store.

@@ -134,6 +134,15 @@ def test_upload_train_watch_plot_promote_rollback(maasctl, tmp_path):
     assert job_id in maasctl("jobs", "list", "--family", "dense").stdout
 
 
+def test_a_job_on_two_workers_from_the_command_line(maasctl):
+    done = maasctl("train", "submit", "--family", "dense", "--arch", "mlp", "--dataset", "iris", "--epochs", "3",
+                   "--workers", "2", "--output-model", "ctl-ddp-iris", "--watch")  # fmt: skip
+    assert "succeeded: ctl-ddp-iris v1" in done.stdout
+    refused = maasctl("train", "submit", "--family", "gnn", "--arch", "gcn", "--dataset", "karate", "--workers", "2",
+                      "--output-model", "ctl-ddp-karate", expect=1)  # fmt: skip
+    assert "world_size: gnn jobs train the whole graph in one process" in refused.stderr
+
+
 def test_cancel_then_watch_a_cancelled_job(maasctl):
     submitted = maasctl("train", "submit", "--family", "dense", "--arch", "mlp", "--dataset", "digits",
                         "--epochs", "500", "--output-model", "ctl-cancelled")  # fmt: skip

@@ -195,6 +195,41 @@ def test_nlp_job_end_to_end(training, gateway_channel):
     assert list(reply.labels) == ["positive", "negative"]
 
 
+@pytest.mark.parametrize(
+    ("family", "architecture", "dataset", "epochs", "lr", "metric", "served"),
+    [
+        (t.FAMILY_DENSE, "mlp", "digits", 8, 0.001, "accuracy", "dense"),
+        (t.FAMILY_NLP, "mlp", "sentiment", 8, 0.01, "accuracy", "nlp"),
+        (t.FAMILY_NLP, "linear", "aspects", 80, 0.05, "f1_macro", "nlp"),  # a multi-label head
+    ],
+)  # fmt: skip
+def test_a_two_worker_job_streams_rank_0s_epochs_and_publishes_one_served_version(
+    training, gateway_channel, cluster, family, architecture, dataset, epochs, lr, metric, served
+):
+    name = f"e2e-ddp-{architecture}-{dataset}"
+    job = training.SubmitJob(
+        t.SubmitJobRequest(family=family, architecture=architecture, epochs=epochs, batch_size=8, learning_rate=lr,
+                           builtin_dataset=dataset, output_model=name, seed=3, world_size=2),
+        timeout=10,
+    ).job  # fmt: skip
+    assert job.spec.world_size == 2
+    events = watch(training, job.job_id)
+    assert events[-1].state == t.JOB_STATE_SUCCEEDED, [e.message for e in events]
+    assert any("starting 2 data-parallel workers" in e.message for e in events)
+    reported = [e for e in events if e.epoch]
+    assert [e.epoch for e in reported] == list(range(1, epochs + 1))
+    assert all(metric in e.validation_metrics for e in reported)
+    done = training.GetJob(t.GetJobRequest(job_id=job.job_id), timeout=10).job
+    assert done.model_version == 1 and done.promoted and done.metrics[metric] > 0.5
+    store = ModelStore(cluster.specs["nlp"].env["MAAS_NLP_MODEL_STORE"])
+    assert store.versions(name) == [1] and store.manifest(name, 1).source == f"job:{job.job_id}"
+    if served == "nlp":
+        stub = nlp_pb2_grpc.NlpServiceStub(gateway_channel)
+        request = nlp_pb2.PredictRequest(model_name=name, texts=["I love this!"])
+        reply, _ = wait_for(lambda: served_version(lambda: stub.Predict.with_call(request, timeout=10)), what="served")
+        assert reply.model_version == 1
+
+
 def test_a_duplicate_submit_with_the_same_key_is_the_same_job(training):
     request = t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=2, builtin_dataset="iris",
                                  output_model="e2e-iris", idempotency_key="iris-once")  # fmt: skip
@@ -236,6 +271,12 @@ def test_a_duplicate_submit_with_the_same_key_is_the_same_job(training):
         (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=10_000, k_folds=20,
                             builtin_dataset="digits", output_model="x"),
          grpc.StatusCode.INVALID_ARGUMENT, "(max_epoch_rows)"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", world_size=-2, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "world_size: must be 1..4"),
+        (t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", world_size=99, builtin_dataset="iris",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "(the trainers' max_world_size)"),
+        (t.SubmitJobRequest(family=t.FAMILY_GNN, architecture="gcn", world_size=2, builtin_dataset="karate",
+                            output_model="x"), grpc.StatusCode.INVALID_ARGUMENT, "world_size: gnn jobs train"),
     ],
 )  # fmt: skip
 def test_bad_jobs_are_refused_with_the_field_named(training, request_, code, fragment):

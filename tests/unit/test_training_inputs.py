@@ -13,6 +13,7 @@ from services.gnn.datasets import parse_json as parse_gnn_json
 from services.nlp.datasets import parse_jsonl as parse_nlp_jsonl
 from shared.datasets import sniff
 from shared.errors import InvalidArgumentError
+from shared.job_limits import JobLimits
 from shared.model_store import Manifest
 from shared.training_worker import evaluate_gate
 
@@ -98,12 +99,28 @@ def test_spec_defaults_are_filled_in():
         ({"gate": {"metric": "mse"}}, "not a classification metric"),
         ({"builtin_dataset": "mnist"}, "not a built-in dense data set"),
         ({"architecture": "gru"}, "gru needs sequences"),
+        ({"world_size": -1}, r"world_size: must be 1\.\.4 \(the trainers' max_world_size\), got -1"),
+        ({"world_size": 5}, r"world_size: must be 1\.\.4"),
+        ({"world_size": 2, "k_folds": 3, "validation_split": 0.0}, "world_size, k_folds: cross-validation"),
     ],
 )
 def test_bad_specs_name_the_field(changes, fragment):
     spec = {"architecture": "mlp", "builtin_dataset": "iris", "output_model": "m", **changes}
     with pytest.raises(InvalidArgumentError, match=fragment):
         normalize(spec, "dense", None)
+
+
+def test_world_size_is_one_by_default_and_bounded_by_the_trainers_limit():
+    spec = {"architecture": "mlp", "builtin_dataset": "iris", "output_model": "m"}
+    assert normalize(spec, "dense", None)["world_size"] == 1
+    assert normalize({**spec, "world_size": 3}, "dense", None)["world_size"] == 3
+    many = JobLimits(max_parameters=10**8, max_hidden_layers=8, max_epoch_rows=10**9, max_world_size=16)
+    assert normalize({**spec, "world_size": 16}, "dense", None, many)["world_size"] == 16
+    text = {"architecture": "linear", "builtin_dataset": "sentiment", "output_model": "m", "world_size": 2}
+    assert normalize(text, "nlp", None)["world_size"] == 2
+    with pytest.raises(InvalidArgumentError, match="world_size: gnn jobs train the whole graph in one process"):
+        normalize({"architecture": "gcn", "builtin_dataset": "karate", "output_model": "m", "world_size": 2}, "gnn",
+                  None)  # fmt: skip
 
 
 def manifest(metrics):

@@ -149,6 +149,7 @@ class SubmitOptions(TypedDict, total=False):
     private: bool
     drop_columns: Sequence[str]  # CSV columns removed before training (free text, identifiers)
     mask_columns: Sequence[str]  # CSV columns zeroed before training, and ignored by the model
+    world_size: int  # data-parallel workers (dense, nlp); 1 by default
     timeout: float
 
 
@@ -720,6 +721,7 @@ def training_submit(family: str | int, architecture: str, options: SubmitOptions
         private=options.get("private", False),
         drop_columns=list(options.get("drop_columns", ())),
         mask_columns=list(options.get("mask_columns", ())),
+        world_size=options.get("world_size", 0),
     )
     if options.get("learning_rate") is not None:
         request.learning_rate = options["learning_rate"]

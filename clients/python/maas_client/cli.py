@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--private", action="store_true", help="the new version is visible to this tenant only")
     submit.add_argument("--drop-columns", default="", help="CSV columns removed before training, e.g. name,email")
     submit.add_argument("--mask-columns", default="", help="CSV columns zeroed before training (and ignored after)")
+    submit.add_argument("--workers", type=int, default=0,
+                        help="data-parallel workers (world_size; dense and nlp), 1 by default")  # fmt: skip
     submit.add_argument("--watch", action="store_true", help="then watch the job to its end")
     submit.add_argument("--plot", type=Path, help="with --watch: save loss and metric curves to this PNG")
     submit.add_argument("--max-wait", type=seconds, default=86400.0, help="with --watch: give up after this many s")
@@ -522,6 +524,7 @@ def cmd_train_submit(client: Client, args: argparse.Namespace) -> int:
         private=args.private,
         drop_columns=[c.strip() for c in args.drop_columns.split(",") if c.strip()],
         mask_columns=[c.strip() for c in args.mask_columns.split(",") if c.strip()],
+        world_size=args.workers,
     )
     print(f"job {job.job_id} {state_name(job.state)}")
     if not args.watch:
