@@ -397,7 +397,7 @@ def build_shop_lightgcn(store: ModelStore, seed: int = 0, embed=None) -> Manifes
     holds every interaction; with `embed` (texts -> vectors: the default nlp encoder), items carry the embedding
     of their text as content vectors, for SimilarItems."""
     from services.gnn.recommend import evaluate, node_features, planted_interactions, train_lightgcn
-    from services.gnn.training import RECOMMEND_SIGNATURE
+    from services.gnn.training import RECOMMEND_SIGNATURE, recommender_config
 
     data = planted_interactions(seed=seed)
     if embed is not None:
@@ -417,11 +417,8 @@ def build_shop_lightgcn(store: ModelStore, seed: int = 0, embed=None) -> Manifes
         graphs.publish_edges(SHOP_GRAPH, edges, node_features(data), undirected=True,
                              description=f"planted-community user-item set, seed {seed}: users 0..599, items "
                                          f"600..899{content}")  # fmt: skip
-    config = {"task": "recommend", "kind": "recommender", "architecture": "lightgcn", "embedding_dim": 32,
-              "num_layers": 2, "num_users": data.num_users, "num_items": data.num_items,
-              "in_channels": 1 + (0 if data.item_features is None else data.item_features.shape[1]),
-              "graph": SHOP_GRAPH, "stored_graphs": [SHOP_GRAPH], "graph_version": graphs.latest(SHOP_GRAPH),
-              "weights_file": "embedding.safetensors"}  # fmt: skip
+    config = {**recommender_config({"hidden_sizes": [32, 32]}, data, SHOP_GRAPH),
+              "graph_version": graphs.latest(SHOP_GRAPH)}
     manifest = store.publish(
         {
             "name": SHOP_LIGHTGCN,

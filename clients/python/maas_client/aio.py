@@ -254,8 +254,7 @@ class AsyncModelsApi:
         while True:
             try:
                 found = await self.get(model)
-                if any(v.state == model_pb2.MODEL_STATE_READY and (not version or v.version == version)
-                       for v in found.versions):  # fmt: skip
+                if calls.serving(found, version):
                     return found
                 failure: errors.MaasError = errors.DeadlineExceeded(
                     f"{model} v{version or 'any'} is not serving after {timeout:g} s", method="wait_ready"

@@ -277,6 +277,11 @@ def gnn_links(
                            nodes_used=reply.nodes_used, edges_used=reply.edges_used)  # fmt: skip
 
 
+def serving(model: Any, version: int) -> bool:
+    """Whether `version` of a described model (0: any of its versions) is loaded and serving."""
+    return any(v.state == model_pb2.MODEL_STATE_READY and (not version or v.version == version) for v in model.versions)
+
+
 def gnn_recommend(
     model: str, user_ids: Iterable[int], top_k: int, include_seen: bool, stored_graph: str, graph_version: int,
     version: int, timeout: float | None,
