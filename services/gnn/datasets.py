@@ -91,11 +91,23 @@ def motif_graphs(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray
 def motif_graphs_with_truth(count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
     """As motif_graphs, each with the generator's ground truth: a bool per edge, true on the motif's edges."""
     import torch
+
+    torch.manual_seed(seed)
+    # barabasi_albert_graph draws with numpy's global generator too: seeded here (and put back after), so the
+    # same seed gives the same graphs in every process.
+    numpy_state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return _motif_graphs(count)
+    finally:
+        np.random.set_state(numpy_state)
+
+
+def _motif_graphs(count: int) -> list[tuple[np.ndarray, np.ndarray, int, np.ndarray]]:
     from torch_geometric.datasets import ExplainerDataset
     from torch_geometric.datasets.graph_generator import BAGraph
     from torch_geometric.datasets.motif_generator import CycleMotif, HouseMotif
 
-    torch.manual_seed(seed)
     graphs = []
     for i in range(count):
         label = i % 2
