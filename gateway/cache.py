@@ -13,6 +13,7 @@ timeout per interval, not one per call.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -30,6 +31,12 @@ LOCAL_HITS = Counter(
     "maas_gateway_cache_local_hits_total", "Cache hits served from the worker's own memory, with no Redis call",
     ["family"],
 )  # fmt: skip
+
+
+@functools.cache
+def _local_hit_counters(family: str) -> tuple:
+    """The two counters a local hit adds to, looked up once per family (`labels()` locks and hashes)."""
+    return CACHE_RESULTS.labels(family, "hit"), LOCAL_HITS.labels(family)
 
 
 class LocalCache:
@@ -106,8 +113,9 @@ class ResultCache:
         """The response bytes from this worker's memory, or None; never waits for anything."""
         value = self.local.get(key) if self.local is not None else None
         if value is not None:
-            CACHE_RESULTS.labels(family, "hit").inc()
-            LOCAL_HITS.labels(family).inc()
+            hits, local_hits = _local_hit_counters(family)
+            hits.inc()
+            local_hits.inc()
         return value
 
     async def get(self, family: str, key: str, ttl_s: float | None = None) -> bytes | None:

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 READY = model_pb2.ModelState.MODEL_STATE_READY
 # A name nobody has loaded makes the catalog look again at most this often per family.
 MISS_REFRESH_S = 1.0
+MAX_REMEMBERED_OWNERS = 4096  # models whose owner is remembered; beyond, the memo starts again
 
 
 class ModelCatalog:
@@ -58,6 +59,7 @@ class ModelCatalog:
         self._refreshing: dict[str, asyncio.Task] = {}
         # Told of GRAPH_CHANGED events, which travel on the same channel (the gateway's graph catalog).
         self.on_graph_change: Callable[[ModelEvent], Awaitable[None]] | None = None
+        self._owners: dict[str, tuple[model_pb2.Model, str]] = {}  # name: (the message read, its owner)
 
     def default_version(self, family: str, model: str) -> int | None:
         """The default version the family's service last reported, or None for a model it has not."""
@@ -160,10 +162,17 @@ class ModelCatalog:
         model = self.models.get(family, {}).get(name)
         return self.owner(model) if model is not None else ""
 
-    @staticmethod
-    def owner(model: model_pb2.Model) -> str:
-        """A private model's tenant; every version of a model has the same owner."""
-        return next((v.owner for v in model.versions if v.owner), "")
+    def owner(self, model: model_pb2.Model) -> str:
+        """A private model's tenant; every version of a model has the same owner. Remembered per model
+        message: a refresh or a model event replaces the message, so a new one is read again."""
+        seen = self._owners.get(model.name)
+        if seen is not None and seen[0] is model:
+            return seen[1]
+        owner = next((v.owner for v in model.versions if v.owner), "")
+        if len(self._owners) >= MAX_REMEMBERED_OWNERS:
+            self._owners.clear()
+        self._owners[model.name] = (model, owner)
+        return owner
 
     def visible(self, model: model_pb2.Model, tenant: str) -> bool:
         return self.owner(model) in ("", tenant)

@@ -22,7 +22,10 @@ class ModelStats:
         self.by_model: dict[str, ModelCounters] = {}
 
     def _counters(self, model: str) -> ModelCounters:
-        return self.by_model.setdefault(model, ModelCounters())
+        counters = self.by_model.get(model)
+        if counters is None:  # setdefault would build a ModelCounters on every call
+            counters = self.by_model[model] = ModelCounters()
+        return counters
 
     def succeeded(self, model: str, ns: int, cache_outcome: str) -> None:
         counters = self._counters(model)

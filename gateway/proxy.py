@@ -16,6 +16,7 @@ the previous default's cached result.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -61,20 +62,30 @@ class FamilyRoute:
     predict_response: type
     method: str = "Predict"
 
-    @property
+    # Worked out once per route, not on every call.
+    @functools.cached_property
     def path(self) -> str:
         return f"/{self.service}/{self.method}"
 
+    @functools.cached_property
+    def scope(self) -> str:
+        return self.family if self.method == "Predict" else f"{self.family}/{self.method}"
+
+    @functools.cached_property
+    def _graph_fields(self) -> tuple[bool, bool]:
+        fields = self.predict_request.DESCRIPTOR.fields_by_name
+        return "graph_version" in fields, "graph" in fields
+
     def digest(self, request) -> str:
-        return request_digest(self.family if self.method == "Predict" else f"{self.family}/{self.method}", request)
+        return request_digest(self.scope, request)
 
     def floating_graph(self, request) -> bool:
         """A query on a stored graph's latest version: which version answers is known only afterwards."""
-        fields = self.predict_request.DESCRIPTOR.fields_by_name
-        if "graph_version" not in fields or request.graph_version:
+        versioned, inline = self._graph_fields
+        if not versioned or request.graph_version:
             return False
         # A request with no inline graph to send (Recommend, SimilarItems) always reads the graph store.
-        return bool(request.stored_graph) or "graph" not in fields
+        return bool(request.stored_graph) or not inline
 
 
 def _route(family, method: str) -> FamilyRoute:
@@ -295,7 +306,7 @@ class GatewayProxy:
         (with `cached` false, the cache is the caller's: neither read nor written, and "passed")."""
         backend = self.backends[route.family]
         timeout = self.timeout(context)
-        control = dict(context.invocation_metadata() or ()).get(CACHE_CONTROL, "")
+        control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
         # The version the key names: the one asked for, else the default the catalog last heard of.
         version = request.model_version or self.catalog.default_version(route.family, request.model_name)
         if version is None:
