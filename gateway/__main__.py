@@ -103,7 +103,7 @@ async def serve(settings: GatewaySettings) -> None:
         credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
     server = GatewayServer(
         settings, register, names, interceptors, credentials, settings.health_port,
-        known_model=lambda name: any(catalog.knows(family, name) for family in backends),
+        known_model=catalog.knows_any,
     )  # fmt: skip
     if settings.http_port:  # KServe v2 REST, OpenAI embeddings and the console, on this event loop
         attach_http(server, settings, proxy, catalog, model_service, training, jobs)

@@ -157,6 +157,13 @@ class ModelCatalog:
     def knows(self, family: str, name: str) -> bool:
         return name in self.models.get(family, {})
 
+    def knows_any(self, name: str) -> bool:
+        """Whether any family's service holds `name` (asked once per call, for the metrics' model label)."""
+        for models in self.models.values():
+            if name in models:
+                return True
+        return False
+
     def owner_of(self, family: str, name: str) -> str:
         """The tenant owning a private model; "" for a public one, or one the catalog does not know."""
         model = self.models.get(family, {}).get(name)
