@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -74,14 +75,26 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
 
 
-def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: int) -> tuple[float, float]:
-    """(CPU seconds per answered call in `processes`, calls/s) for one run of load."""
-    before = cpu_seconds(processes)
+def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: int,
+                 also: list[psutil.Process] = ()) -> tuple[float, float, float]:  # fmt: skip
+    """(CPU seconds per answered call in `processes`, calls/s, CPU seconds per call in `also`) for one run."""
+    before, before_also = cpu_seconds(processes), cpu_seconds(also)
     result = run_load(spec, concurrency, DURATION_S, warmup_s=0.0)
-    spent = cpu_seconds(processes) - before
+    spent, spent_also = cpu_seconds(processes) - before, cpu_seconds(also) - before_also
     # Calls that started before or ended after the window used CPU too; count every answered one.
-    calls = result.calls + result.errors
-    return spent / max(1, calls), result.throughput
+    calls = max(1, result.calls + result.errors)
+    return spent / calls, result.throughput, spent_also / calls
+
+
+def hop_batch_totals(metrics_port: str) -> tuple[float, float]:
+    """(requests, calls) the gateway's hop batcher has sent to the dense service so far, from its metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    totals = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for part in totals:
+            if line.startswith(f"maas_gateway_hop_batch_requests_{part}{{") and 'family="dense"' in line:
+                totals[part] += float(line.rsplit(" ", 1)[1])
+    return totals["sum"], totals["count"]
 
 
 def start_echo() -> tuple[subprocess.Popen, str]:
@@ -158,15 +171,24 @@ def main() -> None:
             gateway = psutil.Process(cluster.processes["gateway"].pid)
             workers = gateway.children() or [gateway]
             time.sleep(1.0)
-            gateway_cpu, gateway_rps = cpu_per_call(workers, forwarded, 64)
+            dense = psutil.Process(cluster.processes["dense"].pid)
+            metrics_port = gateway_spec.env["MAAS_GATEWAY_METRICS_PORT"]
+            sent_before = hop_batch_totals(metrics_port)
+            gateway_cpu, gateway_rps, dense_cpu = cpu_per_call(workers, forwarded, 64, [dense, *dense.children()])
+            sent = [after - before for after, before in zip(hop_batch_totals(metrics_port), sent_before, strict=True)]
             plain = psutil.Process(cluster.processes["gateway-unbatched"].pid)
-            plain_cpu, plain_rps = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
-            echo_cpu, echo_rps = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct), 64)
+            plain_cpu, plain_rps, _ = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
+            echo_cpu, echo_rps, _ = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct),
+                                                 64)  # fmt: skip
             print(
                 f"\nCPU per call at concurrency 64: gateway forwarding {gateway_cpu * 1e6:.0f} us "
                 f"({len(workers)} workers, {gateway_rps:.0f} calls/s), bare grpc.aio echo {echo_cpu * 1e6:.0f} us "
                 f"(1 process, {echo_rps:.0f} calls/s): gateway / echo = {gateway_cpu / echo_cpu:.2f}; "
                 f"with the hop unbatched {plain_cpu * 1e6:.0f} us ({plain_rps:.0f} calls/s): {plain_cpu / echo_cpu:.2f}"
+            )
+            print(
+                f"Forwarded calls at concurrency 64: the dense service spent {dense_cpu * 1e6:.0f} us of CPU per call; "
+                f"each call the gateway sent it carried {sent[0] / max(1.0, sent[1]):.2f} requests on average"
             )
         finally:
             echo.terminate()
