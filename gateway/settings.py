@@ -15,7 +15,7 @@ from shared.settings import ServerSettings
 class GatewaySettings(ServerSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_GATEWAY_", extra="ignore")
 
-    port: int = 50051
+    port: int = Field(50051, description="gRPC port of the public endpoint (every worker binds it).")
     workers: int = Field(
         0,
         description="Gateway processes sharing the port (SO_REUSEPORT); 0 means one per usable core, at most 8. "

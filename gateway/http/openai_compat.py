@@ -37,7 +37,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "invalid_request_error: the param field names what is wrong"),
         (401, "authentication_error: missing or unknown API key"),
-        (404, "not_found_error: no such model (code model_not_found)"),
+        (404, "invalid_request_error: no such model (code model_not_found), as OpenAI answers"),
         (413, "invalid_request_error: the request body is over the gateway's limit"),
         (429, "rate_limit_error: rate limit reached, or a queue is full"),
         (503, "server_error: a backend is down or the gateway is starting; retry"),

@@ -11,7 +11,7 @@ from shared.settings import ModelServiceSettings
 class DenseSettings(ModelServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_DENSE_", extra="ignore")
 
-    port: int = 50061
+    port: int = Field(50061, description="gRPC port of the dense service (every worker binds it).")
     drift_interval_s: float = Field(
         60.0, ge=0, description="How often each version's recent payload records are compared with its training "
         "reference sample (shared/drift.py); 0 turns drift checks off. Needs EVENTS_REDIS_URL and payload logging."

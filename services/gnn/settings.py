@@ -14,7 +14,7 @@ from shared.settings import ModelServiceSettings
 class GnnSettings(ModelServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_GNN_", extra="ignore")
 
-    port: int = 50062
+    port: int = Field(50062, description="gRPC port of the gnn service (every worker binds it).")
     max_batch_size: int = Field(4096, description="Most nodes, over all merged graphs, in one batch.")
     max_hops: int = Field(4, description="Most hops (k) a stored-graph query may sample.")
     max_fan_out: int = Field(1000, description="Most neighbours per node per hop a query may ask for (-1: all).")
