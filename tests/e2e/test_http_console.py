@@ -89,15 +89,29 @@ def test_the_models_page_lists_the_default_models(cluster, page, tmp_path):
     assert not page.errors
 
 
+def job_state(training, job_id: str) -> int:
+    return training.GetJob(t.GetJobRequest(job_id=job_id), timeout=30).job.state
+
+
 def test_a_job_page_draws_its_curve_as_the_epochs_arrive(cluster, gateway_channel, page, tmp_path):
     base = f"http://127.0.0.1:{cluster.ports.gateway_http}"
-    page.goto(f"{base}/console")  # the browser is up before the job starts
     training = training_pb2_grpc.TrainingServiceStub(gateway_channel)
-    job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=20,
-                                                builtin_dataset="iris", output_model="iris-console"),
-                             timeout=30).job  # fmt: skip
-    page.add_init_script(RECORD_CHANGES)
-    page.goto(f"{base}/console/jobs/{job.job_id}")
+    # The family's one trainer is kept busy, so the job waits in the queue until the page is open and
+    # following its events: however fast training is, its epochs arrive while the page watches.
+    blocker = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=5000,
+                                                    builtin_dataset="iris", output_model="iris-console-blocker"),
+                                 timeout=30).job  # fmt: skip
+    try:
+        wait_for(lambda: job_state(training, blocker.job_id) == t.JOB_STATE_RUNNING, timeout=120,
+                 what="the blocking job to start")  # fmt: skip
+        job = training.SubmitJob(t.SubmitJobRequest(family=t.FAMILY_DENSE, architecture="mlp", epochs=20,
+                                                    builtin_dataset="iris", output_model="iris-console"),
+                                 timeout=30).job  # fmt: skip
+        page.add_init_script(RECORD_CHANGES)
+        page.goto(f"{base}/console/jobs/{job.job_id}")
+        until(page, lambda: text(page, "#job-state") == "QUEUED", 60, "the page to follow the queued job")
+    finally:
+        training.CancelJob(t.CancelJobRequest(job_id=blocker.job_id), timeout=30)
     until(page, lambda: text(page, "#job-state") in ("SUCCEEDED", "FAILED", "CANCELLED"), 240, "the job to end")
     assert page.inner_text("#job-state") == "SUCCEEDED"
     until(page, lambda: page.get_attribute("#curve", "data-epochs") == "20", 10, "the 20th epoch drawn")
@@ -105,6 +119,7 @@ def test_a_job_page_draws_its_curve_as_the_epochs_arrive(cluster, gateway_channe
     counts = [epochs for _, epochs in seen]
     assert counts == sorted(counts) and counts[-1] == 20, seen  # one point per epoch, never redrawn backwards
     assert len(set(counts) - {0}) >= 2, seen  # drawn as events arrived, not once at the end
+    assert any(state == "RUNNING" and 0 < epochs < 20 for state, epochs in seen), seen  # while the job ran
     assert page.locator("#curve canvas").count() == 1
     legend = page.inner_text("#curve").lower()  # uPlot shows its legend in capitals
     assert "train loss" in legend and "validation accuracy" in legend
