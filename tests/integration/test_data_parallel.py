@@ -4,8 +4,14 @@ torchrun workers (gloo, one process each) on the real dense and nlp training cod
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +19,8 @@ import pytest
 from gateway.job_spec import normalize
 from services.dense import datasets as dense_data
 from services.dense.training import run_job as dense_run_job
-from shared.data_parallel import TorchrunLauncher
+from shared.cluster import free_port
+from shared.data_parallel import ATTEMPT_FILE, LOG_FILE, PROGRESS_FILE, WORKER_MODULE, TorchrunLauncher
 from shared.datasets import DatasetStore
 from shared.jobs import JobStore
 from shared.keyring import Keyring, create_kek
@@ -162,3 +169,73 @@ async def test_cancelling_a_distributed_job_stops_every_worker(jobs, tmp_path):
         await running.stop()
     assert record["state"] == "CANCELLED"
     assert ModelStore(tmp_path / "models").versions("ddp-digits") == []
+
+
+STOPPED = "another attempt owns its checkpoint now; stopping"  # rank 0's last words, in the workers' log
+
+
+async def epochs_reported(jobs: JobStore, job_id: str) -> list[int]:
+    return [event["epoch"] for _, event in await jobs.history(job_id) if event.get("epochs")]
+
+
+async def test_workers_of_an_attempt_that_was_taken_over_stop_without_writing_the_checkpoint(jobs, tmp_path):
+    """Another trainer that takes the job over writes its own attempt token: the first attempt's rank 0 stops at
+    its next epoch's end, before it would write the checkpoint the new attempt resumes from."""
+    launcher = TorchrunLauncher(max_restarts=0)
+    running = Running(make_worker(jobs, tmp_path, ModelStore(tmp_path / "models"), launcher, max_attempts=1))
+    try:
+        job_id, _ = await jobs.submit("dense", spec(world_size=2, epochs=5000, batch_size=8), tenant="")
+        pids = await worker_pids(jobs, tmp_path, job_id, 2, past_epoch=1)
+        (tmp_path / "checkpoints" / job_id / ATTEMPT_FILE).write_text("a-later-attempt")  # as a taker-over does
+        checkpointed = int(json.loads((tmp_path / "checkpoints" / job_id / PROGRESS_FILE).read_text()
+                                      .splitlines()[-1]).get("epoch", 0))  # fmt: skip
+        log = tmp_path / "checkpoints" / job_id / LOG_FILE  # read before the failed job's files are removed
+        await wait_until(lambda: asyncio.sleep(0, log.exists() and STOPPED in log.read_text()), 120, "rank 0 to stop")
+        record = await finished(jobs, job_id, 120)
+        await wait_until(lambda: asyncio.sleep(0, not any(alive(pid) for pid in pids)), 30, "the workers to exit")
+        reported = await epochs_reported(jobs, job_id)
+    finally:
+        await running.stop()
+    assert record["state"] == "FAILED", record
+    # At most the epoch that was past the check when the token changed is checkpointed and reported after it.
+    assert max(reported) <= max(checkpointed, 1) + 1, (checkpointed, reported)
+    assert ModelStore(tmp_path / "models").versions("ddp-digits") == []
+
+
+def test_a_worker_whose_trainer_dies_stops_its_launcher_and_itself(tmp_path):
+    """A stand-in trainer process is SIGKILLed; the worker (waiting at its rendezvous for a rank that never
+    comes) sends SIGTERM to its parent, the launcher, and exits, instead of training on unwatched."""
+    trainer = subprocess.Popen(["sleep", "600"])
+    port = free_port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}  # fmt: skip
+    worker = [sys.executable, "-m", WORKER_MODULE, "--job-id", "j", "--job-dir", str(tmp_path), "--store",
+              str(tmp_path / "models"), "--timeout-s", "600", "--trainer-pid", str(trainer.pid)]  # fmt: skip
+    # The launcher stand-in: a shell that runs the worker and waits for it, as torchrun's agent does.
+    launcher = subprocess.Popen(["sh", "-c", 'echo "$$" > launcher.pid; "$@" & echo "$!" > worker.pid; wait', "sh",
+                                 *worker], cwd=tmp_path, env=env, start_new_session=True)  # fmt: skip
+    try:
+        for _ in range(600):  # the worker is up and waiting for rank 1 at its rendezvous
+            if (tmp_path / "worker.pid").exists() and _listening(port):
+                break
+            time.sleep(0.1)
+        worker_pid = int((tmp_path / "worker.pid").read_text())
+        assert alive(worker_pid) and launcher.poll() is None
+        trainer.kill()
+        trainer.wait()
+        assert launcher.wait(60) == -signal.SIGTERM  # the worker told its launcher to stop
+        for _ in range(300):
+            if not alive(worker_pid):
+                break
+            time.sleep(0.1)
+        assert not alive(worker_pid)
+    finally:
+        trainer.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(10)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
