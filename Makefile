@@ -193,6 +193,7 @@ bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching
 	$(PY) -m tests.bench.bench_workers
 	$(PY) -m tests.bench.bench_gateway
+	$(PY) -m tests.bench.bench_hop_transport
 	$(PY) -m tests.bench.bench_encryption
 	$(PY) -m tests.bench.bench_graphs
 	$(PY) -m tests.bench.bench_recommend

@@ -1,5 +1,6 @@
 """`python -m tests.bench.echo_server PORT`: a bare grpc.aio server that answers every unary call
-with its request bytes. The floor of what one Python gRPC hop costs, for the gateway bench."""
+with its request bytes, and every message on a stream-stream call (a method whose name ends in
+`Stream`) with that message. The floor of what one Python gRPC hop costs, for the gateway bench."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ async def echo(request: bytes, context) -> bytes:
     return request
 
 
+async def echo_stream(requests, context):
+    async for request in requests:
+        yield request
+
+
 class EchoHandler(grpc.GenericRpcHandler):
     def service(self, handler_call_details):
+        if handler_call_details.method.endswith("Stream"):
+            return grpc.stream_stream_rpc_method_handler(echo_stream)
         return grpc.unary_unary_rpc_method_handler(echo)
 
 
