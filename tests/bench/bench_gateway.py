@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -41,6 +40,7 @@ from maas.dense.v1 import dense_pb2
 from shared.cluster import ClusterPorts, LocalCluster, free_port
 from shared.tensors import from_numpy
 from tests.bench.load import CallSpec, run_interleaved, run_load
+from tests.metrics import hop_batch_totals
 from tests.stores import plain_defaults
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
@@ -84,17 +84,6 @@ def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: i
     # Calls that started before or ended after the window used CPU too; count every answered one.
     calls = max(1, result.calls + result.errors)
     return spent / calls, result.throughput, spent_also / calls
-
-
-def hop_batch_totals(metrics_port: str) -> tuple[float, float]:
-    """(requests, calls) the gateway's hop batcher has sent to the dense service so far, from its metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    totals = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        for part in totals:
-            if line.startswith(f"maas_gateway_hop_batch_requests_{part}{{") and 'family="dense"' in line:
-                totals[part] += float(line.rsplit(" ", 1)[1])
-    return totals["sum"], totals["count"]
 
 
 def start_echo() -> tuple[subprocess.Popen, str]:

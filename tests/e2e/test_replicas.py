@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from maas.dense.v1 import dense_pb2, dense_pb2_grpc
 from shared.cluster import ClusterPorts, LocalCluster
 from shared.tensors import from_numpy
+from tests.metrics import hop_batch_totals
 
 NO_CACHE = (("cache-control", "no-store"),)
 
@@ -48,19 +49,6 @@ def predictions_served(cluster, name: str) -> float:
         for sample in family.samples
         if sample.name == "maas_requests_total" and sample.labels.get("method") == "Predict"
     )
-
-
-def hop_totals(cluster) -> tuple[float, float]:
-    """(requests, calls) the gateway's hop batcher has sent to the dense service so far, from its metrics."""
-    port = cluster.specs["gateway"].env["MAAS_GATEWAY_METRICS_PORT"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    totals = {"sum": 0.0, "count": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            for part in totals:
-                if sample.name == f"maas_gateway_hop_batch_requests_{part}" and sample.labels["family"] == "dense":
-                    totals[part] += sample.value
-    return totals["sum"], totals["count"]
 
 
 class Load:
@@ -112,7 +100,8 @@ class Load:
 
 
 def test_a_replica_killed_under_load_costs_under_a_thousandth_of_the_calls(replicated):
-    sent_before = hop_totals(replicated)
+    metrics_port = replicated.specs["gateway"].env["MAAS_GATEWAY_METRICS_PORT"]
+    sent_before = hop_batch_totals(metrics_port)
     with Load(replicated) as load:
         time.sleep(2)
         assert predictions_served(replicated, "dense-2") > 0  # both replicas take traffic
@@ -121,7 +110,8 @@ def test_a_replica_killed_under_load_costs_under_a_thousandth_of_the_calls(repli
         replicated.start_process("dense-2")
         replicated.wait_serving("dense-2")
         time.sleep(4)
-    requests, calls = (after - before for after, before in zip(hop_totals(replicated), sent_before, strict=True))
+    sent_after = hop_batch_totals(metrics_port)
+    requests, calls = (after - before for after, before in zip(sent_after, sent_before, strict=True))
     assert requests > calls, "no merged call travelled to the replicas: the test did not load the hop"
     assert load.total > 500
     assert load.counts["failed"] / load.total < 0.001, load.errors[:5]
@@ -133,7 +123,8 @@ def test_a_replica_stopped_under_load_drains_with_no_failed_call(replicated):
     # Two things keep this at zero: the replica's drain (the calls it holds finish) and the channel's
     # UNAVAILABLE retries (a call it cancels goes to the other replica). Either alone holds; with
     # neither, merged calls in flight on the stopped replica fail.
-    sent_before = hop_totals(replicated)
+    metrics_port = replicated.specs["gateway"].env["MAAS_GATEWAY_METRICS_PORT"]
+    sent_before = hop_batch_totals(metrics_port)
     with Load(replicated) as load:
         time.sleep(2)
         assert predictions_served(replicated, "dense-2") > 0
@@ -143,7 +134,8 @@ def test_a_replica_stopped_under_load_drains_with_no_failed_call(replicated):
         time.sleep(2)
     replicated.start_process("dense-2")
     replicated.wait_serving("dense-2")
-    requests, calls = (after - before for after, before in zip(hop_totals(replicated), sent_before, strict=True))
+    sent_after = hop_batch_totals(metrics_port)
+    requests, calls = (after - before for after, before in zip(sent_after, sent_before, strict=True))
     assert requests > calls, "no merged call travelled to the replicas: the test did not load the hop"
     assert load.total > 500
     assert load.counts["failed"] == 0, load.errors[:5]
