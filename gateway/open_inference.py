@@ -519,8 +519,12 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
         )
 
     async def ModelStreamInfer(self, requests, context):
-        """Each message is a ModelInfer call of its own, run concurrently with the others (at most
-        STREAM_IN_FLIGHT at once); responses go back as calls finish, failures as error_message."""
+        """Each message is a ModelInfer call of its own, run concurrently with the others; responses go
+        back as calls finish, failures as error_message.
+
+        At most STREAM_IN_FLIGHT messages are running or answered but not yet sent: a message's slot
+        frees once its response is handed to the stream. A client that writes without reading stops
+        being read, and the gateway holds no more than that many responses for it."""
         loop = asyncio.get_running_loop()
         finished: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
@@ -536,8 +540,6 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is this call's response, never the stream's
                 finished.put_nowait(stream_error(request, exc))
-            finally:
-                slots.release()
 
         async def read() -> None:
             try:
@@ -558,6 +560,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
                 if isinstance(item, Exception):
                     raise item
                 yield item
+                slots.release()
         finally:  # the client went away, or the stream ended: nothing of it keeps running
             reader.cancel()
             for task in list(calls):

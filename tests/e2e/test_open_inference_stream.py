@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import subprocess
+import time
 
 import grpc
 import numpy as np
@@ -79,6 +80,31 @@ def test_the_gateway_keeps_serving_after_a_client_drops_its_stream(cluster, gate
         call.cancel()
     after = stream(gateway_channel, [infer_digits(np.ones((1, 64), np.float32), "after")])
     assert after[0].error_message == "" and after[0].infer_response.id == "after"
+
+
+def test_a_client_that_writes_without_reading_stops_being_read_and_then_gets_every_answer(cluster):
+    # 16 KiB requests, so that what the transport buffers is a few hundred of them, far below `sent`.
+    sent, pulled = 5_000, 0
+    request = infer_digits(np.ones((64, 64), np.float32), "unread")
+
+    def requests():
+        nonlocal pulled
+        for _ in range(sent):
+            pulled += 1
+            yield request
+
+    with grpc.insecure_channel(cluster.specs["gateway"].target) as channel:
+        call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=120)
+        # Nothing is read: the gateway holds a bounded number of answers and stops taking requests.
+        last, unchanged, deadline = -1, 0, time.monotonic() + 60
+        while unchanged < 4 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            unchanged, last = (unchanged + 1, last) if pulled == last else (0, pulled)
+        assert pulled < sent, "the gateway read every request while none of its answers was read"
+        # Reading frees it: the stream goes on, and every request is answered.
+        answers = list(call)
+    assert pulled == sent and len(answers) == sent
+    assert all(a.error_message == "" and a.infer_response.id == "unread" for a in answers)
 
 
 def test_a_message_that_is_not_a_request_ends_the_stream_with_invalid_argument(cluster):
