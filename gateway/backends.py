@@ -18,7 +18,23 @@ from shared.observability import REQUEST_ID_KEY, current_request_id
 
 MODEL_SERVICE = models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
 
-# UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt.
+# Queries that change nothing, so a call the service cancelled without running may go again.
+READ_ONLY_METHODS = {
+    "maas.dense.v1.DenseService": ("Predict", "Explain"),
+    "maas.gnn.v1.GnnService": ("Predict", "PredictLinks", "ClassifyGraphs", "ListGraphs", "Explain", "Recommend",
+                               "SimilarItems"),
+    "maas.nlp.v1.NlpService": ("Predict", "Explain", "Similarity"),
+}  # fmt: skip
+
+
+def _retry_policy(codes: list[str]) -> dict:
+    return {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+            "retryableStatusCodes": codes}  # fmt: skip
+
+
+# UNAVAILABLE is retried by the channel itself; the call's deadline covers every attempt. A read-only
+# query is also retried on CANCELLED: a server shutting down cancels the calls it has taken in but not
+# yet handed to a handler (grpc/grpc#41785), so a replica's SIGTERM drain would fail them otherwise.
 RETRY_SERVICE_CONFIG = json.dumps(
     {
         # With a dns:/// target naming a headless Service, calls spread over every replica;
@@ -28,17 +44,13 @@ RETRY_SERVICE_CONFIG = json.dumps(
         "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
         "methodConfig": [
             {
-                "name": [{}],
-                "retryPolicy": {
-                    "maxAttempts": 3,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "0.5s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
+                "name": [{"service": service, "method": method}
+                         for service, methods in READ_ONLY_METHODS.items() for method in methods],
+                "retryPolicy": _retry_policy(["UNAVAILABLE", "CANCELLED"]),
+            },
+            {"name": [{}], "retryPolicy": _retry_policy(["UNAVAILABLE"])},
         ],
-    }
+    }  # fmt: skip
 )
 
 
