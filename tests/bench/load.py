@@ -4,6 +4,12 @@ One Python client process tops out near 2k to 3k calls/s, so the callers are spr
 client processes (spawned, so no gRPC state is forked). Each process opens its own connections
 (local subchannel pools), so a server with several workers on one port gets calls on all of them.
 Calls are raw bytes on a method path: the generator pays no protobuf cost of its own.
+
+Several targets are measured in turn, in slices. Between two slices no call starts for a gap
+(MAAS_BENCH_GAP_S), so the calls still in flight at a slice's end finish before the next slice
+begins: a slice never starts with its callers held up by the previous target's slow calls. Each
+caller's rate is its calls over its own busy span in the slice (from its first call's start to
+its last answer), so the call in flight when a slice ends is neither counted nor charged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 # Client processes per measurement (MAAS_BENCH_CLIENTS); the same for every cell of a table.
 DEFAULT_CLIENTS = int(os.environ.get("MAAS_BENCH_CLIENTS", "2"))
 CALLERS_PER_CHANNEL = 8
+GAP_S = float(os.environ.get("MAAS_BENCH_GAP_S", "0.25"))
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class CallSpec:
 class LoadResult:
     calls: int
     errors: int
-    seconds: float
+    seconds: float  # the callers' busy time over the concurrency: calls / seconds is the closed loop's rate
     latencies_s: list[float] = field(repr=False)
     error_examples: list[str] = field(default_factory=list, repr=False)
 
@@ -70,9 +77,9 @@ def run_interleaved(
 ) -> list[LoadResult]:
     """Measures several targets in turn, `slices` times each, `duration_s` in all per target.
 
-    Every client switches target at the same instants, so a shared machine's drift (another
-    tenant's load, CPU frequency) falls on all the targets alike: compare them, not their
-    absolute figures.
+    Every client switches target at the same instants (after a gap with no call started), so a
+    shared machine's drift (another tenant's load, CPU frequency) falls on all the targets alike:
+    compare them, not their absolute figures.
     """
     clients = max(1, min(clients or DEFAULT_CLIENTS, concurrency))
     shares = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
@@ -87,14 +94,14 @@ def run_interleaved(
     for process in processes:
         process.start()
     ready.wait(120)  # every client has imported grpc and opened its channels
-    parts = [results.get(timeout=120 + warmup_s + duration_s * len(specs)) for _ in processes]
+    parts = [results.get(timeout=120 + warmup_s + (duration_s + GAP_S * slices) * len(specs)) for _ in processes]
     for process in processes:
         process.join(30)
     return [
         LoadResult(
             calls=sum(len(p[i][0]) for p in parts),
             errors=sum(p[i][1] for p in parts),
-            seconds=duration_s,
+            seconds=max(sum(p[i][3] for p in parts) / concurrency, 1e-9),
             latencies_s=[latency for p in parts for latency in p[i][0]],
             error_examples=[example for p in parts for example in p[i][2]][:3],
         )
@@ -143,30 +150,46 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
     requests = [itertools.cycle(spec.requests) for spec in specs]
     measured: list[tuple[list[float], list[str]]] = [([], []) for _ in specs]
     await asyncio.get_running_loop().run_in_executor(None, ready.wait, 120)
-    begin = time.monotonic() + warmup_s
+    warm_until = time.monotonic() + warmup_s
+    begin = warm_until + GAP_S
     rounds = len(specs) * slices
+    busy = [0.0] * len(specs)  # each target's summed caller busy spans, in seconds
+
+    async def call(which: int, index: int) -> str | None:
+        """One call to target `which`; the error it ended with, if any."""
+        spec, method = specs[which], methods[which][index % len(methods[which])]
+        try:
+            if spec.streaming:
+                await streamed(which, index, method, next(requests[which]), spec)
+            else:
+                await method(next(requests[which]), timeout=spec.timeout_s, metadata=spec.metadata or None)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+        except StreamMessageError as exc:
+            return f"stream message: {exc.args[0][:200]!r}"
+        return None
 
     async def caller(index: int) -> None:
-        while (start := time.monotonic()) < begin + rounds * slice_s:
-            turn = max(0, int((start - begin) // slice_s))
+        while time.monotonic() < warm_until:  # the warm-up: the first target, unmeasured
+            await call(0, index)
+        for turn in range(rounds):
             which = turn % len(specs)
-            spec, method = specs[which], methods[which][index % len(methods[which])]
-            try:
-                if spec.streaming:
-                    await streamed(which, index, method, next(requests[which]), spec)
-                else:
-                    await method(next(requests[which]), timeout=spec.timeout_s, metadata=spec.metadata or None)
-            except grpc.aio.AioRpcError as exc:
-                if start >= begin:
-                    measured[which][1].append(f"{exc.code().name}: {exc.details()}")
-                continue
-            except StreamMessageError as exc:
-                if start >= begin:
-                    measured[which][1].append(f"stream message: {exc.args[0][:200]!r}")
-                continue
-            # Counted only when the call started and ended within one measured slice of its target.
-            if start >= begin and (done := time.monotonic()) <= begin + (turn + 1) * slice_s:
-                measured[which][0].append(done - start)
+            opens = begin + turn * (slice_s + GAP_S)
+            closes = opens + slice_s
+            if (wait := opens - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+            first = last = None
+            while (start := time.monotonic()) < closes:
+                first = start if first is None else first
+                error = await call(which, index)
+                if error is not None:
+                    measured[which][1].append(error)
+                # Counted when the call ended within the slice; the one still running at its end is not.
+                elif (done := time.monotonic()) <= closes:
+                    measured[which][0].append(done - start)
+                    last = done
+            if first is not None:  # a caller that got no answer in the slice was busy all of it
+                busy[which] += (last if last is not None else closes) - first
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
     for stream in streams.values():
@@ -174,4 +197,4 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
         stream.cancel()
     for channel in itertools.chain.from_iterable(channels):
         await channel.close()
-    return [(latencies, len(errors), errors[:3]) for latencies, errors in measured]
+    return [(latencies, len(errors), errors[:3], busy[i]) for i, (latencies, errors) in enumerate(measured)]
