@@ -23,7 +23,7 @@ import torch
 from maas.dense.v1 import dense_pb2
 from maas.gnn.v1 import gnn_pb2
 from maas.nlp.v1 import nlp_pb2
-from services.dense.architectures import MLP
+from services.dense import torch_form
 from services.dense.datasets import digits_split
 from services.dense.defaults import CLASS_OUTPUTS, publish_onnx
 from services.dense.settings import DenseSettings
@@ -63,9 +63,12 @@ def build_wide_mlp(store: ModelStore) -> None:
     outweighs the per-call gRPC cost, as with real production models; the digits models are
     too small for that on a CPU."""
     torch.manual_seed(0)
+    form = {"architecture": "mlp", "input_shape": [64], "hidden_sizes": [4096, 4096], "outputs": 10,
+            "task": "classification"}  # fmt: skip
+    net = torch_form.build_net(form)
     publish_onnx(
         store,
-        ExportableClassifier(MLP(64, [4096, 4096], 10)),
+        ExportableClassifier(net),
         torch.zeros(1, 64),
         {
             "name": "wide-mlp",
@@ -74,6 +77,8 @@ def build_wide_mlp(store: ModelStore) -> None:
             "source": "bench: random weights",
             "config": {"architecture": "mlp", "dataset": "none"},
         },
+        net,
+        form,
     )
 
 

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 from maas.nlp.v1 import nlp_pb2
-from services.defaults import ensure_defaults
 from services.nlp.datasets import BUILTIN, DATA_DIR, load_builtin
 from services.nlp.defaults import MINILM
 from services.nlp.runtime import TextEncoder
 from shared.cluster import ClusterPorts, LocalCluster
-from shared.model_store import ModelStore
 from shared.onnx_session import OnnxConfig
 from tests.bench.load import CallSpec, run_interleaved
+from tests.stores import plain_defaults
 
 DURATION_S = float(os.environ.get("MAAS_BENCH_SECONDS", "4"))
 CONCURRENCY = int(os.environ.get("MAAS_BENCH_NLP_CONCURRENCY", "4"))
@@ -59,15 +58,14 @@ def in_process(encoder: TextEncoder, groups: list[list[str]], duration_s: float)
 
 
 def main() -> None:
-    store = ModelStore(Path("var/models"))
-    ensure_defaults(store)
-    manifest = store.manifest(MINILM, store.default_version(MINILM))
-    # The service's defaults: one intra-op thread per ONNX call (MAAS_NLP_ONNX_INTRA_OP_THREADS), 128 tokens.
-    encoder = TextEncoder(manifest, store.artifacts(manifest), OnnxConfig(device="cpu"), 128)
-    texts = bench_texts()
-    print(f"\nnlp embeddings ({MINILM}, {len(texts)} texts from {DATA_DIR.name}/), {DURATION_S:.0f}s per cell, "
-          f"{CONCURRENCY} callers for the served rows, {os.cpu_count()} cores")  # fmt: skip
     with tempfile.TemporaryDirectory() as var:
+        store = plain_defaults(Path(var) / "models")  # the default models, as `make models` built them
+        manifest = store.manifest(MINILM, store.default_version(MINILM))
+        # The service's defaults: one intra-op thread per ONNX call (MAAS_NLP_ONNX_INTRA_OP_THREADS), 128 tokens.
+        encoder = TextEncoder(manifest, store.artifacts(manifest), OnnxConfig(device="cpu"), 128)
+        texts = bench_texts()
+        print(f"\nnlp embeddings ({MINILM}, {len(texts)} texts from {DATA_DIR.name}/), {DURATION_S:.0f}s per cell, "
+              f"{CONCURRENCY} callers for the served rows, {os.cpu_count()} cores")  # fmt: skip
         cluster = LocalCluster(ClusterPorts.free(), store.root, Path(var), log_dir=Path(var) / "logs")
         cluster.start()
         try:
