@@ -35,6 +35,7 @@ import grpc
 
 from shared.errors import PermissionDeniedError, UnauthenticatedError
 from shared.handler_wrapping import MethodInterceptor, wrap_handler
+from shared.observability import call_metadata
 
 ADMIN = "admin"
 ROLES = frozenset({ADMIN})
@@ -171,7 +172,7 @@ class AuthInterceptor(MethodInterceptor):
 
         async def enter(context) -> contextvars.Token:
             try:
-                principal = principal_for(context.invocation_metadata())
+                principal = principal_for(call_metadata(context))
             except UnauthenticatedError as exc:
                 await context.abort(exc.code, exc.message)
             return CURRENT_PRINCIPAL.set(principal)

@@ -39,7 +39,7 @@ from maas.models.v1 import models_pb2
 from maas.nlp.v1 import nlp_pb2
 from shared.error_interceptor import INTERNAL_MESSAGE
 from shared.errors import InvalidArgumentError, MaasError, NotFoundError, ResourceExhaustedError
-from shared.observability import add_trailing_metadata, current_request_id
+from shared.observability import add_trailing_metadata, call_metadata, current_request_id, metadata_value
 from shared.tensors import DTYPE_CODES, DTYPE_NAMES, NUMPY_DTYPES, check_shape, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ class StreamCallContext:
         self._deadline = time.monotonic() + timeout.int64_param / 1e6 if timeout and timeout.int64_param > 0 else None
 
     def invocation_metadata(self):
-        return self._stream.invocation_metadata()
+        return call_metadata(self._stream)
 
     def time_remaining(self) -> float | None:
         remaining = self._stream.time_remaining()
@@ -589,7 +589,7 @@ class OpenInferenceServicer(open_inference_pb2_grpc.GRPCInferenceServiceServicer
             chosen, arm = choose(self.catalog.canary(family, name), request_id)
             if chosen:
                 request.model_version = str(chosen)
-        control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
+        control = metadata_value(context, CACHE_CONTROL)
         policy = proxy.settings.cache_policy.get(name, {})
         # A stored graph's latest version may change under a key: such queries take the native path's cache.
         if not (cache.enabled and policy.get("enabled", True) and control != "no-store") or (

@@ -40,7 +40,7 @@ from gateway.settings import GatewaySettings
 from gateway.shadow import Copy, ShadowSender, shadow_share
 from shared.errors import DeadlineExceededError, InvalidArgumentError, MaasError, PermissionDeniedError, UpstreamError
 from shared.families import FAMILIES
-from shared.observability import add_trailing_metadata, current_request_id
+from shared.observability import add_trailing_metadata, current_request_id, metadata_value
 from shared.stored_graphs import TENANT_METADATA
 from shared.tensors import to_numpy
 
@@ -306,7 +306,7 @@ class GatewayProxy:
         (with `cached` false, the cache is the caller's: neither read nor written, and "passed")."""
         backend = self.backends[route.family]
         timeout = self.timeout(context)
-        control = next((value for key, value in context.invocation_metadata() or () if key == CACHE_CONTROL), "")
+        control = metadata_value(context, CACHE_CONTROL)
         # The version the key names: the one asked for, else the default the catalog last heard of.
         version = request.model_version or self.catalog.default_version(route.family, request.model_name)
         if version is None:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID = contextvars.ContextVar("maas_request_id", default="")
 REQUEST_ID_KEY = "x-request-id"
+# The call being served and its invocation metadata: grpc.aio builds a new tuple of entries on every
+# `invocation_metadata()`, so each call's is read once, by the interceptor, and shared from here.
+CALL_METADATA: contextvars.ContextVar[tuple[Any, tuple]] = contextvars.ContextVar("maas_call_metadata",
+                                                                                  default=(None, ()))  # fmt: skip
 
 REQUESTS = Counter(
     "maas_requests_total", "gRPC calls by service, method, model, version and status code",
@@ -48,6 +52,22 @@ MODEL_STATE = Gauge(
 
 def current_request_id() -> str:
     return REQUEST_ID.get()
+
+
+def call_metadata(context) -> tuple:
+    """`context`'s invocation metadata: the copy read when its call began, when it is the call being served."""
+    served, metadata = CALL_METADATA.get()
+    if served is context:
+        return metadata
+    return context.invocation_metadata() or ()
+
+
+def metadata_value(context, key: str, default: str = "") -> str:
+    """The first value of `key` in `context`'s invocation metadata, or `default`."""
+    for name, value in call_metadata(context):
+        if name == key:
+            return value
+    return default
 
 
 _id_prefix: tuple[int, str] = (0, "")
@@ -154,13 +174,13 @@ class ObservabilityInterceptor(MethodInterceptor):
         record = self.record
 
         async def wrapped(request, context):
-            token, started, response = begin_call(context), time.perf_counter(), None
+            tokens, started, response = begin_call(context), time.perf_counter(), None
             try:
                 response = await behavior(request, context)
                 return response
             finally:
                 record(service, method, request, response, context, started)
-                REQUEST_ID.reset(token)
+                end_call(tokens)
 
         return wrapped
 
@@ -168,21 +188,24 @@ class ObservabilityInterceptor(MethodInterceptor):
         record = self.record
 
         async def wrapped(request, context):
-            token, started = begin_call(context), time.perf_counter()
+            tokens, started = begin_call(context), time.perf_counter()
             try:
                 async for item in behavior(request, context):
                     yield item
             finally:
                 record(service, method, request, None, context, started)
-                REQUEST_ID.reset(token)
+                end_call(tokens)
 
         return wrapped
 
 
-def begin_call(context) -> contextvars.Token:
-    """Takes the caller's request id (or makes one), returns it in trailing metadata and logs under it."""
+def begin_call(context) -> tuple[contextvars.Token, contextvars.Token]:
+    """Reads the call's metadata once (`call_metadata`), takes the caller's request id (or makes one),
+    returns it in trailing metadata and logs under it. `end_call` undoes it."""
+    metadata = context.invocation_metadata() or ()
+    shared = CALL_METADATA.set((context, metadata))
     request_id = None
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == REQUEST_ID_KEY:
             request_id = value
             break
@@ -191,4 +214,10 @@ def begin_call(context) -> contextvars.Token:
     context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     if tracing.enabled():  # on the span opentelemetry-instrumentation-grpc opened for this call
         trace.get_current_span().set_attribute("maas.request_id", request_id)
-    return token
+    return token, shared
+
+
+def end_call(tokens: tuple[contextvars.Token, contextvars.Token]) -> None:
+    request_id, metadata = tokens
+    REQUEST_ID.reset(request_id)
+    CALL_METADATA.reset(metadata)

@@ -10,6 +10,7 @@ from services.gnn.explain import ExplainParams, ExplainQuery, GnnExplanations, G
 from services.gnn.runtime import GnnRuntime, GraphInput
 from shared.batching import deadline_from
 from shared.model_store import Manifest
+from shared.observability import call_metadata
 from shared.stored_graphs import TENANT_METADATA
 from shared.tensors import encode_outputs, from_numpy, to_numpy
 
@@ -94,7 +95,7 @@ class GnnServicer(gnn_pb2_grpc.GnnServiceServicer):
             to_numpy(request.edge_index, "edge_index") if request.HasField("edge_index") else np.zeros((2, 0), np.int64)
         )
         # A new graph belongs to the tenant the gateway names (none when called directly: public).
-        owner = dict(context.invocation_metadata() or ()).get(TENANT_METADATA, "")
+        owner = dict(call_metadata(context)).get(TENANT_METADATA, "")
         graph = await self.runtime.update_graph(request.graph_name, request.base_version, features, edges,
                                                 request.new_graph_name, owner)  # fmt: skip
         return gnn_pb2.UpdateGraphResponse(
