@@ -7,9 +7,11 @@ Calls are raw bytes on a method path: the generator pays no protobuf cost of its
 
 Several targets are measured in turn, in slices. Between two slices no call starts for a gap
 (MAAS_BENCH_GAP_S), so the calls still in flight at a slice's end finish before the next slice
-begins: a slice never starts with its callers held up by the previous target's slow calls. Each
-caller's rate is its calls over its own busy span in the slice (from its first call's start to
-its last answer), so the call in flight when a slice ends is neither counted nor charged.
+begins: a slice never starts with its callers held up by the previous target's slow calls. Every
+caller starts a slice at once, so each one's first call in it, which queues behind the others', only
+settles it and is not measured. Each caller's rate is its calls over its own busy span in the slice
+(from the end of that first call to its last answer), so the call in flight when a slice ends is
+neither counted nor charged.
 """
 
 from __future__ import annotations
@@ -178,17 +180,23 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
             closes = opens + slice_s
             if (wait := opens - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
+            # Each caller's first call in a slice only settles it: every caller starts at once, so those
+            # calls queue behind each other. Its span starts when that call ends.
             first = last = None
             while (start := time.monotonic()) < closes:
-                first = start if first is None else first
                 error = await call(which, index)
+                done = time.monotonic()
                 if error is not None:
                     measured[which][1].append(error)
+                if first is None:
+                    first = done
                 # Counted when the call ended within the slice; the one still running at its end is not.
-                elif (done := time.monotonic()) <= closes:
+                elif error is None and done <= closes:
                     measured[which][0].append(done - start)
                     last = done
-            if first is not None:  # a caller that got no answer in the slice was busy all of it
+            if first is None or first >= closes:  # still settling when the slice ended: busy all of it, for nothing
+                busy[which] += slice_s
+            else:  # with no answer after the first, busy from then to the end
                 busy[which] += (last if last is not None else closes) - first
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
