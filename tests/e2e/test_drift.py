@@ -93,6 +93,8 @@ def test_inputs_like_the_training_data_do_not_drift_and_shifted_ones_queue_one_r
 
     send(channel, iris[1::2] + 4.0, "shifted")  # the same flowers, every measurement 4 cm larger
     wait_for(lambda: gauge(cluster, "maas_model_drift_features") > 0, timeout=60, what="drift to be seen")
+    # Drift may show before every shifted row is logged; the score is read once all are compared.
+    wait_for(lambda: gauge(cluster, "maas_model_drift_rows") >= 150, timeout=60, what="every row compared")
     assert gauge(cluster, "maas_model_drift_score") > 0.3  # half the window shifted: about 0.5
     (job,) = wait_for(lambda: retraining_jobs(training, first_job), timeout=60, what="a retraining job")
     # The job's own spec, its gate included.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import subprocess
+import threading
 import time
 
 import grpc
@@ -83,27 +84,29 @@ def test_the_gateway_keeps_serving_after_a_client_drops_its_stream(cluster, gate
 
 
 def test_a_client_that_writes_without_reading_stops_being_read_and_then_gets_every_answer(cluster):
-    # 16 KiB requests, so that what the transport buffers is a few hundred of them, far below `sent`.
-    sent, pulled = 5_000, 0
+    # 16 KiB requests, offered without end (up to `cap`, 640 MB): what the transports buffer both ways
+    # (flow-control windows grow with BDP probing) is some thousands, far below it.
+    cap, pulled, stop = 40_000, 0, threading.Event()
     request = infer_digits(np.ones((64, 64), np.float32), "unread")
 
     def requests():
         nonlocal pulled
-        for _ in range(sent):
+        while pulled < cap and not stop.is_set():
             pulled += 1
             yield request
 
     with grpc.insecure_channel(cluster.specs["gateway"].target) as channel:
-        call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=120)
+        call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(), timeout=300)
         # Nothing is read: the gateway holds a bounded number of answers and stops taking requests.
-        last, unchanged, deadline = -1, 0, time.monotonic() + 60
+        last, unchanged, deadline = -1, 0, time.monotonic() + 120
         while unchanged < 4 and time.monotonic() < deadline:
             time.sleep(0.5)
             unchanged, last = (unchanged + 1, last) if pulled == last else (0, pulled)
-        assert pulled < sent, "the gateway read every request while none of its answers was read"
-        # Reading frees it: the stream goes on, and every request is answered.
+        assert unchanged == 4 and pulled < cap, f"the gateway kept reading ({pulled} requests) while no answer was read"
+        # Reading frees it: the stream goes on, every request sent is answered, and it ends.
+        stop.set()
         answers = list(call)
-    assert pulled == sent and len(answers) == sent
+    assert len(answers) == pulled
     assert all(a.error_message == "" and a.infer_response.id == "unread" for a in answers)
 
 
