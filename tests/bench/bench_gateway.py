@@ -75,15 +75,28 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
 
 
+@dataclasses.dataclass(frozen=True)
+class CallCost:
+    """CPU seconds per call, from one run of one kind of call."""
+
+    servers: float  # in the processes measured
+    also: float  # in the other processes named
+    clients: float  # in the load generator's client processes
+    rate: float  # calls/s
+
+    def budget(self) -> float:
+        return self.servers + self.also + self.clients
+
+
 def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: int,
-                 also: list[psutil.Process] = ()) -> tuple[float, float, float]:  # fmt: skip
-    """(CPU seconds per answered call in `processes`, calls/s, CPU seconds per call in `also`) for one run."""
+                 also: list[psutil.Process] = ()) -> CallCost:  # fmt: skip
+    """What one run of `spec` costs per call in `processes`, in `also` and in the clients."""
     before, before_also = cpu_seconds(processes), cpu_seconds(also)
     result = run_load(spec, concurrency, DURATION_S, warmup_s=0.0)
     spent, spent_also = cpu_seconds(processes) - before, cpu_seconds(also) - before_also
-    # Calls that started before or ended after the window used CPU too; count every answered one.
-    calls = max(1, result.calls + result.errors)
-    return spent / calls, result.throughput, spent_also / calls
+    # Calls that started before or ended after the window used CPU too; count every one sent.
+    calls = max(1, result.client_calls)
+    return CallCost(spent / calls, spent_also / calls, result.client_cpu_s / calls, result.throughput)
 
 
 def start_echo() -> tuple[subprocess.Popen, str]:
@@ -163,21 +176,33 @@ def main() -> None:
             dense = psutil.Process(cluster.processes["dense"].pid)
             metrics_port = gateway_spec.env["MAAS_GATEWAY_METRICS_PORT"]
             sent_before = hop_batch_totals(metrics_port)
-            gateway_cpu, gateway_rps, dense_cpu = cpu_per_call(workers, forwarded, 64, [dense, *dense.children()])
+            forward = cpu_per_call(workers, forwarded, 64, [dense, *dense.children()])
             sent = [after - before for after, before in zip(hop_batch_totals(metrics_port), sent_before, strict=True)]
             plain = psutil.Process(cluster.processes["gateway-unbatched"].pid)
-            plain_cpu, plain_rps, _ = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
-            echo_cpu, echo_rps, _ = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct),
-                                                 64)  # fmt: skip
+            unbatched_cost = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
+            echo_cost = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct), 64)
+            direct_cost = cpu_per_call([dense, *dense.children()], kinds["direct"], 64)
+            fw, ec, un, dc = forward, echo_cost, unbatched_cost, direct_cost
             print(
-                f"\nCPU per call at concurrency 64: gateway forwarding {gateway_cpu * 1e6:.0f} us "
-                f"({len(workers)} workers, {gateway_rps:.0f} calls/s), bare grpc.aio echo {echo_cpu * 1e6:.0f} us "
-                f"(1 process, {echo_rps:.0f} calls/s): gateway / echo = {gateway_cpu / echo_cpu:.2f}; "
-                f"with the hop unbatched {plain_cpu * 1e6:.0f} us ({plain_rps:.0f} calls/s): {plain_cpu / echo_cpu:.2f}"
+                f"\nCPU per call at concurrency 64: gateway forwarding {fw.servers * 1e6:.0f} us "
+                f"({len(workers)} workers, {fw.rate:.0f} calls/s), bare grpc.aio echo {ec.servers * 1e6:.0f} us "
+                f"(1 process, {ec.rate:.0f} calls/s): gateway / echo = {fw.servers / ec.servers:.2f}; "
+                f"with the hop unbatched {un.servers * 1e6:.0f} us ({un.rate:.0f} calls/s): "
+                f"{un.servers / ec.servers:.2f}"
             )
             print(
-                f"Forwarded calls at concurrency 64: the dense service spent {dense_cpu * 1e6:.0f} us of CPU per call; "
+                f"Forwarded calls at concurrency 64: the dense service spent {fw.also * 1e6:.0f} us of CPU per call; "
                 f"each call the gateway sent it carried {sent[0] / max(1.0, sent[1]):.2f} requests on average"
+            )
+            # Clients and servers share the machine's cores, so a kind's rate goes as one over the CPU that
+            # everything spends on one of its calls: the budgets' ratio predicts the rows' ratio.
+            print(
+                f"CPU budget per call at concurrency 64, clients + servers: echo {ec.clients * 1e6:.0f} + "
+                f"{ec.servers * 1e6:.0f} us; direct {dc.clients * 1e6:.0f} + {dc.servers * 1e6:.0f} us (dense); "
+                f"forwarded {fw.clients * 1e6:.0f} + {fw.servers * 1e6:.0f} (gateway) + {fw.also * 1e6:.0f} us "
+                f"(dense). "
+                f"Echo's budget over forwarded's: {ec.budget() / fw.budget():.2f} (calls/s: {fw.rate / ec.rate:.2f}); "
+                f"over direct's: {ec.budget() / dc.budget():.2f} (calls/s: {dc.rate / ec.rate:.2f})"
             )
         finally:
             echo.terminate()

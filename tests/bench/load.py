@@ -12,6 +12,10 @@ caller starts a slice at once, so each one's first call in it, which queues behi
 settles it and is not measured. Each caller's rate is its calls over its own busy span in the slice
 (from the end of that first call to its last answer), so the call in flight when a slice ends is
 neither counted nor charged.
+
+With one target, a result also says how much CPU the client processes spent while it was measured
+(every call in its slices, first ones included), so a bench can set what the clients cost per call
+beside what the servers cost.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class LoadResult:
     seconds: float  # the callers' busy time over the concurrency: calls / seconds is the closed loop's rate
     latencies_s: list[float] = field(repr=False)
     error_examples: list[str] = field(default_factory=list, repr=False)
+    # With one target only: the client processes' CPU seconds (user + system) over its slices, and
+    # every call they made in them (the unmeasured first ones too).
+    client_cpu_s: float = 0.0
+    client_calls: int = 0
 
     @property
     def throughput(self) -> float:
@@ -99,13 +107,16 @@ def run_interleaved(
     parts = [results.get(timeout=120 + warmup_s + (duration_s + GAP_S * slices) * len(specs)) for _ in processes]
     for process in processes:
         process.join(30)
+    alone = len(specs) == 1
     return [
         LoadResult(
-            calls=sum(len(p[i][0]) for p in parts),
-            errors=sum(p[i][1] for p in parts),
-            seconds=max(sum(p[i][3] for p in parts) / concurrency, 1e-9),
-            latencies_s=[latency for p in parts for latency in p[i][0]],
-            error_examples=[example for p in parts for example in p[i][2]][:3],
+            calls=sum(len(p[0][i][0]) for p in parts),
+            errors=sum(p[0][i][1] for p in parts),
+            seconds=max(sum(p[0][i][3] for p in parts) / concurrency, 1e-9),
+            latencies_s=[latency for p in parts for latency in p[0][i][0]],
+            error_examples=[example for p in parts for example in p[0][i][2]][:3],
+            client_cpu_s=sum(p[1] for p in parts) if alone else 0.0,
+            client_calls=sum(p[2] for p in parts) if alone else 0,
         )
         for i in range(len(specs))
     ]
@@ -156,6 +167,11 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
     begin = warm_until + GAP_S
     rounds = len(specs) * slices
     busy = [0.0] * len(specs)  # each target's summed caller busy spans, in seconds
+    sent = 0  # calls made in the slices, the unmeasured first ones too
+
+    async def cpu_at_begin() -> float:
+        await asyncio.sleep(max(0.0, begin - time.monotonic()))
+        return time.process_time()
 
     async def call(which: int, index: int) -> str | None:
         """One call to target `which`; the error it ended with, if any."""
@@ -172,6 +188,7 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
         return None
 
     async def caller(index: int) -> None:
+        nonlocal sent
         while time.monotonic() < warm_until:  # the warm-up: the first target, unmeasured
             await call(0, index)
         for turn in range(rounds):
@@ -186,6 +203,7 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
             while (start := time.monotonic()) < closes:
                 error = await call(which, index)
                 done = time.monotonic()
+                sent += 1
                 if error is not None:
                     measured[which][1].append(error)
                 if first is None:
@@ -199,10 +217,13 @@ async def _closed_loop(specs: list[CallSpec], callers: int, schedule, ready):
             else:  # with no answer after the first, busy from then to the end
                 busy[which] += (last if last is not None else closes) - first
 
+    cpu_started = asyncio.get_running_loop().create_task(cpu_at_begin())
     await asyncio.gather(*(caller(i) for i in range(callers)))
+    cpu_spent = time.process_time() - await cpu_started
     for stream in streams.values():
         await stream.done_writing()
         stream.cancel()
     for channel in itertools.chain.from_iterable(channels):
         await channel.close()
-    return [(latencies, len(errors), errors[:3], busy[i]) for i, (latencies, errors) in enumerate(measured)]
+    per_target = [(latencies, len(errors), errors[:3], busy[i]) for i, (latencies, errors) in enumerate(measured)]
+    return per_target, cpu_spent, sent
