@@ -18,13 +18,17 @@ shared machine hits them alike: read the ratios, all against the echo server of 
 
 H1 asks, at concurrency 64, for uncached Open Inference calls at 0.7x the echo server or more;
 H2 for hits at 0.9x or more; H3 for ModelStreamInfer at 1.5x or more. H4 is the gateway's CPU
-time per forwarded call (all workers, user + system) beside the echo server's, in the same run.
+time per forwarded call (all workers, user + system) beside the echo server's, in the same run
+(the median of three runs of each, in turn). The last line adds up each kind's CPU budget per call,
+the clients' included: the clients and servers share the cores, so the budgets' ratio is about the
+ratio of the rows' calls/s, and says which process a row's rate is spent in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +53,7 @@ PREDICT = "/maas.dense.v1.DenseService/Predict"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 NO_STORE = (("cache-control", "no-store"),)
+CPU_TURNS = 3  # runs of each kind for the CPU figures, in turn
 
 
 def distinct_requests(count: int = 4096) -> tuple[bytes, ...]:
@@ -86,6 +91,11 @@ class CallCost:
 
     def budget(self) -> float:
         return self.servers + self.also + self.clients
+
+
+def median_cost(costs: list[CallCost]) -> CallCost:
+    """Each figure's median over several runs."""
+    return CallCost(*(statistics.median(getattr(c, f.name) for c in costs) for f in dataclasses.fields(CallCost)))
 
 
 def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: int,
@@ -175,13 +185,20 @@ def main() -> None:
             time.sleep(1.0)
             dense = psutil.Process(cluster.processes["dense"].pid)
             metrics_port = gateway_spec.env["MAAS_GATEWAY_METRICS_PORT"]
-            sent_before = hop_batch_totals(metrics_port)
-            forward = cpu_per_call(workers, forwarded, 64, [dense, *dense.children()])
-            sent = [after - before for after, before in zip(hop_batch_totals(metrics_port), sent_before, strict=True)]
             plain = psutil.Process(cluster.processes["gateway-unbatched"].pid)
-            unbatched_cost = cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64)
-            echo_cost = cpu_per_call([psutil.Process(echo.pid)], CallSpec(echo_target, PREDICT, distinct), 64)
-            direct_cost = cpu_per_call([dense, *dense.children()], kinds["direct"], 64)
+            # Each kind three times, the kinds in turn, and the median of each: drift on the shared machine
+            # moves a kind's CPU per call by a quarter from one minute to the next.
+            costs: dict[str, list[CallCost]] = {"forward": [], "unbatched": [], "echo": [], "direct": []}
+            sent = [0.0, 0.0]
+            for _ in range(CPU_TURNS):
+                sent_before = hop_batch_totals(metrics_port)
+                costs["forward"].append(cpu_per_call(workers, forwarded, 64, [dense, *dense.children()]))
+                sent = [s + after - before for s, after, before in zip(sent, hop_batch_totals(metrics_port),
+                                                                       sent_before, strict=True)]  # fmt: skip
+                costs["unbatched"].append(cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64))
+                costs["echo"].append(cpu_per_call([psutil.Process(echo.pid)], kinds["echo"], 64))
+                costs["direct"].append(cpu_per_call([dense, *dense.children()], kinds["direct"], 64))
+            forward, unbatched_cost, echo_cost, direct_cost = (median_cost(costs[k]) for k in costs)
             fw, ec, un, dc = forward, echo_cost, unbatched_cost, direct_cost
             print(
                 f"\nCPU per call at concurrency 64: gateway forwarding {fw.servers * 1e6:.0f} us "
