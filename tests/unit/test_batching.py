@@ -179,3 +179,76 @@ def test_concat_and_split_keep_each_items_rows():
     assert batch["x"].shape == (6, 2) and sizes == [1, 3, 2]
     for item, back in zip(items, split_rows(batch, sizes), strict=True):
         np.testing.assert_array_equal(item["x"], back["x"])
+
+
+class Threads(Recorder):
+    """A Recorder that also notes the thread each batch ran on, and takes `unit_s` per unit (sleeping)."""
+
+    def __init__(self, unit_s: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.threads: list[int] = []
+        self.unit_s = unit_s
+
+    def __call__(self, items):
+        self.threads.append(threading.get_ident())
+        if self.unit_s:
+            time.sleep(self.unit_s * sum(items))
+        return super().__call__(items)
+
+
+def inline_runs(name: str) -> float:
+    return REGISTRY.get_sample_value("maas_batcher_inline_runs_total", {"model": name}) or 0.0
+
+
+async def test_a_quick_version_runs_on_the_event_loop_once_a_run_says_it_is_quick():
+    run = Threads()
+    b = batcher(run, name="inline:1", max_queue_delay_us=0, inline_run_us=50_000)
+    loop_thread = threading.get_ident()
+    assert [await b.submit(i) for i in range(5)] == [0, 2, 4, 6, 8]
+    assert run.threads[0] != loop_thread  # nothing known yet: the executor
+    assert run.threads[1:] == [loop_thread] * 4
+    assert inline_runs("inline:1") == 4
+    # Concurrent callers: each run is over before the next caller's turn, and each gets its own result.
+    assert await asyncio.gather(*(b.submit(i) for i in range(8))) == [i * 2 for i in range(8)]
+    assert set(run.threads[5:]) == {loop_thread}
+
+
+async def test_without_inline_run_us_every_batch_runs_on_the_executor():
+    run = Threads()
+    b = batcher(run, name="inline-off:1", max_queue_delay_us=0)
+    loop_thread = threading.get_ident()
+    assert [await b.submit(i) for i in range(5)] == [0, 2, 4, 6, 8]
+    assert loop_thread not in run.threads
+    off = DynamicBatcher("inline-off:2", run, lambda item: 1, BatchPolicy(enabled=False), ThreadPoolExecutor(1))
+    assert [await off.submit(i) for i in range(3)] == [0, 2, 4]
+    assert loop_thread not in run.threads
+
+
+async def test_a_slow_version_never_runs_on_the_event_loop():
+    run = Threads(unit_s=0.02)  # 20 ms a run: far over 4 x 1 ms, so not even tried inline
+    b = batcher(run, name="slow:1", max_queue_delay_us=0, inline_run_us=1000)
+    loop_thread = threading.get_ident()
+    assert [await b.submit(1) for _ in range(40)] == [2] * 40  # past a probe turn (every 32nd run)
+    assert loop_thread not in run.threads
+    assert inline_runs("slow:1") == 0
+
+
+async def test_a_batch_expected_to_take_long_goes_to_the_executor():
+    run = Threads(unit_s=0.001)  # 1 ms per unit; an item's value is its units
+    policy = BatchPolicy(max_batch_size=1000, max_queue_delay_us=0, inline_run_us=20_000)
+    b = DynamicBatcher("units:1", run, lambda item: item, policy, ThreadPoolExecutor(1))
+    loop_thread = threading.get_ident()
+    assert [await b.submit(1), await b.submit(1)] == [2, 2]
+    assert run.threads[1] == loop_thread  # one unit: about 1 ms, within 20 ms
+    assert await b.submit(100) == 200  # 100 units: at least 100 ms expected, over 4 x 20 ms
+    assert run.threads[2] != loop_thread
+
+
+async def test_a_failing_inline_run_fails_its_callers_only():
+    run = Threads(fail_on=3)
+    b = batcher(run, name="inline-fail:1", max_queue_delay_us=0, inline_run_us=50_000)
+    assert [await b.submit(1), await b.submit(2)] == [2, 4]
+    with pytest.raises(ValueError, match="cannot run 3"):
+        await b.submit(3)
+    assert await b.submit(4) == 8
+    assert run.threads[2] == run.threads[3] == threading.get_ident()
