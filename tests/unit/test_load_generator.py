@@ -1,18 +1,34 @@
 """The benches' load generator against a real echo server: what it counts, and the client CPU it reports.
 
-`make bench` is not part of `make test`, so these keep its counting honest where the suite sees it."""
+`make bench` is not part of `make test`, so these keep its counting honest where the suite sees it.
+(The gateway bench's own helpers import the Open Inference protos, which protobuf will not load in
+the suite beside tritonclient's copy; the echo server is started here instead.)"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import grpc
 import pytest
 
-from tests.bench.bench_gateway import PREDICT, distinct_requests, start_echo
+from shared.workers import free_port
 from tests.bench.load import CallSpec, run_interleaved, run_load
+
+PREDICT = "/maas.dense.v1.DenseService/Predict"  # any unary method: the echo server answers every one
+
+
+def distinct_requests(count: int) -> tuple[bytes, ...]:
+    return tuple(f"request {i}".encode() * 8 for i in range(count))
 
 
 @pytest.fixture(scope="module")
 def echo_target():
-    process, target = start_echo()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.bench.echo_server", str(port)])
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
     yield target
     process.terminate()
     process.wait(10)
