@@ -192,7 +192,6 @@ reference: $(PROTO_STAMP)
 bench: $(MODELS_STAMP)
 	$(PY) -m tests.bench.bench_batching
 	$(PY) -m tests.bench.bench_workers
-	$(PY) -m tests.bench.bench_inline
 	$(PY) -m tests.bench.bench_gateway
 	$(PY) -m tests.bench.bench_hop_transport
 	$(PY) -m tests.bench.bench_encryption

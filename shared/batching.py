@@ -13,20 +13,11 @@ and await their own result.
   serialise a version while cores are free. Each item's result depends only on the item
   (rows, graphs and texts are independent), so batch composition never changes an answer.
 - A failing batch hands its error to every caller in it.
-- **Inline runs.** Handing a batch to an executor thread and its result back to the event loop
-  costs the process about 100 to 150 µs of CPU on a small machine (thread wake-ups, the GIL changing
-  hands, the loop's self-pipe), several times a small model's own run. A batch expected to run
-  within `inline_run_us` runs on the event loop itself. The expectation comes from the version's
-  recent runs (the fastest of the last few, per unit and whole), so a first run, and a version
-  whose runs are slow, always go to the executor. Runs measured on a busy executor look slower than
-  they are (they wait for the GIL), so a version whose expectation is close to the bound is tried
-  inline now and then, and only while it stays close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -60,11 +51,6 @@ SKIPPED = Counter(
     ["model", "reason"],
 )
 REJECTED = Counter("maas_requests_rejected_total", "Requests refused because the queue was full", ["model"])
-INLINE_RUNS = Counter(
-    "maas_batcher_inline_runs_total",
-    "Batches run on the event loop, not on an inference thread, because they were expected to be quick",
-    ["model"],
-)
 
 
 @dataclass(frozen=True)
@@ -74,7 +60,6 @@ class BatchPolicy:
     max_queue_delay_us: int = 2000
     max_queue_size: int = 1024
     max_concurrent_batches: int = 1
-    inline_run_us: int = 0  # batches expected to run within this many microseconds run on the event loop
 
     @classmethod
     def from_settings(cls, settings: Any, overrides: dict[str, Any] | None = None) -> BatchPolicy:
@@ -85,42 +70,8 @@ class BatchPolicy:
             "max_queue_delay_us": settings.max_queue_delay_us,
             "max_queue_size": settings.max_queue_size,
             "max_concurrent_batches": max(1, min(settings.max_concurrent_batches, settings.inference_threads)),
-            "inline_run_us": settings.inline_run_us,
         }
         return cls(**{**values, **(overrides or {})})
-
-
-RECENT_RUNS = 16  # runs a version's expected run time is taken from
-PROBE_EVERY = 32  # a version expected a little over inline_run_us is run inline once in this many runs
-PROBE_WITHIN = 4  # ... while its expected run time is within this many times inline_run_us
-
-
-class RunTimes:
-    """A version's recent run times, thread-safe: what a batch of a given size is expected to take."""
-
-    def __init__(self) -> None:
-        self._recent: deque[tuple[float, float]] = deque(maxlen=RECENT_RUNS)  # (µs, µs per unit)
-        self._lock = threading.Lock()
-        self._added = 0
-        self._fastest_us: float | None = None  # the fastest whole run
-        self._per_unit_us = 0.0  # the fastest run per unit
-
-    def add(self, elapsed_us: float, units: int) -> None:
-        per_unit = elapsed_us / max(1, units)
-        with self._lock:
-            self._recent.append((elapsed_us, per_unit))
-            self._added += 1
-            if self._fastest_us is None or self._added % RECENT_RUNS == 0:  # runs that left the window drop out
-                self._fastest_us = min(us for us, _ in self._recent)
-                self._per_unit_us = min(unit for _, unit in self._recent)
-            else:
-                self._fastest_us = min(self._fastest_us, elapsed_us)
-                self._per_unit_us = min(self._per_unit_us, per_unit)
-
-    def expected_us(self, units: int) -> float | None:
-        """None until a run was seen; else no faster than any recent run, and no faster per unit."""
-        fastest = self._fastest_us
-        return None if fastest is None else max(fastest, self._per_unit_us * units)
 
 
 @dataclass
@@ -156,18 +107,13 @@ class DynamicBatcher(Generic[Item, Result]):
         self._batch_size = BATCH_SIZE.labels(name)
         self._fast_path = FAST_PATH.labels(name)
         self._queue_depth = QUEUE_DEPTH.labels(name)
-        self.run_times = RunTimes()
-        self._runs = 0
-        self._inline = INLINE_RUNS.labels(name)
 
     async def submit(self, item: Item, deadline: float | None = None) -> Result:
         """Runs `item` in a batch; `deadline` is a time.monotonic() value, or None for none."""
         loop = asyncio.get_running_loop()
         if not self.policy.enabled:
             _check_deadline(deadline, self.name)
-            if self._runs_inline([item]):
-                return self._timed_run([item])[0]
-            return (await loop.run_in_executor(self.executor, self._timed_run, [item]))[0]
+            return (await loop.run_in_executor(self.executor, self.run_batch, [item]))[0]
         if (
             not self._queue
             and self._running < self.policy.max_concurrent_batches
@@ -207,42 +153,8 @@ class DynamicBatcher(Generic[Item, Result]):
     def _submit(self, loop: asyncio.AbstractEventLoop, items: list[Item]) -> tuple[Future, asyncio.Future]:
         """Runs one batch on the executor in a batch slot; the caller frees the slot when it ends."""
         self._running += 1
-        if self._runs_inline(items):  # done by the time it returns: nothing crosses a thread
-            running: Future = Future()
-            result = loop.create_future()
-            try:
-                outputs = self._timed_run(items)
-            except Exception as exc:  # noqa: BLE001 - the callers get it, as from the executor
-                running.set_exception(exc)
-                result.set_exception(exc)
-            else:
-                running.set_result(outputs)
-                result.set_result(outputs)
-            return running, result
-        running = self.executor.submit(self._timed_run, items)
+        running = self.executor.submit(self.run_batch, items)
         return running, asyncio.wrap_future(running, loop=loop)
-
-    def _runs_inline(self, items: list[Item]) -> bool:
-        """Whether this batch runs on the event loop: expected within inline_run_us, or a probe of a
-        version expected a little over it (its figures may be from runs slowed down on the executor)."""
-        bound = self.policy.inline_run_us
-        if bound <= 0:
-            return False
-        self._runs += 1
-        expected = self.run_times.expected_us(sum(self.size(item) for item in items))
-        if expected is None:
-            return False
-        inline = expected <= bound or (expected <= PROBE_WITHIN * bound and self._runs % PROBE_EVERY == 0)
-        if inline:
-            self._inline.inc()
-        return inline
-
-    def _timed_run(self, items: list[Item]) -> Sequence[Result]:
-        started = time.perf_counter()
-        outputs = self.run_batch(items)
-        if self.policy.inline_run_us > 0:
-            self.run_times.add((time.perf_counter() - started) * 1e6, sum(self.size(item) for item in items))
-        return outputs
 
     def _slot_freed(self) -> None:
         self._running -= 1

@@ -126,14 +126,6 @@ class ModelServiceSettings(ServerSettings):
     max_queue_size: int = Field(
         1024, description="Requests waiting per model version; beyond it, calls get RESOURCE_EXHAUSTED."
     )
-    inline_run_us: int = Field(
-        0,
-        ge=0,
-        description="Batches that a version's recent runs say will take at most this many microseconds run on "
-        "the event loop, not on an inference thread: handing a batch to a thread and back costs more than "
-        "a small model's run. 0 turns it off (the default for gnn and nlp, whose run times do not follow "
-        "their nodes or texts alone).",
-    )
     max_concurrent_batches: int = Field(
         1,
         description="Batches of one model version that may run at once (at most inference_threads). One measured "

@@ -12,13 +12,6 @@ class DenseSettings(ModelServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MAAS_DENSE_", extra="ignore")
 
     port: int = Field(50061, description="gRPC port of the dense service (every worker binds it).")
-    inline_run_us: int = Field(
-        100,
-        ge=0,
-        description="Batches that a version's recent runs say will take at most this many microseconds run on "
-        "the event loop, not on an inference thread: handing a batch to a thread and back costs more than "
-        "a small model's run (digits-mlp runs a row in about 20 us). 0 turns it off.",
-    )
     drift_interval_s: float = Field(
         60.0, ge=0, description="How often each version's recent payload records are compared with its training "
         "reference sample (shared/drift.py); 0 turns drift checks off. Needs EVENTS_REDIS_URL and payload logging."
