@@ -198,8 +198,7 @@ def main() -> None:
                 costs["unbatched"].append(cpu_per_call(plain.children() or [plain], kinds["  hop unbatched"], 64))
                 costs["echo"].append(cpu_per_call([psutil.Process(echo.pid)], kinds["echo"], 64))
                 costs["direct"].append(cpu_per_call([dense, *dense.children()], kinds["direct"], 64))
-            forward, unbatched_cost, echo_cost, direct_cost = (median_cost(costs[k]) for k in costs)
-            fw, ec, un, dc = forward, echo_cost, unbatched_cost, direct_cost
+            fw, un, ec, dc = (median_cost(costs[k]) for k in ("forward", "unbatched", "echo", "direct"))
             print(
                 f"\nCPU per call at concurrency 64: gateway forwarding {fw.servers * 1e6:.0f} us "
                 f"({len(workers)} workers, {fw.rate:.0f} calls/s), bare grpc.aio echo {ec.servers * 1e6:.0f} us "
@@ -217,8 +216,8 @@ def main() -> None:
                 f"CPU budget per call at concurrency 64, clients + servers: echo {ec.clients * 1e6:.0f} + "
                 f"{ec.servers * 1e6:.0f} us; direct {dc.clients * 1e6:.0f} + {dc.servers * 1e6:.0f} us (dense); "
                 f"forwarded {fw.clients * 1e6:.0f} + {fw.servers * 1e6:.0f} (gateway) + {fw.also * 1e6:.0f} us "
-                f"(dense). "
-                f"Echo's budget over forwarded's: {ec.budget() / fw.budget():.2f} (calls/s: {fw.rate / ec.rate:.2f}); "
+                f"(dense). Echo's budget over forwarded's: {ec.budget() / fw.budget():.2f} "
+                f"(calls/s: {fw.rate / ec.rate:.2f}); "
                 f"over direct's: {ec.budget() / dc.budget():.2f} (calls/s: {dc.rate / ec.rate:.2f})"
             )
         finally:
