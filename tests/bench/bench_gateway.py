@@ -29,13 +29,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 import psutil
 
@@ -43,6 +40,7 @@ from inference import open_inference_pb2 as oip
 from maas.dense.v1 import dense_pb2
 from shared.cluster import ClusterPorts, LocalCluster, free_port
 from shared.tensors import from_numpy
+from tests.bench.echo_server import start_echo
 from tests.bench.load import CallSpec, run_interleaved, run_load
 from tests.metrics import hop_batch_totals
 from tests.stores import plain_defaults
@@ -107,15 +105,6 @@ def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: i
     # Calls that started before or ended after the window used CPU too; count every one sent.
     calls = max(1, result.client_calls)
     return CallCost(spent / calls, spent_also / calls, result.client_cpu_s / calls, result.throughput)
-
-
-def start_echo() -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.bench.echo_server", str(port)])
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=60)
-    return process, target
 
 
 def start_unbatched_gateway(cluster: LocalCluster, var: Path) -> str:

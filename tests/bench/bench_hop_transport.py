@@ -24,7 +24,8 @@ from collections import deque
 import grpc
 import psutil
 
-from tests.bench.bench_gateway import distinct_requests, start_echo
+from tests.bench.bench_gateway import distinct_requests
+from tests.bench.echo_server import start_echo
 
 REQUESTS = int(os.environ.get("MAAS_BENCH_HOP_REQUESTS", "20000"))
 CALLERS = 64

@@ -5,9 +5,12 @@ with its request bytes, and every message on a stream-stream call (a method whos
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 
 import grpc
+
+from shared.workers import free_port
 
 
 async def echo(request: bytes, context) -> bytes:
@@ -32,6 +35,16 @@ async def serve(port: int) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
+
+
+def start_echo() -> tuple[subprocess.Popen, str]:
+    """This server in a process of its own, serving; the process and its target."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tests.bench.echo_server", str(port)])
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+    return process, target
 
 
 if __name__ == "__main__":

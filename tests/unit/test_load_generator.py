@@ -1,18 +1,14 @@
 """The benches' load generator against a real echo server: what it counts, and the client CPU it reports.
 
 `make bench` is not part of `make test`, so these keep its counting honest where the suite sees it.
-(The gateway bench's own helpers import the Open Inference protos, which protobuf will not load in
-the suite beside tritonclient's copy; the echo server is started here instead.)"""
+(Nothing here imports the gateway bench: its Open Inference protos are not loaded in the suite beside
+tritonclient's copy.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-import grpc
 import pytest
 
-from shared.workers import free_port
+from tests.bench.echo_server import start_echo
 from tests.bench.load import CallSpec, run_interleaved, run_load
 
 PREDICT = "/maas.dense.v1.DenseService/Predict"  # any unary method: the echo server answers every one
@@ -24,11 +20,7 @@ def distinct_requests(count: int) -> tuple[bytes, ...]:
 
 @pytest.fixture(scope="module")
 def echo_target():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tests.bench.echo_server", str(port)])
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=60)
+    process, target = start_echo()
     yield target
     process.terminate()
     process.wait(10)
