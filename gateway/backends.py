@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
 
 import grpc
 
@@ -73,6 +75,49 @@ def _identity(value: bytes) -> bytes:
     return value
 
 
+# How often a backend named by DNS is looked up again for its replica count (a headless Service's
+# ready pods, compose's containers): scaling shows within this long.
+RESOLVE_EVERY_S = 10.0
+
+
+def listed_replicas(target: str) -> int | None:
+    """The addresses a target lists itself (`ipv4:a:p,b:p`, `unix:path`); None for a name DNS resolves."""
+    scheme, _, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return max(1, len([address for address in rest.split(",") if address]))
+    if scheme in ("unix", "unix-abstract", "vsock"):
+        return 1
+    return None
+
+
+def dns_host_port(target: str) -> tuple[str, str]:
+    """The host and port of a DNS target: `host:port`, `dns:host:port`, `dns:///host:port`, `[v6]:port`."""
+    name = target
+    if name.startswith("dns:"):
+        name = name[len("dns:") :]
+        if name.startswith("//"):  # dns://authority/host:port
+            name = name[2:].partition("/")[2]
+    if name.startswith("["):
+        host, _, port = name[1:].partition("]")
+        return host, port.lstrip(":") or "443"
+    host, _, port = name.rpartition(":")
+    return (host, port) if host else (port, "443")
+
+
+async def resolve_replicas(target: str) -> int:
+    """How many replicas a target names: its listed addresses, or the distinct addresses DNS gives
+    for it (the channel balances round robin over the same ones). ValueError if DNS cannot say."""
+    listed = listed_replicas(target)
+    if listed is not None:
+        return listed
+    host, port = dns_host_port(target)
+    try:
+        found = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve {target!r}: {exc}") from None
+    return max(1, len({address[4][0] for address in found}))
+
+
 class Backend:
     """A model service: its channel, and pass-through callables for its data plane and ModelService."""
 
@@ -84,6 +129,26 @@ class Backend:
             target, options=channel_options(max_message_bytes), interceptors=tracing.client_interceptors()
         )
         self._methods: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
+        listed = listed_replicas(target)
+        # Replicas behind the target: listed ones, or a DNS name's addresses, looked up again now and then.
+        self._replicas = listed or 1
+        self._resolve_at = float("inf") if listed else 0.0
+        self._resolving: asyncio.Task | None = None
+
+    def replica_count(self) -> int:
+        """The replicas the channel balances over, as last found (1 until a DNS name is first resolved);
+        a DNS name is looked up again, in the background, when the last look-up is old."""
+        now = time.monotonic()
+        if now >= self._resolve_at:
+            self._resolve_at = now + RESOLVE_EVERY_S
+            self._resolving = asyncio.get_running_loop().create_task(self._resolve())
+        return self._replicas
+
+    async def _resolve(self) -> None:
+        try:
+            self._replicas = await resolve_replicas(self.target)
+        except ValueError:  # DNS failing for a moment: the last count stands
+            pass
 
     def method(self, path: str) -> grpc.aio.UnaryUnaryMultiCallable:
         if path not in self._methods:

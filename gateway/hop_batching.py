@@ -1,8 +1,9 @@
 """Micro-batching on the gateway → dense service hop: concurrent Predicts travel as one call.
 
 Dense Predicts for one model, version, output list and input signature (dtype and every
-dimension but the first, per input) share a *lane*. A lane lets a few calls run at once
-(`MAAS_GATEWAY_HOP_MAX_IN_FLIGHT`). A request that finds a free slot and nobody waiting goes
+dimension but the first, per input) share a *lane*. A lane lets a few calls run at once:
+`MAAS_GATEWAY_HOP_MAX_IN_FLIGHT` (1) per replica of the dense service, as the backend's target
+lists them or DNS finds them. A request that finds a free slot and nobody waiting goes
 out alone, as its caller's bytes, exactly as without batching: at low load nothing waits and
 nothing is merged. Requests that find every slot busy queue; when a call returns, the queue
 leaves as one Predict whose inputs are the queued inputs stacked on the batch axis (a byte
@@ -139,10 +140,10 @@ def split(response: bytes, rows: list[int]) -> list[bytes]:
 class HopBatcher:
     """Dense Predicts to one backend, merged per lane while the lane's call slots are busy."""
 
-    def __init__(self, backend, path: str, max_in_flight: int, max_rows: int, max_bytes: int) -> None:
+    def __init__(self, backend, path: str, per_replica: int, max_rows: int, max_bytes: int) -> None:
         self.backend = backend
         self.path = path
-        self.max_in_flight = max(1, max_in_flight)
+        self.per_replica = max(1, per_replica)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self._lanes: dict[tuple, _Lane] = {}
@@ -164,7 +165,7 @@ class HopBatcher:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
-        if lane.in_flight < self.max_in_flight and not lane.queue:
+        if lane.in_flight < self.max_in_flight() and not lane.queue:
             lane.in_flight += 1
             self._batch_size.observe(1)
             try:
@@ -183,9 +184,15 @@ class HopBatcher:
             if not waiting.future.done():  # gone before its call: it never goes out
                 waiting.future.cancel()
 
+    def max_in_flight(self) -> int:
+        """Calls a lane may have in flight: so many per replica, so that every replica has work while
+        each call carries all that queued behind the last."""
+        return self.per_replica * self.backend.replica_count()
+
     def _slot_freed(self, key: tuple, lane: _Lane) -> None:
         lane.in_flight -= 1
-        while lane.in_flight < self.max_in_flight and lane.queue:
+        slots = self.max_in_flight()
+        while lane.in_flight < slots and lane.queue:
             batch = self._take(lane)
             if batch:
                 lane.in_flight += 1

@@ -105,7 +105,10 @@ class GatewaySettings(ServerSettings):
         "dense service while that lane's call slots are busy; a request that finds a slot free goes alone.",
     )
     hop_max_in_flight: int = Field(
-        2, ge=1, description="Calls each lane (model, version, input signature) may have in flight to the dense service"
+        1,
+        ge=1,
+        description="Calls each lane (model, version, input signature) may have in flight to each replica of the "
+        "dense service (the replicas its target lists, or DNS finds for it)",
     )
     hop_max_rows: int = Field(64, ge=1, description="Most rows one merged call to the dense service carries.")
     payload_logging: dict[str, float] = Field(

@@ -61,7 +61,8 @@ class WaitingListed(ListedModels):
         return model
 
 
-async def stand_up(hop_batching=True):
+async def stand_up(hop_batching=True, replicas=1):
+    """The gateway in front of `replicas` backend servers, which share one servicer (one list of calls)."""
     backend_servicer = RowsTimesTwo()
 
     def register(server):
@@ -69,24 +70,33 @@ async def stand_up(hop_batching=True):
         models_pb2_grpc.add_ModelServiceServicer_to_server(WaitingListed("dense", "m", "other", "single", "summary",
                                                                           "waits"), server)  # fmt: skip
 
-    backend = GrpcServer(ServerSettings(port=0), register, ["maas.dense.v1.DenseService", MODEL_SERVICE])
-    await backend.start()
+    servers = [GrpcServer(ServerSettings(port=0), register, ["maas.dense.v1.DenseService", MODEL_SERVICE])
+               for _ in range(replicas)]  # fmt: skip
+    for backend in servers:
+        await backend.start()
+    addresses = [f"127.0.0.1:{backend.port}" for backend in servers]
+    # One replica by its DNS-style name, several as a static list (as LocalCluster names them).
+    target = addresses[0] if replicas == 1 else "ipv4:" + ",".join(addresses)
     settings = GatewaySettings(port=0, redis_url=None, hop_batching=hop_batching, hop_max_in_flight=1)
-    backends = {r.family: Backend(r.family, r.service, f"127.0.0.1:{backend.port}", 1 << 20) for r in ROUTES}
+    backends = {r.family: Backend(r.family, r.service, target, 1 << 20) for r in ROUTES}
     proxy = GatewayProxy(backends, ResultCache(None, 1.0), ModelCatalog(backends, 60.0), settings)
     server = GrpcServer(settings, lambda s: s.add_generic_rpc_handlers(proxy.handlers()), [r.service for r in ROUTES])
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    return dense_pb2_grpc.DenseServiceStub(channel), backend_servicer, proxy, (channel, server, backend)
+    return dense_pb2_grpc.DenseServiceStub(channel), backend_servicer, proxy, (channel, server, *servers)
+
+
+async def tear_down(channel, *servers):
+    await channel.close()
+    for server in servers:
+        await server.server.stop(0)
 
 
 @pytest.fixture
 async def gateway():
-    stub, backend, proxy, (channel, server, backend_server) = await stand_up()
+    stub, backend, proxy, running = await stand_up()
     yield stub, backend, proxy
-    await channel.close()
-    await server.server.stop(0)
-    await backend_server.server.stop(0)
+    await tear_down(*running)
 
 
 def request(*firsts: float, model="m") -> dense_pb2.PredictRequest:
@@ -240,7 +250,7 @@ async def test_a_version_whose_batcher_waits_gets_every_request_alone(gateway):
 
 
 async def test_without_hop_batching_every_request_is_its_own_call():
-    stub, backend, proxy, (channel, server, backend_server) = await stand_up(hop_batching=False)
+    stub, backend, proxy, running = await stand_up(hop_batching=False)
     try:
         calls = [asyncio.ensure_future(stub.Predict(request(v), timeout=30)) for v in (1, 2, 3)]
         await until(lambda: len(backend.calls) == 3, "three calls sent at once")
@@ -248,9 +258,25 @@ async def test_without_hop_batching_every_request_is_its_own_call():
         assert [rows_of(r) for r in await asyncio.gather(*calls)] == [[[2, 3]], [[4, 5]], [[6, 7]]]
         assert proxy._hop is None
     finally:
-        await channel.close()
-        await server.server.stop(0)
-        await backend_server.server.stop(0)
+        await tear_down(*running)
+
+
+async def test_a_lane_keeps_a_call_in_flight_to_every_replica():
+    """One call in flight per replica (MAAS_GATEWAY_HOP_MAX_IN_FLIGHT=1): with two replicas listed, two
+    requests go out alone at once, and only the third queues, to leave with the next free slot."""
+    stub, backend, proxy, running = await stand_up(replicas=2)
+    try:
+        assert proxy._hop.backend.replica_count() == 2
+        calls = [asyncio.ensure_future(stub.Predict(request(v), timeout=30)) for v in (1, 2)]
+        await until(lambda: len(backend.calls) == 2, "both requests sent, one per replica")
+        third = asyncio.ensure_future(stub.Predict(request(3), timeout=30))
+        await until(lambda: queued(proxy) == 1, "the third request queued")
+        assert len(backend.calls) == 2
+        backend.open.set()
+        assert [rows_of(r) for r in await asyncio.gather(*calls, third)] == [[[2, 3]], [[4, 5]], [[6, 7]]]
+        assert sorted(backend.calls) == [("m", [1]), ("m", [2]), ("m", [3])]
+    finally:
+        await tear_down(*running)
 
 
 def test_merge_and_split_keep_each_requests_rows_and_every_input():
