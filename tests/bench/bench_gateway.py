@@ -15,6 +15,8 @@ shared machine hits them alike: read the ratios, all against the echo server of 
   per caller, one message at a time on it (as perf_analyzer --streaming sends them);
 - "hop unbatched": a second gateway on the same dense service with MAAS_GATEWAY_HOP_BATCHING=false,
   every request its own call to the dense service, beside the default (merged while busy).
+- "hop 2 in flight": a third gateway whose lanes keep two merged calls in flight to the one dense
+  replica (MAAS_GATEWAY_HOP_MAX_IN_FLIGHT=2) instead of the default one.
 
 H1 asks, at concurrency 64, for uncached Open Inference calls at 0.7x the echo server or more;
 H2 for hits at 0.9x or more; H3 for ModelStreamInfer at 1.5x or more. H4 is the gateway's CPU
@@ -107,18 +109,18 @@ def cpu_per_call(processes: list[psutil.Process], spec: CallSpec, concurrency: i
     return CallCost(spent / calls, spent_also / calls, result.client_cpu_s / calls, result.throughput)
 
 
-def start_unbatched_gateway(cluster: LocalCluster, var: Path) -> str:
-    """A second gateway like the cluster's, whose dense Predicts each travel alone; its target."""
+def start_gateway_variant(cluster: LocalCluster, var: Path, name: str, settings: dict[str, str]) -> str:
+    """A second gateway like the cluster's, on the same dense service, with `settings` changed; its target."""
     spec = cluster.specs["gateway"]
-    port, run_dir = free_port(), var / "run" / "gateway-unbatched"
+    port, run_dir = free_port(), var / "run" / name
     env = {**spec.env, "MAAS_GATEWAY_PORT": str(port), "MAAS_GATEWAY_METRICS_PORT": str(free_port()),
-           "MAAS_GATEWAY_HTTP_PORT": str(free_port()), "MAAS_GATEWAY_HOP_BATCHING": "false"}  # fmt: skip
+           "MAAS_GATEWAY_HTTP_PORT": str(free_port()), **settings}  # fmt: skip
     local_env = {**spec.local_env, "MAAS_GATEWAY_RUN_DIR": str(run_dir)}
-    cluster.specs["gateway-unbatched"] = dataclasses.replace(spec, name="gateway-unbatched", port=port, env=env,
-                                                             run_dir=run_dir, local_env=local_env)  # fmt: skip
-    cluster.start_process("gateway-unbatched")
-    cluster.wait_serving("gateway-unbatched")
-    return cluster.specs["gateway-unbatched"].target
+    cluster.specs[name] = dataclasses.replace(spec, name=name, port=port, env=env, run_dir=run_dir,
+                                              local_env=local_env)  # fmt: skip
+    cluster.start_process(name)
+    cluster.wait_serving(name)
+    return cluster.specs[name].target
 
 
 def main() -> None:
@@ -129,7 +131,10 @@ def main() -> None:
         cluster.start()
         echo, echo_target = start_echo()
         try:
-            unbatched = start_unbatched_gateway(cluster, Path(var))
+            unbatched = start_gateway_variant(cluster, Path(var), "gateway-unbatched",
+                                              {"MAAS_GATEWAY_HOP_BATCHING": "false"})  # fmt: skip
+            two_in_flight = start_gateway_variant(cluster, Path(var), "gateway-two-in-flight",
+                                                  {"MAAS_GATEWAY_HOP_MAX_IN_FLIGHT": "2"})  # fmt: skip
             gateway_spec = cluster.specs["gateway"]
             forwarded = CallSpec(gateway_spec.target, PREDICT, distinct, NO_STORE)
             repeated = tuple(infers[0].replace(b"bench-0", f"bench-{i}".encode()) for i in range(10))
@@ -138,6 +143,7 @@ def main() -> None:
                 "direct": CallSpec(cluster.specs["dense"].target, PREDICT, distinct),
                 "gateway uncached": forwarded,
                 "  hop unbatched": CallSpec(unbatched, PREDICT, distinct, NO_STORE),
+                "  hop 2 in flight": CallSpec(two_in_flight, PREDICT, distinct, NO_STORE),
                 "gateway hit": CallSpec(gateway_spec.target, PREDICT, distinct[:1]),
                 "OIP uncached": CallSpec(gateway_spec.target, MODEL_INFER, infers, NO_STORE),
                 "  hop unbatched ": CallSpec(unbatched, MODEL_INFER, infers, NO_STORE),
@@ -163,9 +169,9 @@ def main() -> None:
                     if result.errors:
                         example = result.error_examples[:1]
                         errors.append(f"c{concurrency} {name}: {result.errors} errors, e.g. {example}")
-            print(f"{'':17} | {header}")
+            print(f"{'':18} | {header}")
             for name, cells in rows.items():
-                print(f"{name:<17} | {' | '.join(cells)}")
+                print(f"{name:<18} | {' | '.join(cells)}")
             for line in errors:
                 print(f"     {line}")
 
