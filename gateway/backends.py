@@ -198,4 +198,6 @@ class Backend:
         return UpstreamError(code, exc.details() or code.name)
 
     async def close(self) -> None:
+        if self._resolving is not None:
+            self._resolving.cancel()
         await self.channel.close()
