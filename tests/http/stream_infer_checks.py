@@ -69,7 +69,8 @@ async def streaming_gateway(cache_redis, tmp_path):  # noqa: F811 - the imported
     redis.Redis.from_url(cache_redis.url).flushall()
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"keys": [{"tenant": t, "sha256": hash_key(k)} for t, k in KEYS.items()]}))
-    settings = GatewaySettings(port=0)
+    # Two hop slots per lane, so that two slow calls of one stream both reach the backend at once.
+    settings = GatewaySettings(port=0, hop_max_in_flight=2)
     backends = {r.family: Backend(r.family, r.service, f"127.0.0.1:{backend.port}", 1 << 20) for r in ROUTES}
     catalog = ModelCatalog(backends, 60.0)
     proxy = GatewayProxy(backends, ResultCache(None, 1.0), catalog, settings)
