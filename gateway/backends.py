@@ -139,7 +139,8 @@ class Backend:
         """The replicas the channel balances over, as last found (1 until a DNS name is first resolved);
         a DNS name is looked up again, in the background, when the last look-up is old."""
         now = time.monotonic()
-        if now >= self._resolve_at:
+        if now >= self._resolve_at and (self._resolving is None or self._resolving.done()):
+            # One look-up at a time: a resolver that hangs holds one thread, not one more every 10 s.
             self._resolve_at = now + RESOLVE_EVERY_S
             self._resolving = asyncio.get_running_loop().create_task(self._resolve())
         return self._replicas

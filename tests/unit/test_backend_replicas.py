@@ -1,10 +1,12 @@
 """How many replicas the gateway finds behind a backend's target: the lane slots of the dense hop
 scale with them."""
 
+import asyncio
 import socket
 
 import pytest
 
+from gateway import backends
 from gateway.backends import Backend, dns_host_port, listed_replicas, resolve_replicas
 
 
@@ -62,5 +64,30 @@ async def test_a_listed_target_is_never_looked_up():
     try:
         assert backend.replica_count() == 2
         assert backend._resolving is None
+    finally:
+        await backend.close()
+
+
+async def test_a_look_up_that_hangs_is_not_started_again_and_its_answer_counts_once_it_comes(monkeypatch):
+    answer = asyncio.Event()
+    started = []
+
+    async def slow_dns(target):  # a resolver that takes its time, as a sick one does
+        started.append(target)
+        await answer.wait()
+        return 3
+
+    monkeypatch.setattr(backends, "resolve_replicas", slow_dns)
+    backend = Backend("dense", "maas.dense.v1.DenseService", "dns:///maas-dense:50061", 1 << 20)
+    try:
+        assert backend.replica_count() == 1
+        await asyncio.sleep(0)
+        backend._resolve_at = 0.0  # the look-up is overdue again while the first still hangs
+        assert backend.replica_count() == 1
+        await asyncio.sleep(0)
+        assert len(started) == 1
+        answer.set()
+        await backend._resolving
+        assert backend.replica_count() == 3
     finally:
         await backend.close()
